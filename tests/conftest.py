@@ -1,0 +1,58 @@
+"""Shared pytest fixtures: offline environment, the tiny model, small generated images."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+from tests.fixtures_s3 import s3_bucket, s3_server  # noqa: E402, F401
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The offline random-weight SD 1.x model, built once per session."""
+    from vct.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def models(tiny_model_dir):
+    """Loaded once: stages never mutate the models (only their UNet evaluation counter)."""
+    from vct.models import load_models
+
+    return load_models(str(tiny_model_dir))
+
+
+def make_image(kind: int, size: tuple[int, int] = (80, 64)) -> Image.Image:
+    """Small deterministic pictures: a disc on a flat background, or stripes."""
+    rng = np.random.default_rng(kind)
+    bg, fg = (tuple(int(v) for v in rng.integers(0, 255, 3)) for _ in range(2))
+    img = Image.new("RGB", size, bg)
+    draw = ImageDraw.Draw(img)
+    if kind % 2:
+        for x in range(0, size[0], 8):
+            draw.rectangle((x, 0, x + 3, size[1]), fill=fg)
+    else:
+        draw.ellipse((size[0] // 5, size[1] // 6, size[0] * 4 // 5, size[1] * 5 // 6), fill=fg)
+    return img
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory) -> dict[str, Path]:
+    """Two sources (different sizes, one not square) and one reference, as PNG files."""
+    folder = tmp_path_factory.mktemp("images")
+    paths = {}
+    for name, kind, size in (("src_a", 0, (80, 64)), ("src_b", 2, (64, 96)), ("ref", 1, (64, 64))):
+        paths[name] = folder / f"{name}.png"
+        make_image(kind, size).save(paths[name])
+    return paths

@@ -1,0 +1,92 @@
+"""vct.cache: keys, and the store's hit/miss/reject behaviour on local disk and S3."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from vct import storage
+from vct.cache import StageCache, cache_key
+
+
+def _validate(data: bytes) -> dict:
+    """A stand-in for the safetensors validation the stages do: raise on a bad entry."""
+    value = json.loads(data)
+    if value.get("format") != 1:
+        raise ValueError("wrong format version")
+    return value
+
+
+def _key(n: int = 0) -> str:
+    return cache_key("content", {"source_sha256": "ab" * 32, "model": "m", "config": {"t": 50},
+                                 "seed": n, "format": 1})
+
+
+def test_cache_key_is_canonical_and_sensitive() -> None:
+    a = cache_key("content", {"x": 1, "y": {"b": 2, "a": 1}})
+    b = cache_key("content", {"y": {"a": 1, "b": 2}, "x": 1})
+    assert a == b and len(a) == 64 and int(a, 16) >= 0
+    assert cache_key("concept", {"x": 1, "y": {"b": 2, "a": 1}}) != a
+    assert cache_key("content", {"x": 2, "y": {"b": 2, "a": 1}}) != a
+    assert _key(0) != _key(1)
+    with pytest.raises(ValueError):
+        cache_key("content", {"kind": "other"})
+    with pytest.raises(ValueError):
+        cache_key("content", {"lr": float("nan")})
+
+
+def test_uri_layout_and_guards(tmp_path: Path) -> None:
+    cache = StageCache(str(tmp_path))
+    key = _key()
+    assert cache.uri("content", key) == str(tmp_path / "content" / key[:2] / f"{key}.safetensors")
+    assert StageCache("s3://b/c").uri("content", key) == f"s3://b/c/content/{key[:2]}/{key}.safetensors"
+    with pytest.raises(ValueError):
+        cache.uri("../x", key)
+    with pytest.raises(ValueError):
+        cache.uri("content", "../../etc")
+
+
+def _exercise(cache: StageCache, caplog: pytest.LogCaptureFixture) -> None:
+    key = _key()
+    assert cache.get("content", key, _validate) is None
+    assert not cache.contains("content", key)
+    assert cache.misses["content"] == 1 and cache.hits["content"] == 0
+
+    cache.put("content", key, json.dumps({"format": 1, "v": 3}).encode())
+    assert cache.contains("content", key)
+    assert cache.get("content", key, _validate) == {"format": 1, "v": 3}
+    assert cache.hits["content"] == 1
+
+    cache.put("content", key, b"\x00truncated")
+    with caplog.at_level(logging.WARNING, logger="vct.cache"):
+        assert cache.get("content", key, _validate) is None
+    assert cache.rejected["content"] == 1
+    assert cache.misses["content"] == 2
+    assert any("rejecting bad cache entry" in r.message and key in r.message
+               for r in caplog.records)
+
+    cache.put("content", key, json.dumps({"format": 1, "v": 4}).encode())  # recomputed
+    assert cache.get("content", key, _validate) == {"format": 1, "v": 4}
+    assert cache.stats() == {"content": {"hits": 2, "misses": 2, "rejected": 1}}
+
+
+def test_local_cache_get_put_miss_reject(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _exercise(StageCache(str(tmp_path / "cache")), caplog)
+    assert [p for p in tmp_path.rglob("*.tmp")] == []
+
+
+def test_s3_cache_get_put_miss_reject(s3_bucket: str, caplog: pytest.LogCaptureFixture) -> None:
+    cache = StageCache(storage.join(s3_bucket, "cache"))
+    _exercise(cache, caplog)
+    assert storage.list_uris(storage.join(s3_bucket, "cache")) == [cache.uri("content", _key())]
+
+
+def test_storage_errors_other_than_missing_propagate(tmp_path: Path) -> None:
+    cache = StageCache(str(tmp_path))
+    key = _key()
+    Path(cache.uri("content", key)).mkdir(parents=True)  # a folder where the file should be
+    with pytest.raises(storage.StorageError):
+        cache.get("content", key, _validate)

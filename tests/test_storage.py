@@ -1,0 +1,320 @@
+"""vct.storage on local disk and on S3 (moto server over loopback HTTP)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import botocore.exceptions
+import pytest
+
+from vct import storage
+
+
+def _tmp_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+def _client_error(code: str, status: int) -> botocore.exceptions.ClientError:
+    return botocore.exceptions.ClientError(
+        {"Error": {"Code": code, "Message": code},
+         "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+
+def _count_calls(operation: str) -> list[str]:
+    """Record every call of one S3 operation made through the cached client."""
+    calls: list[str] = []
+    storage.s3_client().meta.events.register(
+        f"before-call.s3.{operation}", lambda **kw: calls.append(operation))
+    return calls
+
+
+# ---------------------------------------------------------------- local
+def test_local_round_trip_creates_parents_and_leaves_no_temp(tmp_path: Path) -> None:
+    uri = str(tmp_path / "a" / "b" / "x.bin")
+    storage.write_bytes(uri, b"hello")
+    assert storage.read_bytes(uri) == b"hello"
+    storage.write_bytes(uri, b"second")
+    assert storage.read_bytes("file://" + uri) == b"second"
+    assert _tmp_files(tmp_path) == []
+
+
+def test_local_failed_write_leaves_no_target_and_no_temp(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "out" / "result.bin"
+    seen_during_write: list[bool] = []
+
+    def failing_fsync(fd: int) -> None:
+        # The data is in the temp file now; a reader must still not see the target.
+        seen_during_write.append(target.exists())
+        assert len(_tmp_files(tmp_path)) == 1
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(storage.os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="disk on fire"):
+        storage.write_bytes(str(target), b"x" * 1000)
+    assert seen_during_write == [False]
+    assert not target.exists()
+    assert _tmp_files(tmp_path) == []
+
+
+def test_local_failed_overwrite_keeps_old_content(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "result.bin"
+    storage.write_bytes(str(target), b"old")
+
+    def failing_write_all(fh, data: bytes) -> None:
+        fh.write(data[:2])  # part of the new content reached the disk, then the writer died
+        assert target.read_bytes() == b"old"
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(storage, "_write_all", failing_write_all)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        storage.write_bytes(str(target), b"new content")
+    assert target.read_bytes() == b"old"
+    assert _tmp_files(tmp_path) == []
+
+
+def test_local_not_found_names_uri(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.png")
+    with pytest.raises(storage.StorageNotFound, match="nope.png"):
+        storage.read_bytes(missing)
+    with pytest.raises(storage.StorageNotFound):
+        storage.etag_or_mtime(missing)
+    assert isinstance(storage.StorageNotFound("x"), storage.StorageError)
+
+
+def test_local_list_exists_delete(tmp_path: Path) -> None:
+    root = str(tmp_path / "root")
+    for rel in ("b.txt", "a/1.txt", "a/2/3.txt"):
+        storage.write_bytes(storage.join(root, rel), rel.encode())
+    (tmp_path / "root" / ".b.txt.deadbeef.tmp").write_bytes(b"partial")  # an in-flight write
+    assert storage.list_uris(root) == sorted(
+        os.path.join(root, rel) for rel in ("a/1.txt", "a/2/3.txt", "b.txt"))
+    assert storage.list_uris(str(tmp_path / "missing")) == []
+    assert storage.exists(storage.join(root, "b.txt"))
+    assert not storage.exists(root)  # a folder is not an object
+    storage.delete(storage.join(root, "b.txt"))
+    storage.delete(storage.join(root, "b.txt"))  # idempotent
+    assert not storage.exists(storage.join(root, "b.txt"))
+
+
+def test_local_write_and_download_file(tmp_path: Path) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"payload")
+    dest = str(tmp_path / "d" / "copy.bin")
+    storage.write_file(dest, src)
+    back = tmp_path / "e" / "back.bin"
+    storage.download_file(dest, back)
+    assert back.read_bytes() == b"payload"
+    assert _tmp_files(tmp_path) == []
+    with pytest.raises(storage.StorageNotFound):
+        storage.download_file(str(tmp_path / "none"), tmp_path / "x")
+
+
+def test_local_etag_or_mtime_changes_with_content(tmp_path: Path) -> None:
+    uri = str(tmp_path / "m.bin")
+    storage.write_bytes(uri, b"1")
+    first = storage.etag_or_mtime(uri)
+    storage.write_bytes(uri, b"22")
+    assert storage.etag_or_mtime(uri) != first
+
+
+def test_local_create_if_absent_is_exclusive(tmp_path: Path) -> None:
+    uri = str(tmp_path / "locks" / "claim")
+    assert storage.create_if_absent(uri, b"first") is True
+    assert storage.create_if_absent(uri, b"second") is False
+    assert storage.read_bytes(uri) == b"first"
+    assert _tmp_files(tmp_path) == []
+
+
+def test_sync_prefix_local_returns_path_unchanged(tmp_path: Path) -> None:
+    assert storage.sync_prefix(str(tmp_path), tmp_path / "cache") == tmp_path
+
+
+# ---------------------------------------------------------------- URIs
+def test_join_and_is_s3() -> None:
+    assert storage.join("s3://b", "x", "y.png") == "s3://b/x/y.png"
+    assert storage.join("s3://b/pre/", "/x/", "y.png") == "s3://b/pre/x/y.png"
+    assert storage.join("/data", "x", "y.png") == "/data/x/y.png"
+    assert storage.join("file:///data", "y.png") == "file:///data/y.png"
+    assert storage.is_s3("s3://b/k") and not storage.is_s3("/s3/b") and not storage.is_s3("b")
+
+
+def test_resolve_relative_to_manifest(tmp_path: Path) -> None:
+    manifest = str(tmp_path / "runs" / "m.csv")
+    assert storage.resolve("img/a.png", manifest) == str(tmp_path / "runs" / "img" / "a.png")
+    assert storage.resolve("../b.png", manifest) == str(tmp_path / "b.png")
+    assert storage.resolve("/abs/c.png", manifest) == "/abs/c.png"
+    assert storage.resolve("s3://o/k.png", manifest) == "s3://o/k.png"
+    assert storage.resolve("img/a.png", "s3://bkt/runs/m.csv") == "s3://bkt/runs/img/a.png"
+    assert storage.resolve("../x/a.png", "s3://bkt/runs/m.csv") == "s3://bkt/x/a.png"
+    assert storage.resolve("a.png", "s3://bkt/m.csv") == "s3://bkt/a.png"
+    assert storage.resolve("/abs/c.png", "s3://bkt/m.csv") == "/abs/c.png"
+    assert storage.resolve("s3://o/k.png", "s3://bkt/m.csv") == "s3://o/k.png"
+    assert storage.resolve("a.png", "s3://bkt/folder/") == "s3://bkt/folder/a.png"
+
+
+def test_is_transient() -> None:
+    assert storage.is_transient(_client_error("SlowDown", 503))
+    assert storage.is_transient(_client_error("InternalError", 500))
+    assert storage.is_transient(_client_error("Whatever", 502))
+    assert storage.is_transient(_client_error("RequestTimeout", 400))
+    assert not storage.is_transient(_client_error("AccessDenied", 403))
+    assert not storage.is_transient(_client_error("NoSuchKey", 404))
+    assert storage.is_transient(botocore.exceptions.EndpointConnectionError(endpoint_url="x"))
+    assert storage.is_transient(botocore.exceptions.ConnectionClosedError(endpoint_url="x"))
+    assert storage.is_transient(botocore.exceptions.ReadTimeoutError(endpoint_url="x"))
+    assert storage.is_transient(OSError("EIO"))
+    assert storage.is_transient(TimeoutError())
+    assert not storage.is_transient(FileNotFoundError())
+    assert not storage.is_transient(PermissionError())
+    assert not storage.is_transient(storage.StorageNotFound("s3://b/k"))
+    assert not storage.is_transient(ValueError("bug"))
+    wrapped = storage.StorageError("wrapped")
+    wrapped.__cause__ = _client_error("SlowDown", 503)
+    assert storage.is_transient(wrapped)
+
+
+# ---------------------------------------------------------------- S3
+def test_s3_round_trip_and_not_found(s3_bucket: str) -> None:
+    uri = storage.join(s3_bucket, "dir", "x.bin")
+    storage.write_bytes(uri, b"hello", content_type="application/octet-stream")
+    assert storage.read_bytes(uri) == b"hello"
+    assert storage.exists(uri)
+    assert not storage.exists(storage.join(s3_bucket, "dir"))
+    with pytest.raises(storage.StorageNotFound, match="missing.bin"):
+        storage.read_bytes(storage.join(s3_bucket, "missing.bin"))
+    with pytest.raises(storage.StorageNotFound):
+        storage.read_bytes("s3://no-such-bucket-xyz/k")
+    storage.delete(uri)
+    storage.delete(uri)
+    assert not storage.exists(uri)
+
+
+def test_s3_small_write_is_one_put(s3_bucket: str) -> None:
+    puts = _count_calls("PutObject")
+    multipart = _count_calls("CreateMultipartUpload")
+    storage.write_bytes(storage.join(s3_bucket, "one.bin"), b"x" * 1024)
+    assert puts == ["PutObject"] and multipart == []
+
+
+def test_s3_list_is_folder_scoped_and_sorted(s3_bucket: str) -> None:
+    for rel in ("m/b.txt", "m/a/1.txt", "m-old/z.txt", "top.txt"):
+        storage.write_bytes(storage.join(s3_bucket, rel), b"1")
+    assert storage.list_uris(storage.join(s3_bucket, "m")) == [
+        f"{s3_bucket}/m/a/1.txt", f"{s3_bucket}/m/b.txt"]
+    assert len(storage.list_uris(s3_bucket)) == 4
+
+
+def test_s3_files_and_etag(s3_bucket: str, tmp_path: Path) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"abc" * 100)
+    uri = storage.join(s3_bucket, "f.bin")
+    storage.write_file(uri, src)
+    dest = tmp_path / "out" / "f.bin"
+    storage.download_file(uri, dest)
+    assert dest.read_bytes() == src.read_bytes()
+    assert _tmp_files(tmp_path) == []
+    etag = storage.etag_or_mtime(uri)
+    storage.write_bytes(uri, b"changed")
+    assert storage.etag_or_mtime(uri) != etag
+    with pytest.raises(storage.StorageNotFound):
+        storage.download_file(storage.join(s3_bucket, "nope"), tmp_path / "nope")
+    assert not (tmp_path / "nope").exists() and _tmp_files(tmp_path) == []
+
+
+def test_s3_create_if_absent(s3_bucket: str) -> None:
+    uri = storage.join(s3_bucket, "locks", "claim")
+    assert storage.create_if_absent(uri, b"first") is True
+    assert storage.create_if_absent(uri, b"second") is False
+    assert storage.read_bytes(uri) == b"first"
+
+
+def test_s3_sync_prefix_downloads_once_and_follows_etags(s3_bucket: str, tmp_path: Path) -> None:
+    prefix = storage.join(s3_bucket, "models", "tiny")
+    storage.write_bytes(storage.join(prefix, "model_index.json"), b"{}")
+    storage.write_bytes(storage.join(prefix, "unet", "w.safetensors"), b"weights")
+    storage.write_bytes(storage.join(s3_bucket, "models", "tiny-old", "x"), b"not ours")
+    cache = tmp_path / "cache"
+
+    first = storage.sync_prefix(prefix, cache)
+    assert (first / "unet" / "w.safetensors").read_bytes() == b"weights"
+    assert (first / "model_index.json").read_bytes() == b"{}"
+    assert (first / storage.COMPLETE_MARKER).is_file()
+    assert not (first / "x").exists()
+
+    gets = _count_calls("GetObject")
+    heads = _count_calls("HeadObject")
+    assert storage.sync_prefix(prefix, cache) == first
+    assert gets == [] and heads == []
+
+    storage.write_bytes(storage.join(prefix, "unet", "w.safetensors"), b"new weights")
+    second = storage.sync_prefix(prefix, cache)
+    assert second != first
+    assert (second / "unet" / "w.safetensors").read_bytes() == b"new weights"
+    assert (first / "unet" / "w.safetensors").read_bytes() == b"weights"
+    assert sorted(p.name for p in cache.iterdir()) == sorted([first.name, second.name])
+
+    with pytest.raises(storage.StorageNotFound):
+        storage.sync_prefix(storage.join(s3_bucket, "models", "absent"), cache)
+
+
+def test_s3_sync_prefix_replaces_incomplete_folder(s3_bucket: str, tmp_path: Path) -> None:
+    prefix = storage.join(s3_bucket, "m")
+    storage.write_bytes(storage.join(prefix, "a.bin"), b"a")
+    first = storage.sync_prefix(prefix, tmp_path)
+    (first / storage.COMPLETE_MARKER).unlink()  # as if a crash left it half done
+    (first / "a.bin").write_bytes(b"garbage")
+    again = storage.sync_prefix(prefix, tmp_path)
+    assert again == first
+    assert (again / "a.bin").read_bytes() == b"a"
+    assert (again / storage.COMPLETE_MARKER).is_file()
+
+
+def test_client_follows_endpoint_env_set_late(s3_bucket: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    uri = storage.join(s3_bucket, "k")
+    storage.write_bytes(uri, b"1")
+    client = storage.s3_client()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    assert storage.s3_client() is not client
+    assert "127.0.0.1:9" in storage.s3_client().meta.endpoint_url
+    monkeypatch.undo()
+    assert storage.s3_client() is client
+    assert storage.read_bytes(uri) == b"1"
+
+
+def test_s3_large_write_uses_transfer_manager(s3_bucket: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from boto3.s3.transfer import TransferConfig
+
+    mib = 1024 * 1024
+    monkeypatch.setattr(storage, "MULTIPART_THRESHOLD", mib)
+    monkeypatch.setattr(storage, "_TRANSFER_CONFIG",
+                        TransferConfig(multipart_threshold=5 * mib, multipart_chunksize=5 * mib))
+    puts, multipart = _count_calls("PutObject"), _count_calls("CreateMultipartUpload")
+    data = os.urandom(11 * mib)
+    uri = storage.join(s3_bucket, "big.bin")
+    storage.write_bytes(uri, data)
+    assert puts == [] and multipart == ["CreateMultipartUpload"]
+    assert storage.read_bytes(uri) == data
+
+
+def test_is_transient_sees_through_upload_failure() -> None:
+    import boto3.exceptions
+
+    try:
+        try:
+            raise _client_error("SlowDown", 503)
+        except botocore.exceptions.ClientError:
+            raise boto3.exceptions.S3UploadFailedError("Failed to upload") from None
+    except boto3.exceptions.S3UploadFailedError as exc:
+        assert not storage.is_transient(exc)  # context suppressed: nothing to see through
+    try:
+        try:
+            raise _client_error("SlowDown", 503)
+        except botocore.exceptions.ClientError:
+            raise boto3.exceptions.S3UploadFailedError("Failed to upload")  # noqa: B904
+    except boto3.exceptions.S3UploadFailedError as exc:
+        assert storage.is_transient(exc)

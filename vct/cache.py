@@ -1,0 +1,118 @@
+"""Content-addressed store of stage results (inversions, concept embeddings, latents).
+
+A stage result is stored under a key that hashes everything that determines it, so a hit can be
+reused without asking whether it is stale: a change of any input byte, model, setting, seed or
+storage format gives a different key. Entries are validated on every read and a bad one is
+never trusted: it is logged, counted, treated as a miss, and overwritten by the recomputation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from vct import storage
+
+T = TypeVar("T")
+
+log = logging.getLogger("vct.cache")
+
+_KIND_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+SUFFIX = ".safetensors"
+
+
+def cache_key(kind: str, parts: dict[str, Any]) -> str:
+    """The sha256 hex of the canonical JSON of ``{"kind": kind, **parts}``.
+
+    ``parts`` must identify the result completely and by content, not by name:
+
+    - input *byte* hashes (sha256 of the image files, not their paths: a renamed file still hits,
+      an edited file with the same name does not),
+    - the model identity (e.g. the ETag/mtime digest of the model folder),
+    - the stage's full config dict (``vct.config.to_dict``), not only the non-default fields,
+    - the seed and a format version (bump it when the stored layout or the algorithm changes).
+
+    Canonical JSON (sorted keys, no spaces, strict: no NaN, no ``default=str``) makes the key
+    independent of dict order and refuses values whose text form would be ambiguous.
+    """
+    if "kind" in parts:
+        raise ValueError("cache_key parts may not contain 'kind' (it is the first argument)")
+    blob = json.dumps({"kind": kind, **parts}, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class StageCache:
+    """Stage results under ``root/<kind>/<key[:2]>/<key>.safetensors`` on local disk or S3.
+
+    The two-character fan-out keeps folders small on local filesystems. Counters (``hits``,
+    ``misses``, ``rejected``; per kind) feed the run summary; a rejected entry also counts as
+    a miss because the caller will recompute it. Thread-safe counters: flows run tasks in threads.
+    """
+
+    def __init__(self, root_uri: str):
+        self.root_uri = str(root_uri)
+        self.hits: Counter[str] = Counter()
+        self.misses: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def uri(self, kind: str, key: str) -> str:
+        """Where the entry for (kind, key) lives; both are checked so neither can escape root."""
+        if not _KIND_RE.match(kind):
+            raise ValueError(f"invalid cache kind {kind!r}")
+        if not _KEY_RE.match(key):
+            raise ValueError(f"invalid cache key {key!r} (expected 64 lowercase hex chars)")
+        return storage.join(self.root_uri, kind, key[:2], key + SUFFIX)
+
+    def get(self, kind: str, key: str, validate: Callable[[bytes], T]) -> T | None:
+        """The validated entry, or None when missing or bad.
+
+        ``validate`` parses the bytes and raises on anything wrong (truncated file, wrong
+        shapes, wrong metadata). Storage errors other than "not found" propagate: a network
+        failure must not silently turn into a recomputation.
+        """
+        uri = self.uri(kind, key)
+        try:
+            data = storage.read_bytes(uri)
+        except storage.StorageNotFound:
+            self._count(self.misses, kind)
+            return None
+        try:
+            value = validate(data)
+        except Exception as exc:  # any failure means "do not trust this entry"
+            log.warning("rejecting bad cache entry %s (%s: %s); it will be recomputed",
+                        uri, type(exc).__name__, exc)
+            self._count(self.rejected, kind)
+            self._count(self.misses, kind)
+            return None
+        self._count(self.hits, kind)
+        return value
+
+    def put(self, kind: str, key: str, data: bytes) -> str:
+        """Store an entry atomically (replacing a bad one); returns its URI."""
+        uri = self.uri(kind, key)
+        storage.write_bytes(uri, data, content_type="application/octet-stream")
+        return uri
+
+    def contains(self, kind: str, key: str) -> bool:
+        """Whether an entry exists (unvalidated; use get to trust it)."""
+        return storage.exists(self.uri(kind, key))
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Counters per kind, for logs and the run summary."""
+        with self._lock:
+            kinds = sorted(set(self.hits) | set(self.misses) | set(self.rejected))
+            return {k: {"hits": self.hits[k], "misses": self.misses[k],
+                        "rejected": self.rejected[k]} for k in kinds}
+
+    def _count(self, counter: Counter[str], kind: str) -> None:
+        with self._lock:
+            counter[kind] += 1

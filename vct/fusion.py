@@ -1,0 +1,137 @@
+"""Stage 4: content-concept fusion, the two-branch sampler (spec §6).
+
+Both branches start from the source's x_T. The content-matching branch B* is guided from c_s
+towards the inversion prompt and so reproduces the stage-2 reconstruction; each main branch B_k is
+guided from c_s towards its concept prompt, with the same single weight w, and borrows B*'s
+attention through the controller. There is no noise-space mixing across branches. Several
+concepts for one source share one B* (it depends on the source only): all 2(1+K) passes of a
+step go through one batched UNet call.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from vct.artifacts import ConceptResult, ContentResult
+from vct.attention import AttentionController, install, restore, token_edit
+from vct.config import ContentConfig, FusionConfig, from_dict, to_dict
+from vct.ddim import guided, make_scheduler
+from vct.images import to_uint8
+from vct.inversion import Progress
+from vct.models import VCTModels
+from vct.text import encode_concept, encode_prompt
+
+
+class FusionMismatch(ValueError):
+    """The content result was made with settings fusion cannot reproduce (T, w, grid, prompt)."""
+
+
+@dataclass
+class FusionResult:
+    """Output images of the B branches (uint8 NHWC) and what the run cost."""
+
+    images: np.ndarray
+    latents: torch.Tensor  # (1+K, 4, h, w): B*, then each B_k, after the last step
+    meta: dict
+    star_trajectory: torch.Tensor | None = None  # (T+1, 4, h, w) when asked for
+    controller_log: list = field(default_factory=list)
+
+
+def check_content(content: ContentResult, expected: ContentConfig | None) -> ContentConfig:
+    """Rebuild the content config the result was made with, and refuse a mismatch."""
+    meta = content.meta
+    made_with = from_dict(ContentConfig, meta["config"])
+    if expected is not None:
+        for name in ("num_inference_steps", "guidance_scale", "steps_offset",
+                     "inversion_prompt"):
+            if getattr(expected, name) != getattr(made_with, name):
+                raise FusionMismatch(
+                    f"content result was made with {name}={getattr(made_with, name)!r}, but "
+                    f"{getattr(expected, name)!r} was asked for; recompute the content")
+    if meta.get("timesteps") is None or len(meta["timesteps"]) != made_with.num_inference_steps:
+        raise FusionMismatch("content result has no timestep grid matching its T")
+    if content.embeddings.shape[0] != made_with.num_inference_steps:
+        raise FusionMismatch(f"content result holds {content.embeddings.shape[0]} embeddings for "
+                             f"T={made_with.num_inference_steps}")
+    if made_with.inversion_prompt:
+        raise FusionMismatch("fusion's token map assumes the inversion prompt \"\" (the "
+                             "original's); recompute the content with an empty prompt")
+    return made_with
+
+
+@torch.no_grad()
+def fuse(models: VCTModels, content: ContentResult, concepts: list[ConceptResult | None],
+         cfg: FusionConfig, *, expected_content: ContentConfig | None = None,
+         progress: Progress | None = None, keep_trajectory: bool = False,
+         record_controller: bool = False, control: bool = True) -> FusionResult:
+    """Translate one source towards each concept (None = the empty edit prompt).
+
+    `control=False` runs the same batch without the attention controller (tests and ablations).
+    """
+    start = time.perf_counter()
+    ccfg = check_content(content, expected_content)
+    T, w = ccfg.num_inference_steps, ccfg.guidance_scale
+    sched = make_scheduler(models.scheduler_config, T, ccfg.steps_offset)
+    grid = [int(t) for t in sched.timesteps]
+    if grid != content.meta["timesteps"]:
+        raise FusionMismatch(f"timestep grid {grid[:3]}... differs from the content's "
+                             f"{content.meta['timesteps'][:3]}...; recompute the content")
+    e_null = encode_prompt(models, ccfg.inversion_prompt)
+    positives = [e_null]
+    edits = []
+    length = e_null.shape[1]
+    for concept in concepts:
+        if concept is None:
+            positives.append(e_null)
+            edits.append(token_edit(length, 0, cfg))
+        else:
+            positives.append(encode_concept(models, concept.vectors))
+            edits.append(token_edit(length, concept.vectors.shape[0], cfg))
+    branches = len(positives)
+    pos = torch.cat(positives)
+    x_T = content.x_T.to(models.device)
+    latents = x_T.expand(branches, -1, -1, -1).clone()
+    embeddings = content.embeddings.to(models.device)
+    controller = AttentionController(cfg, T, edits, record=record_controller)
+    previous = install(models.unet, controller) if control else None
+    trajectory = [latents[:1]]
+    try:
+        for s, t in enumerate(grid):
+            controller.step = s
+            neg = embeddings[s:s + 1].expand(branches, -1, -1)
+            eps = models.eps(torch.cat([latents, latents]), t, torch.cat([neg, pos]),
+                             stage="fusion")
+            eps_neg, eps_pos = eps.chunk(2)
+            latents = sched.step(guided(eps_neg, eps_pos, w), t, latents).prev_sample
+            if keep_trajectory:
+                trajectory.append(latents[:1])
+            if progress:
+                progress(s + 1, T)
+    finally:
+        if previous is not None:
+            restore(models.unet, previous)
+    t_sample = time.perf_counter() - start
+    images = decode(models, latents[1:])
+    meta = {
+        "config": to_dict(cfg),
+        "content_config": to_dict(ccfg),
+        "branches": branches,
+        "cross_steps": controller.cross_steps,
+        "self_steps": controller.self_steps,
+        "unet_evals": {"fusion": 2 * branches * T},
+        "seconds": {"fusion": t_sample, "decode": time.perf_counter() - start - t_sample},
+    }
+    return FusionResult(images=images, latents=latents.cpu(), meta=meta,
+                        star_trajectory=torch.cat(trajectory).cpu() if keep_trajectory else None,
+                        controller_log=controller.log)
+
+
+@torch.no_grad()
+def decode(models: VCTModels, latents: torch.Tensor) -> np.ndarray:
+    """VAE decode of z / scaling, then (x/2+0.5) clamped, x255, truncated to uint8."""
+    scaled = (latents / models.latent_scale).to(models.device, models.vae.dtype)
+    return to_uint8(models.vae.decode(scaled).sample)

@@ -1,0 +1,210 @@
+"""Load a Stable Diffusion 1.x diffusers folder (local or s3://) into the parts VCT needs.
+
+The algorithm talks to the UNet through `VCTModels.eps`, which counts sample-evaluations per
+stage: compute is the budget of this method (spec §8), so every stage reports what it spent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REQUIRED_FILES = (
+    "model_index.json",
+    "unet/config.json",
+    "vae/config.json",
+    "text_encoder/config.json",
+    "scheduler/scheduler_config.json",
+)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ModelError(ValueError):
+    """The model folder is missing, unreadable or not an SD 1.x diffusers layout."""
+
+
+@dataclass
+class VCTModels:
+    """The frozen SD 1.x parts plus what the stages derive from them."""
+
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    scheduler_config: dict
+    device: torch.device
+    dtype: torch.dtype
+    identity: str
+    source: str
+    unet_evals: Counter = field(default_factory=Counter)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_resolution(self) -> int:
+        """UNet sample_size x VAE factor, as diffusers pipelines do: 512 for SD 1.5."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def latent_scale(self) -> float:
+        return float(getattr(self.vae.config, "scaling_factor", 0.18215))
+
+    @property
+    def max_length(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+    def eps(self, z: torch.Tensor, t: int | torch.Tensor, e: torch.Tensor, *, stage: str,
+            grad: bool = False) -> torch.Tensor:
+        """UNet noise prediction; counts len(z) evaluations under `stage` (+'_grad' if grad)."""
+        self.unet_evals[stage + ("_grad" if grad else "")] += int(z.shape[0])
+        if not torch.is_tensor(t):
+            t = torch.tensor(t, device=self.device)
+        out = self.unet(z.to(self.dtype), t, encoder_hidden_states=e.to(self.dtype)).sample
+        return out.float()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"--device {device}: CUDA is not available on this machine; use cpu")
+    return dev
+
+
+def check_layout(folder: Path) -> None:
+    """Refuse, in one line, anything that is not an SD 1.x diffusers folder."""
+    if not folder.is_dir():
+        raise ModelError(f"model {folder}: no such folder (give a diffusers SD 1.x folder or an "
+                         "s3:// prefix holding one; `vct tiny-model DIR` builds a test model)")
+    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+    if not (folder / "tokenizer").is_dir():
+        missing.append("tokenizer/")
+    if missing:
+        raise ModelError(f"model {folder}: not a Stable Diffusion 1.x diffusers folder "
+                         f"(missing {', '.join(missing)})")
+    try:
+        unet = json.loads((folder / "unet/config.json").read_text())
+        text = json.loads((folder / "text_encoder/config.json").read_text())
+        vae = json.loads((folder / "vae/config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"model {folder}: unreadable config ({exc})") from None
+    width = text.get("hidden_size")
+    problems = []
+    if unet.get("in_channels") != 4 or vae.get("latent_channels") != 4:
+        problems.append("expects 4 latent channels")
+    if unet.get("cross_attention_dim") != width:
+        problems.append(f"UNet cross_attention_dim {unet.get('cross_attention_dim')} != text "
+                        f"width {width}")
+    if unet.get("addition_embed_type") or "text_encoder_2" in json.loads(
+            (folder / "model_index.json").read_text()):
+        problems.append("looks like SDXL or another family")
+    if problems:
+        raise ModelError(f"model {folder}: not an SD 1.x layout ({'; '.join(problems)})")
+
+
+def model_identity(folder: Path) -> str:
+    """sha256 over every file of the components we load: the cache key's 'which model'.
+
+    File hashes are memoised by (size, mtime) so hashing a 4 GB SD folder happens once.
+    """
+    memo_path = folder / ".vct-file-hashes.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        memo = {}
+    digest = hashlib.sha256()
+    changed = False
+    parts = ["model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+    files: list[Path] = []
+    for part in parts:
+        p = folder / part
+        files.extend(sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p])
+    for f in files:
+        rel = f.relative_to(folder).as_posix()
+        st = f.stat()
+        stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        entry = memo.get(rel)
+        if not entry or entry[0] != stamp:
+            h = hashlib.sha256()
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            entry = [stamp, h.hexdigest()]
+            memo[rel] = entry
+            changed = True
+        digest.update(f"{rel}\0{entry[1]}\n".encode())
+    if changed:
+        try:
+            tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(memo))
+            os.replace(tmp, memo_path)
+        except OSError:
+            pass  # a read-only model folder only loses the memo
+    return digest.hexdigest()
+
+
+def local_model_folder(spec: str, cache_root: Path | None = None) -> Path:
+    """A local folder for `spec`, downloading an s3:// prefix once into a cache keyed by ETags."""
+    if spec.startswith("s3://"):
+        from vct import storage
+
+        root = cache_root or Path(os.environ.get("VCT_MODEL_CACHE",
+                                                 Path.home() / ".cache" / "vct" / "models"))
+        try:
+            return storage.sync_prefix(spec, root)
+        except storage.StorageError as exc:
+            raise ModelError(f"model {spec}: {exc}") from None
+    return Path(spec).expanduser()
+
+
+def load_models(spec: str, device: str = "auto", dtype: str = "fp32") -> VCTModels:
+    """Load tokenizer, text encoder, UNet and VAE frozen, on `device`, in `dtype`.
+
+    The UNet keeps diffusers' default SDPA attention processors; only fusion swaps in the
+    controller, and only for its own duration.
+    """
+    if not spec:
+        raise ModelError("--model is required: a diffusers SD 1.x folder or s3:// prefix")
+    folder = local_model_folder(spec)
+    check_layout(folder)
+    dev = resolve_device(device)
+    if dtype not in DTYPES:
+        raise ModelError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    if dtype != "fp32" and dev.type != "cuda":
+        raise ModelError(f"--dtype {dtype} needs CUDA; on CPU use fp32")
+    torch_dtype = DTYPES[dtype]
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder",
+                                                     local_files_only=True)
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet",
+                                                    local_files_only=True,
+                                                    torch_dtype=torch_dtype)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
+        scheduler_config = json.loads((folder / "scheduler/scheduler_config.json").read_text())
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"model {folder}: could not load ({first})") from None
+    for module in (text_encoder, unet, vae):
+        module.requires_grad_(False)
+        module.eval()
+    # The text encoder and VAE stay fp32 on every device: they are cheap and the concept's
+    # gradients flow through the text encoder.
+    text_encoder.to(dev)
+    vae.to(dev)
+    unet.to(dev)
+    return VCTModels(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae,
+                     scheduler_config=scheduler_config, device=dev, dtype=torch_dtype,
+                     identity=model_identity(folder), source=spec)
