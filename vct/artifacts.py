@@ -56,7 +56,8 @@ class StageResult:
                 if isinstance(getattr(self, f.name), torch.Tensor)}
 
     def to_bytes(self) -> bytes:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors().items()}
+        # clone: results may hold views of one another (x_T is the last inversion latent)
+        tensors = {k: v.detach().cpu().clone() for k, v in self.tensors().items()}
         header = {"format_version": FORMAT_VERSION, "kind": self.KIND, "meta": self.meta,
                   "payload_sha256": _payload_digest(tensors)}
         return save(tensors, metadata={HEADER_KEY: json.dumps(header, sort_keys=True)})
@@ -122,6 +123,8 @@ class ConceptResult(StageResult):
 def textual_inversion_bytes(concept: ConceptResult, token: str = "<s2>") -> bytes:
     """The diffusers textual-inversion format: {token: (n, D)}; `load_textual_inversion` reads it
     and names the tokens token, token_1, ..., token_{n-1}."""
+    provenance = {k: concept.meta.get(k) for k in ("config", "reference_sha256",
+                                                   "model_identity")}
     return save({token: concept.vectors.detach().cpu().float().contiguous()},
-                metadata={"format": "pt", HEADER_KEY: json.dumps(
-                    {"kind": "textual_inversion", "meta": concept.meta}, sort_keys=True)})
+                metadata={HEADER_KEY: json.dumps(  # one key: safetensors orders keys randomly
+                    {"kind": "textual_inversion", "meta": provenance}, sort_keys=True)})

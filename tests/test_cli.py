@@ -1,0 +1,102 @@
+"""`vct translate` end to end, and one-line errors for bad input (issue: CLI)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from vct.cli import main
+
+FAST = ["--max-train-steps", "3", "--batch-microsteps", "--num-inference-steps", "8",
+        "--num-inner-steps", "2", "--quiet"]
+
+
+def _translate(model, images, out, *extra) -> int:
+    return main(["translate", "--model", str(model), "--reference", str(images["ref"]),
+                 "--source", str(images["src_a"]), "--source", str(images["src_b"]),
+                 "--out", str(out), *FAST, *extra])
+
+
+def test_translate_end_to_end_and_reproducible(tiny_model_dir, images, tmp_path, capsys):
+    assert _translate(tiny_model_dir, images, tmp_path / "a", "--seed", "5") == 0
+    printed = capsys.readouterr().out
+    for stem in ("src_a", "src_b"):
+        png = tmp_path / "a" / f"{stem}.png"
+        assert str(png) in printed
+        assert Image.open(png).size == (64, 64)
+        meta = json.loads((tmp_path / "a" / f"{stem}.json").read_text())
+        assert meta["source"]["sha256"] and meta["reference"]["sha256"]
+        assert meta["seed"] == 5 and meta["config"]["concept"]["seed"] == 5
+        assert meta["config"]["content"]["num_inference_steps"] == 8
+        assert meta["config"]["fusion"]["cross_attention_injection_ratio"] == 0.2
+        assert meta["unet_evals"]["fusion"] == 4 * 8
+        assert meta["unet_evals"]["concept_grad"] == 12
+        assert {"concept", "inversion", "fit", "fusion"} <= set(meta["timings"])
+        assert meta["model"]["identity"] and meta["versions"]["torch"]
+    assert (tmp_path / "a" / "concept.safetensors").is_file()
+    assert _translate(tiny_model_dir, images, tmp_path / "b", "--seed", "5") == 0
+    for name in ("src_a.png", "src_b.png", "concept.safetensors"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert not list((tmp_path / "a").glob("*.tmp")) and not list((tmp_path / "a").glob(".*"))
+
+
+@pytest.fixture()
+def bad_inputs(tmp_path, images):
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    return {"missing": tmp_path / "nope.png", "text": text}
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("missing_source", "nope.png: no such file"),
+    ("not_image", "notes.png: not a readable image"),
+    ("wrong_model", "not a Stable Diffusion 1.x diffusers folder"),
+    ("missing_model", "no such folder"),
+    ("range", "flip_p (--flip-p): must be <= 1.0"),
+    ("type", "num_inner_steps (--num-inner-steps): expected int"),
+    ("choice", "content_target (--content-target): must be one of pivot, x0"),
+])
+def test_bad_input_gets_one_line_and_nonzero_exit(case, needle, tiny_model_dir, images,
+                                                 bad_inputs, tmp_path, capsys):
+    model, ref, src = str(tiny_model_dir), str(images["ref"]), str(images["src_a"])
+    extra: list[str] = []
+    if case == "missing_source":
+        src = str(bad_inputs["missing"])
+    elif case == "not_image":
+        ref = str(bad_inputs["text"])
+    elif case == "wrong_model":
+        model = str(tmp_path)
+    elif case == "missing_model":
+        model = str(tmp_path / "no-model")
+    elif case == "range":
+        extra = ["--flip-p", "3"]
+    elif case == "type":
+        extra = ["--num-inner-steps", "2.5"]
+    elif case == "choice":
+        extra = ["--content-target", "z"]
+    code = main(["translate", "--model", model, "--reference", ref, "--source", src,
+                 "--out", str(tmp_path / "out"), "--quiet", *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("vct: error:") and "\n" not in err and needle in err, err
+    assert not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_errors_never_show_a_traceback(tmp_path, images):
+    proc = subprocess.run([sys.executable, "-m", "vct.cli", "translate", "--model",
+                           str(tmp_path), "--reference", str(images["ref"]), "--source",
+                           str(images["src_a"]), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("vct: error: model ")
+
+
+def test_tiny_model_command(tmp_path, capsys):
+    assert main(["tiny-model", str(tmp_path / "m"), "--seed", "1"]) == 0
+    assert (tmp_path / "m" / "unet" / "config.json").is_file()
+    assert str(tmp_path / "m") in capsys.readouterr().out

@@ -1,0 +1,243 @@
+"""vct.executor: local and accelerate (2 CPU ranks) execution of stage jobs into the cache.
+
+The jobs are real (tiny model, 64 px, a few steps), so the tests also pin that both modes store
+bit-identical results: the mode decides where a job runs, never what it computes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from vct import executor
+from vct.cache import StageCache
+from vct.config import ConceptConfig, ContentConfig, to_dict
+from vct.executor import ExecutorSettings, Job, JobOutcome, run_jobs
+from vct.stages import concept_key, content_key, load_concept, load_content
+
+CONTENT = ContentConfig(num_inference_steps=5, num_inner_steps=2, resolution=64)
+CONCEPT = ConceptConfig(max_train_steps=3, batch_microsteps=True, reference_resolution=64)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def content_job(models, path: Path, cost: float = 20.0) -> Job:
+    return Job("content", content_key(_sha(path), models.identity, CONTENT), str(path),
+               to_dict(CONTENT), cost)
+
+
+def concept_job(models, path: Path, cost: float = 12.0) -> Job:
+    return Job("concept", concept_key(_sha(path), models.identity, CONCEPT), str(path),
+               to_dict(CONCEPT), cost)
+
+
+@pytest.fixture(scope="module")
+def bad_image(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("bad") / "not_an_image.png"
+    path.write_bytes(b"this is text, not a PNG")
+    return path
+
+
+@pytest.fixture(scope="module")
+def good_jobs(models, images) -> list[Job]:
+    """Two content jobs and one concept job; the concept is not the biggest, so biggest-first
+    reorders them."""
+    return [concept_job(models, images["ref"]), content_job(models, images["src_a"]),
+            content_job(models, images["src_b"], cost=25.0)]
+
+
+def _settings(model_dir: Path, cache: Path, **kw) -> ExecutorSettings:
+    return ExecutorSettings(model=str(model_dir), cache_uri=str(cache), device="cpu", **kw)
+
+
+@pytest.fixture(scope="module")
+def local_run(tiny_model_dir, good_jobs, tmp_path_factory):
+    """The three good jobs in local mode: (outcomes, cache dir, progress events)."""
+    cache = tmp_path_factory.mktemp("local_cache")
+    events: list[dict] = []
+    outcomes = run_jobs(good_jobs, _settings(tiny_model_dir, cache), on_progress=events.append)
+    return outcomes, cache, events
+
+
+def _entry(cache_dir: Path, job: Job) -> bytes:
+    return Path(StageCache(str(cache_dir)).uri(job.kind, job.key)).read_bytes()
+
+
+def _tensors(job: Job, data: bytes) -> dict[str, torch.Tensor]:
+    result = (load_concept if job.kind == "concept" else load_content)(data, job.key)
+    return result.tensors()
+
+
+# ---------------------------------------------------------------- local mode
+def test_local_runs_every_job_into_the_cache(local_run, good_jobs) -> None:
+    outcomes, cache, events = local_run
+    assert [o.key for o in outcomes] == [j.key for j in good_jobs]  # input order
+    for job, outcome in zip(good_jobs, outcomes):
+        assert outcome.ok and outcome.error is None and outcome.rank == 0, outcome
+        assert not outcome.skipped and outcome.seconds > 0 and sum(outcome.unet_evals.values())
+        result = _tensors(job, _entry(cache, job))
+        assert result  # parsed and verified against its key
+    assert outcomes[0].unet_evals == {"concept_grad": 3 * CONCEPT.gradient_accumulation_steps}
+    # Biggest first: src_b (25), src_a (20), then the concept (12).
+    assert [e["key"] for e in events] == [good_jobs[i].key for i in (2, 1, 0)]
+    assert [(e["rank"], e["done"], e["total"], e["ok"]) for e in events] == [
+        (0, 1, 3, True), (0, 2, 3, True), (0, 3, 3, True)]
+
+
+def test_local_rerun_skips_cached_jobs(local_run, good_jobs, tiny_model_dir) -> None:
+    _, cache, _ = local_run
+    settings = _settings(tiny_model_dir, cache)
+    models = executor.local_models(settings)  # the memoised ones: no reload per call
+    before = dict(models.unet_evals)
+    entries = [_entry(cache, j) for j in good_jobs]
+    outcomes = run_jobs(good_jobs, settings)
+    assert all(o.ok and o.skipped and o.seconds == 0 and not o.unet_evals for o in outcomes)
+    assert dict(models.unet_evals) == before
+    assert [_entry(cache, j) for j in good_jobs] == entries
+    assert executor.local_models(settings) is models
+
+
+def test_local_bad_input_fails_alone(models, images, bad_image, tiny_model_dir,
+                                     tmp_path) -> None:
+    missing = tmp_path / "missing.png"
+    jobs = [content_job(models, images["src_a"]), concept_job(models, bad_image, cost=100),
+            Job("content", "ab" * 32, str(missing), to_dict(CONTENT))]
+    outcomes = run_jobs(jobs, _settings(tiny_model_dir, tmp_path / "cache"))
+    assert [o.ok for o in outcomes] == [True, False, False]
+    assert outcomes[1].error == f"reference {bad_image}: not a readable image " \
+                                "(UnidentifiedImageError)"
+    assert str(missing) in outcomes[2].error and "not found" in outcomes[2].error
+    assert "\n" not in outcomes[1].error + outcomes[2].error
+    cache = StageCache(str(tmp_path / "cache"))
+    assert cache.contains("content", jobs[0].key)
+    assert not cache.contains("concept", jobs[1].key)
+
+
+def test_key_mismatch_is_a_loud_job_failure(models, images, tiny_model_dir, tmp_path) -> None:
+    """A caller whose key recipe drifted must not fill the cache with unreachable entries."""
+    other = ContentConfig(num_inference_steps=6, num_inner_steps=2, resolution=64)
+    wrong = Job("content", content_key(_sha(images["src_a"]), models.identity, other),
+                str(images["src_a"]), to_dict(CONTENT))
+    [outcome] = run_jobs([wrong], _settings(tiny_model_dir, tmp_path))
+    assert not outcome.ok and "cache key mismatch" in outcome.error
+    assert str(images["src_a"]) in outcome.error
+    assert not StageCache(str(tmp_path)).contains("content", wrong.key)
+
+
+def test_duplicate_jobs_run_once(local_run, good_jobs, tiny_model_dir, tmp_path) -> None:
+    job = good_jobs[1]
+    twin = Job(job.kind, job.key, job.input_uri + "-renamed-copy", job.config, job.cost)
+    events: list[dict] = []
+    outcomes = run_jobs([job, twin], _settings(tiny_model_dir, tmp_path),
+                        on_progress=events.append)
+    assert len(outcomes) == 2 and all(o.ok for o in outcomes) and len(events) == 1
+    assert outcomes[0] is not outcomes[1] and outcomes[0] == outcomes[1]
+    assert _entry(tmp_path, job) == _entry(local_run[1], job)
+
+
+def test_model_error_fails_every_job(good_jobs, tmp_path) -> None:
+    outcomes = run_jobs(good_jobs, _settings(tmp_path / "no-model", tmp_path / "cache"))
+    assert [o.ok for o in outcomes] == [False] * 3
+    assert all("no such folder" in o.error for o in outcomes)
+
+
+def test_job_and_outcome_round_trip_and_validation(good_jobs) -> None:
+    job = good_jobs[0]
+    assert Job.from_dict(job.to_dict()) == job
+    outcome = JobOutcome("content", job.key, ok=False, rank=1, seconds=2.5, error="x",
+                         unet_evals={"content": 3})
+    assert JobOutcome.from_dict(outcome.to_dict()) == outcome
+    with pytest.raises(ValueError):
+        Job("fusion", job.key, "x.png", {})
+    with pytest.raises(ValueError):
+        Job("content", "not-a-key", "x.png", {})
+    with pytest.raises(ValueError):
+        ExecutorSettings(model="m", cache_uri="c", mode="threads")
+    assert executor.assign(good_jobs, 2) == [[2, 0], [1]]  # costs 12, 20, 25
+
+
+# ---------------------------------------------------------------- accelerate mode
+@pytest.fixture(scope="module")
+def accelerate_run(tiny_model_dir, good_jobs, models, bad_image, tmp_path_factory):
+    """The good jobs plus a bad one on 2 CPU ranks (one launch for all accelerate checks)."""
+    cache = tmp_path_factory.mktemp("acc_cache")
+    jobs = [*good_jobs, content_job(models, bad_image, cost=1.0)]
+    events: list[dict] = []
+    settings = _settings(tiny_model_dir, cache, mode="accelerate", cpu=True, num_processes=2)
+    outcomes = run_jobs(jobs, settings, on_progress=events.append)
+    return jobs, outcomes, cache, events
+
+
+def test_accelerate_matches_local_bit_for_bit(accelerate_run, local_run) -> None:
+    jobs, outcomes, cache, _ = accelerate_run
+    assert [o.ok for o in outcomes] == [True, True, True, False], outcomes
+    for job in jobs[:3]:
+        got, want = _tensors(job, _entry(cache, job)), _tensors(job, _entry(local_run[1], job))
+        assert got.keys() == want.keys()
+        for name in want:
+            assert torch.equal(got[name], want[name]), (job.kind, name)
+
+
+def test_accelerate_uses_both_ranks_and_isolates_failures(accelerate_run, bad_image) -> None:
+    jobs, outcomes, cache, events = accelerate_run
+    assert [o.key for o in outcomes] == [j.key for j in jobs]
+    assert {o.rank for o in outcomes} == {0, 1}
+    assert outcomes[3].error == f"source {bad_image}: not a readable image " \
+                                "(UnidentifiedImageError)"
+    assert not StageCache(str(cache)).contains("content", jobs[3].key)
+    assert all(o.seconds > 0 and o.unet_evals for o in outcomes[:3])
+    assert sorted((e["rank"], e["done"], e["total"]) for e in events) == [
+        (0, 1, 2), (0, 2, 2), (1, 1, 2), (1, 2, 2)]
+
+
+def test_accelerate_all_cached_launches_nothing(accelerate_run, tiny_model_dir,
+                                                monkeypatch) -> None:
+    jobs, _, cache, _ = accelerate_run
+    monkeypatch.setattr(executor, "launcher_argv", _no_launch)
+    settings = _settings(tiny_model_dir, cache, mode="accelerate", cpu=True, num_processes=2)
+    outcomes = run_jobs(jobs[:3], settings)
+    assert all(o.ok and o.skipped and o.rank == -1 for o in outcomes)
+
+
+def _no_launch(*_args) -> list[str]:
+    raise AssertionError("a fully cached batch must not launch accelerate")
+
+
+# A stand-in for `accelerate launch`: rank 0 finishes its first job, then the launcher dies.
+_CRASH = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from vct.cache import StageCache
+    workdir = Path(sys.argv[-1])
+    spec = json.loads((workdir / "jobs.json").read_text())
+    job = spec["jobs"][2]  # rank 0's first job: the biggest
+    StageCache(spec["settings"]["cache_uri"]).put(job["kind"], job["key"], b"entry")
+    line = {"kind": job["kind"], "key": job["key"], "ok": True, "rank": 0, "seconds": 1.0,
+            "index": 2}
+    (workdir / "rank-0.jsonl").write_text(json.dumps(line) + "\\n")
+    print("Traceback: rank 1 was killed (OOM)", file=sys.stderr)
+    sys.exit(7)
+""")
+
+
+def test_dead_rank_fails_only_unfinished_jobs(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(executor, "launcher_argv",
+                        lambda config, world, workdir: [sys.executable, "-c", _CRASH,
+                                                        str(workdir)])
+    jobs = [Job("content", f"{i:064x}", f"/img/{i}.png", {}, cost=c)
+            for i, c in enumerate((1.0, 2.0, 3.0))]
+    settings = _settings(tiny_model_dir, tmp_path, mode="accelerate", cpu=True, num_processes=2)
+    outcomes = run_jobs(jobs, settings)
+    assert len(outcomes) == 3 and [o.ok for o in outcomes] == [False, False, True]
+    # Ranks by biggest-first round robin: [2, 0] on rank 0, [1] on rank 1.
+    assert outcomes[0].rank == 0 and outcomes[1].rank == 1 and outcomes[2].rank == 0
+    assert outcomes[1].error.startswith("source /img/1.png: worker rank 1 exited with code 7")
+    assert "rank 1 was killed (OOM)" in outcomes[1].error
+    assert "worker rank 0 exited with code 7" in outcomes[0].error
