@@ -7,6 +7,9 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PYTHONUNBUFFERED := 1
+# Embedded Prefect and the tiny model live inside the checkout, not in $HOME.
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export VCT_HOME ?= $(CURDIR)/.models
 
 .PHONY: setup demo test lint bench clean
 
@@ -19,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m vct.demo
+	$(VENV)/bin/vct run manifests/example.csv --output demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vct flows tests benchmarks

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Prefect reads its home at import: a private one per test session, never the user's or .prefect
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="vct-prefect-home-")
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -15,6 +18,15 @@ import pytest  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from tests.fixtures_s3 import s3_bucket, s3_server  # noqa: E402, F401
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One embedded Prefect backend for the whole session (starting one costs ~10 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
 
 
 @pytest.fixture(scope="session")

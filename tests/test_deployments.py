@@ -10,6 +10,7 @@ and have written a `_SUCCESS` marker under output_uri.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -36,8 +37,8 @@ RUN_TIMEOUT_S = 240
 
 # Smallest settings that still run every stage of the real algorithm on the tiny model.
 FAST_OVERRIDES = {
-    "concept": {"max_train_steps": 2, "batch_microsteps": True},
-    "content": {"num_inference_steps": 4, "num_inner_steps": 1},
+    "concept": {"max_train_steps": 2, "batch_microsteps": True, "reference_resolution": 64},
+    "content": {"num_inference_steps": 4, "num_inner_steps": 1, "resolution": 64},
 }
 
 
@@ -195,6 +196,42 @@ def _cli(env: dict[str, str], *args: str, cwd: Path = REPO,
     return out
 
 
+def _kill_tree(pid: int) -> None:
+    """Stop a process and all its descendants (the worker's flow-run child runs in a session of
+    its own, so signalling the worker's process group would miss it)."""
+    import psutil  # a dependency of accelerate
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
+def _run_logged(cmd: list[str], env: dict[str, str], cwd: Path, log: Path,
+                timeout: float) -> tuple[int | None, str]:
+    """Run cmd with its output in log; on timeout stop it and everything it started.
+    Returns (exit code, None on timeout; the tail of the output)."""
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=fh,
+                                stderr=subprocess.STDOUT)
+        try:
+            rc: int | None = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            rc = None
+            _kill_tree(proc.pid)
+            proc.wait(timeout=15)
+    return rc, _tail(log, 12000)
+
+
 def _api(env: dict[str, str], path: str) -> dict:
     """GET one object from the server's REST API (cheaper than a CLI call per check)."""
     with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/{path}", timeout=10) as resp:
@@ -219,7 +256,8 @@ def _write_manifest(folder: Path) -> Path:
     return manifest
 
 
-def test_on_demand_deployment_is_created_and_a_run_completes(prefect_env, tmp_path):
+def test_on_demand_deployment_is_created_and_a_run_completes(prefect_env, tmp_path,
+                                                             tiny_model_dir):
     env = prefect_env
     _cli(env, "work-pool", "create", "vct-process", "--type", "process")
 
@@ -235,8 +273,9 @@ def test_on_demand_deployment_is_created_and_a_run_completes(prefect_env, tmp_pa
     assert deployments["restyle/on-demand"]["schedules"] == []
     assert [s["schedule"]["cron"] for s in deployments["restyle-incoming/nightly"]["schedules"]
             ] == ["0 2 * * *"]
-    assert [s["schedule"]["interval"]
-            for s in deployments["restyle-incoming/frequent"]["schedules"]] == [300.0]
+    frequent = deployments["restyle-incoming/frequent"]
+    assert [s["schedule"]["interval"] for s in frequent["schedules"]] == [300.0]
+    assert frequent["global_concurrency_limit"]["limit"] == 1
 
     manifest = _write_manifest(tmp_path / "job")
     output = tmp_path / "out"
@@ -244,6 +283,7 @@ def test_on_demand_deployment_is_created_and_a_run_completes(prefect_env, tmp_pa
         env, "deployment", "run", "restyle/on-demand",
         "--param", f"manifest_uri={manifest}",
         "--param", f"output_uri={output}",
+        "--param", f"model={tiny_model_dir}",  # the session's tiny model (conftest)
         "--param", f"cache_uri={tmp_path / 'cache'}",
         "--param", f"overrides={json.dumps(FAST_OVERRIDES)}",
     )
@@ -253,20 +293,19 @@ def test_on_demand_deployment_is_created_and_a_run_completes(prefect_env, tmp_pa
 
     # One poll of the pool: the worker picks the run up, runs it in a child process (which
     # chdirs to $VCT_PROJECT_DIR through the pull step) and exits when the run has finished.
-    worker_env = {**env, "VCT_PROJECT_DIR": str(REPO),
-                  "VCT_MODEL_CACHE": str(tmp_path / "models")}
-    worker = subprocess.run(
+    worker_env = {**env, "VCT_PROJECT_DIR": str(REPO), "VCT_HOME": str(tmp_path / "vct_home")}
+    worker_rc, worker_out = _run_logged(
         [*PREFECT, "worker", "start", "--pool", "vct-process", "--type", "process",
          "--run-once", "--install-policy", "never"],
-        env=worker_env, cwd=tmp_path, stdin=subprocess.DEVNULL,
-        capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+        env=worker_env, cwd=tmp_path, log=tmp_path / "worker.log", timeout=RUN_TIMEOUT_S,
     )
-    worker_out = (worker.stdout + worker.stderr)[-12000:]
 
     flow_run = _api(env, f"flow_runs/{flow_run_id}")
+    worker_status = (f"timed out after {RUN_TIMEOUT_S} s" if worker_rc is None
+                     else f"exit {worker_rc}")
     assert flow_run["state_type"] == "COMPLETED", (
         f"flow run {flow_run['state_type']}: {(flow_run.get('state') or {}).get('message')}\n"
-        f"worker (exit {worker.returncode}):\n{worker_out}"
+        f"worker ({worker_status}):\n{worker_out}"
     )
     markers = sorted(output.rglob("_SUCCESS"))
     assert markers, f"no _SUCCESS under {output}:\n{worker_out}"

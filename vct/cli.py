@@ -158,10 +158,44 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from vct.run_local import run_manifest
+def parse_sets(items: list[str]) -> dict[str, dict[str, str]]:
+    """--set stage.field=value pairs into the flow's overrides mapping."""
+    overrides: dict[str, dict[str, str]] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        stage, dot, fieldname = name.strip().partition(".")
+        if not sep or not dot or not fieldname:
+            raise C.ConfigError("set", f"{item!r} is not STAGE.FIELD=VALUE")
+        overrides.setdefault(stage, {})[fieldname] = value
+    return overrides
 
-    return run_manifest(args)
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the Prefect flow in this process on embedded Prefect (no server to start)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    overrides = parse_sets(args.set)
+    from vct.plan import BaseSettings
+
+    BaseSettings.from_overrides(overrides)  # bad flags fail here, before Prefect starts
+    from flows.restyle import restyle
+
+    summary = restyle(manifest_uri=args.manifest, output_uri=args.output, model=args.model,
+                      cache_uri=args.cache, strict=args.strict, overrides=overrides,
+                      executor=args.executor, num_processes=args.num_processes,
+                      device=args.device, dtype=args.dtype)
+    from vct import storage
+
+    run = summary["output_uri"]
+    counts = summary["counts"]
+    print()
+    print("counts: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    for failure in summary.get("failures", []):
+        print(f"  failed: line {failure.get('line')}: {failure.get('reason')}")
+    print(f"outputs:       {run}")
+    print(f"report:        {storage.join(run, 'report.html')}")
+    print(f"contact sheet: {storage.join(run, 'contact_sheet.png')}")
+    print(f"run summary:   {storage.join(run, 'run.json')}")
+    return 0 if counts.get("pairs_failed", 0) == 0 else 1
 
 
 def main(argv: list[str] | None = None) -> int:

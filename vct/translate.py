@@ -7,19 +7,18 @@ half-written PNG.
 
 from __future__ import annotations
 
-import json
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vct.artifacts import ConceptResult, package_versions, textual_inversion_bytes
+from vct.artifacts import ConceptResult, textual_inversion_bytes
 from vct.config import ConceptConfig, ContentConfig, FusionConfig, ModelConfig, to_dict
 from vct.fusion import fuse
 from vct.images import decode_image, png_bytes
 from vct.inversion import Progress
 from vct.models import VCTModels
+from vct.sidecar import build_sidecar, sidecar_bytes
 from vct.stages import run_concept, run_content, sha256_bytes
 from vct.storage import write_bytes
 
@@ -65,24 +64,6 @@ def read_inputs(reference: Path, sources: list[Path]) -> tuple[bytes, list[bytes
     return blobs[0], blobs[1:]
 
 
-def pair_sidecar(*, source: Path, source_sha: str, reference: Path, reference_sha: str,
-                 models: VCTModels, settings: Settings, stage_meta: dict) -> dict:
-    """What made this output: inputs, model, the full effective config, seed, costs, versions."""
-    return {
-        "source": {"path": str(source), "sha256": source_sha},
-        "reference": {"path": str(reference), "sha256": reference_sha},
-        "model": {"source": models.source, "identity": models.identity,
-                  "device": str(models.device), "dtype": str(models.dtype).replace("torch.", "")},
-        "config": settings.to_dict(),
-        "seed": settings.concept.seed,
-        "timings": {k: v for meta in stage_meta.values() for k, v in meta["seconds"].items()},
-        "unet_evals": {k: v for meta in stage_meta.values()
-                       for k, v in meta["unet_evals"].items()},
-        "content_iterations": stage_meta["content"].get("total_iterations"),
-        "versions": {**package_versions(), "python": platform.python_version()},
-    }
-
-
 def translate(models: VCTModels, reference: Path, sources: list[Path], out_dir: Path,
               settings: Settings, progress: ProgressFactory | None = None) -> list[Path]:
     """Run the whole method for one reference and many sources; returns the PNG paths."""
@@ -102,12 +83,12 @@ def translate(models: VCTModels, reference: Path, sources: list[Path], out_dir: 
         result.meta["seconds"]["fusion_total"] = time.perf_counter() - started
         out_png = out_dir / f"{path.stem}.png"
         write_bytes(str(out_png), png_bytes(result.images[0]))
-        sidecar = pair_sidecar(source=path, source_sha=sha256_bytes(data), reference=reference,
-                               reference_sha=sha256_bytes(ref_bytes), models=models,
-                               settings=settings, stage_meta={"concept": concept.meta,
-                                                              "content": content.meta,
-                                                              "fusion": result.meta})
-        write_bytes(str(out_dir / f"{path.stem}.json"),
-                     (json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode())
+        sidecar = build_sidecar(source=str(path), source_sha256=sha256_bytes(data),
+                                reference=str(reference), reference_sha256=sha256_bytes(ref_bytes),
+                                models=models, config=settings.to_dict(),
+                                seed=settings.concept.seed,
+                                stage_meta={"concept": concept.meta, "content": content.meta,
+                                            "fusion": result.meta})
+        write_bytes(str(out_dir / f"{path.stem}.json"), sidecar_bytes(sidecar))
         written.append(out_png)
     return written

@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     cache = StageCache(settings.cache_uri)
     with open(rank_file(workdir, rank), "a", encoding="utf-8") as out:
         try:
-            models = load_models(settings.model, rank_device(settings, cpu, state.local_process_index),
-                                 settings.dtype)
+            device = rank_device(settings, cpu, state.local_process_index)
+            models = load_models(settings.model, device, settings.dtype)
         except Exception as exc:  # every job of this rank fails with the model's own message
             for j in share:
                 _write(out, j, JobOutcome(jobs[j].kind, jobs[j].key, ok=False, rank=rank,

@@ -1,0 +1,166 @@
+"""The `restyle` flow end to end: real Prefect, a real S3 server on loopback, the tiny model."""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+
+import boto3
+import pytest
+from PIL import Image
+
+from tests.conftest import make_image
+from vct import storage
+
+FAST = {"concept": {"max_train_steps": 2, "batch_microsteps": True},
+        "content": {"num_inference_steps": 4, "num_inner_steps": 1}}
+
+
+def _png(kind: int, size=(64, 64)) -> bytes:
+    buf = io.BytesIO()
+    make_image(kind, size).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server) -> str:
+    name = f"flow-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+def _objects(prefix: str) -> dict[str, str]:
+    """uri -> ETag of everything under prefix (to prove nothing was rewritten)."""
+    return {u: storage.etag_or_mtime(u) for u in storage.list_uris(prefix)}
+
+
+@pytest.fixture(scope="module")
+def s3_run(prefect_harness, tiny_model_dir, bucket):
+    """Upload images and a manifest; two rows share a reference, one source exists under two
+    names, one row repeats another exactly, one row is bad; then run the flow twice."""
+    from flows.restyle import restyle
+
+    for name, kind in (("a.png", 0), ("b.png", 2), ("ref1.png", 1), ("ref2.png", 3)):
+        storage.write_bytes(f"{bucket}/in/{name}", _png(kind))
+    storage.write_bytes(f"{bucket}/in/a-copy.png", storage.read_bytes(f"{bucket}/in/a.png"))
+    storage.write_bytes(f"{bucket}/in/notes.png", b"this is not an image")
+    manifest = ("source,reference,pair_id,cross_attention_injection_ratio\r\n"
+                "../in/a.png,../in/ref1.png,a1,\r\n"
+                "../in/b.png,../in/ref1.png,b1,\r\n"
+                "../in/a-copy.png,../in/ref2.png,acopy2,0.3\r\n"
+                "../in/a.png,../in/ref1.png,a1-again,\r\n"
+                "../in/b.png,../in/missing.png,bad-missing,\r\n"
+                "../in/notes.png,../in/ref1.png,bad-image,\r\n"
+                "../in/b.png,../in/ref2.png,bad-ratio,7\r\n")
+    storage.write_bytes(f"{bucket}/manifests/m1.csv", b"\xef\xbb\xbf" + manifest.encode())
+    out = f"{bucket}/out"
+    kwargs = {"manifest_uri": f"{bucket}/manifests/m1.csv", "output_uri": out,
+              "model": str(tiny_model_dir), "overrides": FAST}
+    first = restyle(**kwargs)
+    before = _objects(first["output_uri"])
+    second = restyle(**kwargs)
+    after = _objects(first["output_uri"])
+    return {"first": first, "second": second, "before": before, "after": after, "out": out,
+            "kwargs": kwargs}
+
+
+GOOD = ("a1", "b1", "acopy2", "a1-again")
+
+
+def test_every_output_lands_with_its_sidecar(s3_run):
+    run = s3_run["first"]["output_uri"]
+    assert run.startswith(s3_run["out"] + "/")
+    for pair_id in GOOD:
+        img = Image.open(io.BytesIO(storage.read_bytes(f"{run}/{pair_id}.png")))
+        assert img.size == (64, 64)
+        meta = json.loads(storage.read_bytes(f"{run}/{pair_id}.json"))
+        assert meta["pair_id"] == pair_id
+        assert meta["source"]["uri"].startswith("s3://") and len(meta["source"]["sha256"]) == 64
+        assert meta["model"]["identity"] and meta["versions"]["torch"]
+        assert meta["config"]["content"]["num_inference_steps"] == 4
+        assert set(meta["cache"]) == {"concept", "content"}
+        assert meta["flow_run_id"]
+        assert "fusion" in meta["timings"] and meta["unet_evals"]["fusion"] > 0
+    acopy = json.loads(storage.read_bytes(f"{run}/acopy2.json"))
+    assert acopy["config"]["fusion"]["cross_attention_injection_ratio"] == 0.3
+    for name in ("run.json", "report.html", "contact_sheet.png", "_SUCCESS"):
+        assert storage.exists(f"{run}/{name}"), name
+    html = storage.read_bytes(f"{run}/report.html").decode()
+    assert all(pair_id in html for pair_id in GOOD) and "data:image/png;base64," in html
+
+
+def test_run_json_counts_and_failures(s3_run):
+    summary = s3_run["first"]
+    on_disk = json.loads(storage.read_bytes(f"{summary['output_uri']}/run.json"))
+    assert on_disk["counts"] == s3_run["second"]["counts"]  # the latest run of this folder
+    counts = summary["counts"]
+    assert counts["pairs_ok"] == 4 and counts["pairs_failed"] == 3
+    assert counts["pairs_skipped"] == 0
+    # ref1 and ref2 learned once each although ref1 serves three rows
+    assert counts["concepts_computed"] == 2 and counts["concepts_cached"] == 0
+    # a.png and a-copy.png are the same bytes: one content inversion for both (+ b.png)
+    assert counts["contents_computed"] == 2 and counts["contents_cached"] == 0
+    failures = {f["line"]: f["reason"] for f in summary["failures"]}
+    assert set(failures) == {6, 7, 8}
+    assert "missing.png" in failures[6]
+    assert "notes.png" in failures[7] and "not a readable image" in failures[7]
+    assert "cross_attention_injection_ratio" in failures[8]
+
+
+def test_identical_rows_each_get_identical_outputs(s3_run):
+    run = s3_run["first"]["output_uri"]
+    assert storage.read_bytes(f"{run}/a1.png") == storage.read_bytes(f"{run}/a1-again.png")
+
+
+def test_second_run_recomputes_and_rewrites_nothing(s3_run):
+    counts = s3_run["second"]["counts"]
+    assert counts["concepts_computed"] == 0 and counts["contents_computed"] == 0
+    assert counts["concepts_cached"] == 2 and counts["contents_cached"] == 2
+    assert counts["pairs_skipped"] == 4 and counts["pairs_ok"] == 0
+    before, after = s3_run["before"], s3_run["after"]
+    for uri, etag in before.items():
+        if uri.endswith((".png", ".json")) and "/contact_sheet" not in uri \
+                and not uri.endswith("run.json"):
+            assert after[uri] == etag, f"{uri} was rewritten"
+
+
+def test_a_corrupt_cache_entry_is_recomputed_not_trusted(s3_run, prefect_harness):
+    from flows.restyle import restyle
+
+    cache = f"{s3_run['out']}/_cache"
+    entry = next(u for u in storage.list_uris(f"{cache}/content") if u.endswith(".safetensors"))
+    good = storage.read_bytes(entry)
+    storage.write_bytes(entry, good[:-10] + b"0123456789")
+    result = restyle(**s3_run["kwargs"])
+    assert result["counts"]["contents_computed"] == 1
+    assert storage.read_bytes(entry) != good[:-10] + b"0123456789"
+
+
+def test_strict_fails_before_model_work(prefect_harness, tiny_model_dir, bucket):
+    from flows.restyle import restyle
+    from vct.manifest import ManifestError
+
+    storage.write_bytes(f"{bucket}/strict/m.csv", b"source,reference\nx.png,\n")
+    with pytest.raises(ManifestError, match="line 2"):
+        restyle(manifest_uri=f"{bucket}/strict/m.csv", output_uri=f"{bucket}/strict-out",
+                model=str(tiny_model_dir), strict=True, overrides=FAST)
+    assert storage.list_uris(f"{bucket}/strict-out") == []
+
+
+def test_incoming_prefix_processes_each_manifest_once(prefect_harness, tiny_model_dir, bucket):
+    from flows.restyle import restyle_incoming
+
+    storage.write_bytes(f"{bucket}/inc-img/s.png", _png(0))
+    storage.write_bytes(f"{bucket}/inc-img/r.png", _png(1))
+    storage.write_bytes(f"{bucket}/incoming/new.csv",
+                        f"source,reference\n{bucket}/inc-img/s.png,{bucket}/inc-img/r.png\n"
+                        .encode())
+    kwargs = {"incoming_uri": f"{bucket}/incoming/", "output_uri": f"{bucket}/inc-out",
+              "model": str(tiny_model_dir), "overrides": FAST}
+    first = restyle_incoming(**kwargs)
+    assert [r["status"] for r in first] == ["done"]
+    marker = json.loads(storage.read_bytes(f"{bucket}/incoming/new.csv.processed"))
+    assert marker["status"] == "done" and marker["counts"]["pairs_ok"] == 1
+    assert restyle_incoming(**kwargs) == []
+    assert len([u for u in storage.list_uris(f"{bucket}/inc-out") if u.endswith("_SUCCESS")]) == 1
