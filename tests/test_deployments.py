@@ -261,7 +261,7 @@ def test_on_demand_deployment_is_created_and_a_run_completes(prefect_env, tmp_pa
     env = prefect_env
     _cli(env, "work-pool", "create", "vct-process", "--type", "process")
 
-    # Exactly the README command, from the repository root.
+    # The README's deploy command, from the repository root.
     _cli(env, "--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_FILE))
     deployments = {name: _api(env, f"deployments/name/{name}")
                    for name in ("restyle/on-demand", "restyle-incoming/nightly",
