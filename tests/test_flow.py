@@ -164,3 +164,34 @@ def test_incoming_prefix_processes_each_manifest_once(prefect_harness, tiny_mode
     assert marker["status"] == "done" and marker["counts"]["pairs_ok"] == 1
     assert restyle_incoming(**kwargs) == []
     assert len([u for u in storage.list_uris(f"{bucket}/inc-out") if u.endswith("_SUCCESS")]) == 1
+
+
+def test_accelerate_fan_out_gives_the_same_outputs_as_in_process(prefect_harness, tiny_model_dir,
+                                                                  tmp_path):
+    """Two CPU ranks (gloo) vs this process. Ranks run with 1 torch thread each (2 cores / 2),
+    so this process uses 1 thread too: CPU float reductions are bit-stable only for a fixed
+    thread count."""
+    import torch
+
+    from flows.restyle import restyle
+
+    for name, kind in (("s1.png", 0), ("s2.png", 2), ("r1.png", 1), ("r2.png", 3)):
+        (tmp_path / name).write_bytes(_png(kind))
+    (tmp_path / "m.csv").write_text("source,reference\ns1.png,r1.png\ns2.png,r2.png\n"
+                                    "s1.png,r2.png\n")
+    common = {"manifest_uri": str(tmp_path / "m.csv"), "model": str(tiny_model_dir),
+              "overrides": FAST}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # fusion runs in this process in both modes
+    try:
+        local = restyle(output_uri=str(tmp_path / "local"), **common)
+        fanned = restyle(output_uri=str(tmp_path / "acc"), executor="accelerate",
+                         num_processes=2, **common)
+    finally:
+        torch.set_num_threads(threads)
+    assert fanned["counts"]["concepts_computed"] == 2 and fanned["counts"]["pairs_ok"] == 3
+    assert sorted(fanned["details"]["ranks"]["concept"]) == [0, 1]
+    for pair in local["pairs"]:
+        name = pair["pair_id"] + ".png"
+        assert (tmp_path / "local" / local["run_id"] / name).read_bytes() == \
+            (tmp_path / "acc" / fanned["run_id"] / name).read_bytes(), name

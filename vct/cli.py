@@ -178,13 +178,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     BaseSettings.from_overrides(overrides)  # bad flags fail here, before Prefect starts
     from flows.restyle import restyle
+    from vct import storage
+
+    if not storage.is_s3(args.output):  # print paths a reader can open from anywhere
+        args.output = str(Path(args.output).expanduser().resolve())
 
     summary = restyle(manifest_uri=args.manifest, output_uri=args.output, model=args.model,
                       cache_uri=args.cache, strict=args.strict, overrides=overrides,
                       executor=args.executor, num_processes=args.num_processes,
                       device=args.device, dtype=args.dtype)
-    from vct import storage
-
     run = summary["output_uri"]
     counts = summary["counts"]
     print()
