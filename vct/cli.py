@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vct import config as C
+from vct.errors import user_errors
 
 EXIT_USAGE = 2
 
@@ -38,26 +39,6 @@ def _quiet_libraries() -> None:
         tlog.set_verbosity_error()
     except ImportError:
         pass
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types whose message is already a complete one-line answer for the user."""
-    from vct.artifacts import ArtifactError
-    from vct.fusion import FusionMismatch
-    from vct.images import ImageError
-    from vct.models import ModelError
-    from vct.translate import InputError
-
-    errors: list[type[BaseException]] = [C.ConfigError, ModelError, ImageError, InputError,
-                                         FusionMismatch, ArtifactError, FileExistsError]
-    try:
-        from vct.manifest import ManifestError
-        from vct.storage import StorageError
-
-        errors += [ManifestError, StorageError]
-    except ImportError:
-        pass
-    return tuple(errors)
 
 
 def tqdm_progress(quiet: bool) -> Callable:

@@ -41,6 +41,7 @@ from pathlib import Path
 from vct import storage
 from vct.cache import StageCache
 from vct.config import ConceptConfig, ContentConfig, from_dict
+from vct.errors import user_errors
 from vct.models import VCTModels
 
 log = logging.getLogger("vct.executor")
@@ -154,13 +155,6 @@ class ExecutorSettings:
 
 
 # ---------------------------------------------------------------- the single-job body
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions whose message is already a complete answer (shared with the CLI)."""
-    from vct.cli import user_errors
-
-    return user_errors()
-
-
 def _first_line(text: str) -> str:
     lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
     return lines[0] if lines else ""
@@ -169,7 +163,7 @@ def _first_line(text: str) -> str:
 def error_line(job: Job, exc: BaseException) -> str:
     """One line that names the job's input: user errors keep their message, anything else
     becomes ``Type: first line``; the input is prefixed when the message does not name it."""
-    if isinstance(exc, _user_errors()):
+    if isinstance(exc, user_errors()):
         message = _first_line(str(exc)) or type(exc).__name__
     else:
         detail = _first_line(str(exc))
