@@ -100,3 +100,22 @@ def test_tiny_model_command(tmp_path, capsys):
     assert main(["tiny-model", str(tmp_path / "m"), "--seed", "1"]) == 0
     assert (tmp_path / "m" / "unet" / "config.json").is_file()
     assert str(tmp_path / "m") in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["missing.csv", "--output", "OUT"], "manifest not found: missing.csv"),
+    (["MANIFEST", "--output", "OUT", "--set", "concept.bogus=1"], "bogus (--bogus): unknown"),
+    (["MANIFEST", "--output", "OUT", "--set", "nodot=1"], "is not STAGE.FIELD=VALUE"),
+    (["MANIFEST", "--output", "OUT", "--model", "NOMODEL"], "no such folder"),
+    (["BADMANIFEST", "--output", "OUT", "--strict"], "line 2"),
+])
+def test_run_refuses_bad_input_before_starting_prefect(args, needle, tmp_path, capsys):
+    (tmp_path / "m.csv").write_text("source,reference\na.png,b.png\n")
+    (tmp_path / "bad.csv").write_text("source,reference\na.png,\n")
+    subs = {"MANIFEST": str(tmp_path / "m.csv"), "BADMANIFEST": str(tmp_path / "bad.csv"),
+            "OUT": str(tmp_path / "out"), "NOMODEL": str(tmp_path / "nomodel"),
+            "missing.csv": "missing.csv"}
+    code = main(["run", *[subs.get(a, a) for a in args]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("vct: error:") and needle in err, err
+    assert not (tmp_path / "out").exists()

@@ -195,3 +195,27 @@ def test_accelerate_fan_out_gives_the_same_outputs_as_in_process(prefect_harness
         name = pair["pair_id"] + ".png"
         assert (tmp_path / "local" / local["run_id"] / name).read_bytes() == \
             (tmp_path / "acc" / fanned["run_id"] / name).read_bytes(), name
+
+
+def test_transient_storage_errors_are_retried_by_the_task(prefect_harness, tiny_model_dir,
+                                                          tmp_path, monkeypatch):
+    from botocore.exceptions import EndpointConnectionError
+
+    from flows.restyle import restyle
+
+    (tmp_path / "s.png").write_bytes(_png(0))
+    (tmp_path / "r.png").write_bytes(_png(1))
+    (tmp_path / "m.csv").write_text("source,reference\ns.png,r.png\n")
+    real_read = storage.read_bytes
+    calls = {"n": 0}
+
+    def flaky_read(uri: str) -> bytes:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+        return real_read(uri)
+
+    monkeypatch.setattr(storage, "read_bytes", flaky_read)
+    result = restyle(manifest_uri=str(tmp_path / "m.csv"), output_uri=str(tmp_path / "out"),
+                     model=str(tiny_model_dir), overrides=FAST)
+    assert result["counts"]["pairs_ok"] == 1 and calls["n"] > 1

@@ -157,7 +157,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = parse_sets(args.set)
     from vct.plan import BaseSettings
 
-    BaseSettings.from_overrides(overrides)  # bad flags fail here, before Prefect starts
+    # Bad flags, a missing or unreadable manifest and a wrong model folder fail here in one
+    # line, before Prefect starts (inside the flow they would come with Prefect's traceback).
+    BaseSettings.from_overrides(overrides)
+    from vct.manifest import load_manifest
+    from vct.models import check_layout
+
+    manifest = load_manifest(args.manifest)
+    if args.strict:
+        manifest.raise_if_errors()
+    if args.model and not args.model.startswith("s3://"):
+        check_layout(Path(args.model).expanduser())
     from flows.restyle import restyle
     from vct import storage
 
