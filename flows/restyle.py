@@ -27,18 +27,23 @@ from prefect.runtime import flow_run
 from vct import report, storage
 from vct.cache import StageCache
 from vct.config import to_dict
-from vct.executor import ExecutorSettings, Job, local_models, run_jobs
-from vct.fusion import fuse
+from vct.executor import ExecutorSettings, Job, fusion_job_config, run_jobs
 from vct.images import png_bytes
 from vct.manifest import load_manifest
 from vct.models import local_model_folder, model_identity
-from vct.plan import BaseSettings, PairPlan, Plan, default_run_id, fusion_groups, hash_inputs
+from vct.plan import (
+    BaseSettings,
+    PairPlan,
+    Plan,
+    branch_keys,
+    default_run_id,
+    fusion_groups,
+    hash_inputs,
+)
 from vct.plan import plan_run as make_plan
 from vct.sidecar import build_sidecar, sidecar_bytes
-from vct.stages import load_concept, load_content
+from vct.stages import LOADERS, fusion_key, load_fusion
 from vct.tiny_model import build_tiny_model
-
-LOADERS = {"concept": load_concept, "content": load_content}
 
 
 def _transient(task, task_run, state) -> bool:
@@ -133,39 +138,36 @@ def already_done(pair: PairPlan) -> bool:
     return sidecar.get("output_key") == pair.output_key and storage.exists(pair.png_uri)
 
 
-@task(name="fuse", **STORAGE_TASK)
-def fuse_task(group: list[PairPlan], settings: ExecutorSettings,
-              stage_info: dict[str, dict], run_info: dict) -> list[dict]:
-    """Fuse pairs that share a source in one batched sampler; write PNG, then sidecar."""
-    cache = StageCache(settings.cache_uri)
-    content = cache.get("content", group[0].content_key,
-                        lambda d: load_content(d, group[0].content_key))
-    concepts = [cache.get("concept", p.concept_key, lambda d, k=p.concept_key: load_concept(d, k))
-                for p in group]
-    if content is None or any(c is None for c in concepts):
-        raise RuntimeError("a stage result vanished from the cache between stages")
-    models = local_models(settings)
-    result = fuse(models, content, concepts, group[0].fusion,
-                  expected_content=group[0].content)
+@task(name="write-outputs", **STORAGE_TASK)
+def write_outputs_task(group: list[PairPlan], fusion_key: str, cache_uri: str,
+                       stage_info: dict[str, set], run_info: dict) -> list[dict]:
+    """Write each pair's PNG, then its sidecar (the sidecar's output key marks it finished)."""
+    fused = StageCache(cache_uri).get("fusion", fusion_key,
+                                      lambda d: load_fusion(d, fusion_key))
+    if fused is None:
+        raise RuntimeError(f"fusion result {fusion_key[:12]} vanished from the cache")
     written = []
-    for i, (pair, concept) in enumerate(zip(group, concepts)):
+    branches = branch_keys(group)
+    for pair in group:
+        i = branches.index(pair.concept_key)  # identical pairs share one branch
         sidecar = build_sidecar(
             source=pair.row.source, source_sha256=pair.source_sha256,
             reference=pair.row.reference, reference_sha256=pair.reference_sha256,
-            models=models,
+            model=fused.meta["model"],
             config={"concept": to_dict(pair.concept), "content": to_dict(pair.content),
                     "fusion": to_dict(pair.fusion)},
             seed=pair.concept.seed,
-            stage_meta={"concept": concept.meta, "content": content.meta, "fusion": result.meta},
+            stage_meta={"concept": fused.meta["concepts"][i], "content": fused.meta["content"],
+                        "fusion": fused.meta["fusion"]},
             extra={"pair_id": pair.row.pair_id, "line": pair.row.line,
                    "output_key": pair.output_key,
-                   "cache": {"concept": {"key": pair.concept_key,
-                                         "hit": pair.concept_key in stage_info["concept"]},
-                             "content": {"key": pair.content_key,
-                                         "hit": pair.content_key in stage_info["content"]}},
+                   "cache": {kind: {"key": key, "hit": key in stage_info[kind]}
+                             for kind, key in (("concept", pair.concept_key),
+                                               ("content", pair.content_key),
+                                               ("fusion", fusion_key))},
                    "shared_branch_with": [p.row.pair_id for p in group if p is not pair],
                    **run_info})
-        storage.write_bytes(pair.png_uri, png_bytes(result.images[i]), "image/png")
+        storage.write_bytes(pair.png_uri, png_bytes(fused.images[i].numpy()), "image/png")
         storage.write_bytes(pair.sidecar_uri, sidecar_bytes(sidecar), "application/json")
         written.append({"pair_id": pair.row.pair_id, "timings": sidecar["timings"]})
     return written
@@ -263,13 +265,29 @@ def restyle(manifest_uri: str, output_uri: str, model: str | None = None,
             outcomes[pair.row.pair_id] = {"status": "skipped"}
         else:
             todo.append(pair)
+    groups = fusion_groups(todo)
+    fusion_jobs = []
+    for group in groups:
+        branches = branch_keys(group)
+        key = fusion_key(group[0].content_key, branches, group[0].fusion)
+        fusion_jobs.append(Job(
+            kind="fusion", key=key, input_uri=group[0].row.source,
+            config=fusion_job_config(group[0].content_key, branches, to_dict(group[0].fusion)),
+            cost=float(2 * (1 + len(branches)) * group[0].content.num_inference_steps)))
+    fused = stage_task.with_options(name="fusion")("fusion", fusion_jobs, settings) \
+        if fusion_jobs else {"cached": [], "computed": [], "failed": {}, "ranks": [],
+                             "unet_evals": {}}
+    stage_info["fusion"] = set(fused["cached"])
     progress_id = create_progress_artifact(progress=0.0, key="restyle-progress",
-                                           description="pairs fused")
+                                           description="pairs written")
     run_info = {"flow_run_id": str(flow_run.get_id() or ""), "run_id": plan.run_id}
     done = 0
-    for group in fusion_groups(todo):
+    for group, job in zip(groups, fusion_jobs):
+        failure = fused["failed"].get(job.key)
         try:
-            for item in fuse_task(group, settings, stage_info, run_info):
+            if failure:
+                raise RuntimeError(failure)
+            for item in write_outputs_task(group, job.key, cache_uri, stage_info, run_info):
                 outcomes[item["pair_id"]] = {"status": "ok", "timings": item["timings"]}
         except Exception as exc:  # noqa: BLE001 - one group's failure must not stop the run
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -286,11 +304,14 @@ def restyle(manifest_uri: str, output_uri: str, model: str | None = None,
         "concepts_failed": len(concepts["failed"]),
         "contents_computed": len(contents["computed"]), "contents_cached": len(contents["cached"]),
         "contents_failed": len(contents["failed"]),
+        "fusions_computed": len(fused["computed"]), "fusions_cached": len(fused["cached"]),
     }
     details = {"model": model, "cache_uri": cache_uri, "executor": executor,
                "stage_seconds": stage_seconds,
-               "ranks": {"concept": concepts["ranks"], "content": contents["ranks"]},
-               "unet_evals": {"concept": concepts["unet_evals"], "content": contents["unet_evals"]},
+               "ranks": {"concept": concepts["ranks"], "content": contents["ranks"],
+                         "fusion": fused["ranks"]},
+               "unet_evals": {"concept": concepts["unet_evals"], "content": contents["unet_evals"],
+                              "fusion": fused["unet_evals"]},
                "settings": BaseSettings.from_overrides(overrides).to_dict()}
     summary = report_task(plan, manifest_uri, outcomes, counts, started_at, details)
     logger.info("run %s: %s", plan.run_id, json.dumps(counts))

@@ -168,7 +168,7 @@ def test_job_and_outcome_round_trip_and_validation(good_jobs) -> None:
                          unet_evals={"content": 3})
     assert JobOutcome.from_dict(outcome.to_dict()) == outcome
     with pytest.raises(ValueError):
-        Job("fusion", job.key, "x.png", {})
+        Job("upscale", job.key, "x.png", {})
     with pytest.raises(ValueError):
         Job("content", "not-a-key", "x.png", {})
     with pytest.raises(ValueError):
@@ -254,3 +254,26 @@ def test_dead_rank_fails_only_unfinished_jobs(tiny_model_dir, tmp_path, monkeypa
     assert outcomes[1].error.startswith("source /img/1.png: worker rank 1 exited with code 7")
     assert "rank 1 was killed (OOM)" in outcomes[1].error
     assert "worker rank 0 exited with code 7" in outcomes[0].error
+
+
+# ---------------------------------------------------------------- fusion jobs
+def test_fusion_job_fuses_from_the_cache_and_fails_alone_without_inputs(
+        local_run, good_jobs, tiny_model_dir) -> None:
+    from vct.config import FusionConfig
+    from vct.executor import fusion_job_config
+    from vct.stages import fusion_key, load_fusion
+
+    _, cache, _ = local_run
+    concept, content = good_jobs[0], good_jobs[1]
+    fusion = to_dict(FusionConfig())
+    key = fusion_key(content.key, [concept.key], FusionConfig())
+    good = Job("fusion", key, content.input_uri,
+               fusion_job_config(content.key, [concept.key], fusion), cost=40.0)
+    missing_key = "0" * 64
+    bad = Job("fusion", fusion_key(missing_key, [concept.key], FusionConfig()),
+              content.input_uri, fusion_job_config(missing_key, [concept.key], fusion))
+    ok, failed = run_jobs([good, bad], _settings(tiny_model_dir, cache))
+    assert ok.ok and ok.unet_evals == {"fusion": 2 * 2 * CONTENT.num_inference_steps}
+    images = load_fusion(_entry(cache, good), key).images
+    assert images.shape == (1, 64, 64, 3) and images.dtype == torch.uint8
+    assert not failed.ok and "not in the cache" in failed.error

@@ -79,7 +79,7 @@ def test_every_output_lands_with_its_sidecar(s3_run):
         assert meta["source"]["uri"].startswith("s3://") and len(meta["source"]["sha256"]) == 64
         assert meta["model"]["identity"] and meta["versions"]["torch"]
         assert meta["config"]["content"]["num_inference_steps"] == 4
-        assert set(meta["cache"]) == {"concept", "content"}
+        assert set(meta["cache"]) == {"concept", "content", "fusion"}
         assert meta["flow_run_id"]
         assert "fusion" in meta["timings"] and meta["unet_evals"]["fusion"] > 0
     acopy = json.loads(storage.read_bytes(f"{run}/acopy2.json"))
@@ -101,6 +101,8 @@ def test_run_json_counts_and_failures(s3_run):
     assert counts["concepts_computed"] == 2 and counts["concepts_cached"] == 0
     # a.png and a-copy.png are the same bytes: one content inversion for both (+ b.png)
     assert counts["contents_computed"] == 2 and counts["contents_cached"] == 0
+    # a.png: {a1, a1-again} share one B* and one B branch; acopy2 has other fusion settings
+    assert counts["fusions_computed"] == 3
     failures = {f["line"]: f["reason"] for f in summary["failures"]}
     assert set(failures) == {6, 7, 8}
     assert "missing.png" in failures[6]

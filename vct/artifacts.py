@@ -120,6 +120,19 @@ class ConceptResult(StageResult):
     vectors: torch.Tensor = None  # (n, D)
 
 
+@dataclass
+class FusionImages(StageResult):
+    """Stage 4 for one source and K concepts sharing its B* branch: the K output images.
+
+    Cached like the other stages, so a run killed between fusing and writing its PNGs resumes
+    without fusing again, and fusion can run on accelerate ranks like the other jobs. meta holds
+    what each output's sidecar reports: the per-branch concept and content provenance.
+    """
+
+    KIND: ClassVar[str] = "fusion"
+    images: torch.Tensor = None  # (K, H, W, 3) uint8
+
+
 def textual_inversion_bytes(concept: ConceptResult, token: str = "<s2>") -> bytes:
     """The diffusers textual-inversion format: {token: (n, D)}; `load_textual_inversion` reads it
     and names the tokens token, token_1, ..., token_{n-1}."""

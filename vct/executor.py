@@ -46,10 +46,10 @@ from vct.models import VCTModels
 
 log = logging.getLogger("vct.executor")
 
-KINDS = ("concept", "content")
+KINDS = ("concept", "content", "fusion")
 MODES = ("local", "accelerate")
 # How the input is named in error messages (decode_image prefixes its errors with this name).
-ROLE = {"concept": "reference", "content": "source"}
+ROLE = {"concept": "reference", "content": "source", "fusion": "source"}
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 
 POLL_SECONDS = 0.5
@@ -187,14 +187,17 @@ def run_job(models: VCTModels, job: Job, cache: StageCache, rank: int = 0) -> Jo
     try:
         if cache.contains(job.kind, job.key):
             return JobOutcome(job.kind, job.key, ok=True, rank=rank, seconds=0.0, skipped=True)
-        data = storage.read_bytes(job.input_uri)
-        name = f"{ROLE[job.kind]} {job.input_uri}"
-        if job.kind == "concept":
-            # num_processes=1 always: a job runs on one device, and the learning rate scaling
-            # must not depend on the executor, or the same key would hold different vectors.
-            result = run_concept(models, data, name, from_dict(ConceptConfig, job.config))
+        if job.kind == "fusion":
+            result = _fusion(models, job, cache)
         else:
-            result = run_content(models, data, name, from_dict(ContentConfig, job.config))
+            data = storage.read_bytes(job.input_uri)
+            name = f"{ROLE[job.kind]} {job.input_uri}"
+            if job.kind == "concept":
+                # num_processes=1 always: a job runs on one device, and the learning rate
+                # scaling must not depend on the executor, or one key would hold two results.
+                result = run_concept(models, data, name, from_dict(ConceptConfig, job.config))
+            else:
+                result = run_content(models, data, name, from_dict(ContentConfig, job.config))
         made = result.meta.get("cache_key")
         if made != job.key:
             raise RuntimeError(f"cache key mismatch: the job says {job.key[:12]}..., the stage "
@@ -210,6 +213,30 @@ def run_job(models: VCTModels, job: Job, cache: StageCache, rank: int = 0) -> Jo
     evals.subtract(evals_before)
     return JobOutcome(job.kind, job.key, ok=ok, rank=rank, seconds=time.perf_counter() - start,
                       error=error, unet_evals={k: int(v) for k, v in evals.items() if v})
+
+
+def fusion_job_config(content_key: str, concept_keys: list[str], fusion: dict) -> dict:
+    """What a fusion Job carries: the cached inputs by key, and the fusion settings."""
+    return {"content_key": content_key, "concept_keys": list(concept_keys), "fusion": fusion}
+
+
+def _fusion(models: VCTModels, job: Job, cache: StageCache):
+    """Fuse from cached stage results; a missing input is this job's failure, not a crash."""
+    from vct.config import FusionConfig
+    from vct.stages import LOADERS, run_fusion
+
+    cfg = job.config
+
+    def cached(kind: str, key: str):
+        result = cache.get(kind, key, lambda data: LOADERS[kind](data, key))
+        if result is None:
+            raise RuntimeError(f"{kind} result {key[:12]} is not in the cache; run its stage "
+                               "first")
+        return result
+
+    content = cached("content", cfg["content_key"])
+    concepts = [cached("concept", k) for k in cfg["concept_keys"]]
+    return run_fusion(models, content, concepts, from_dict(FusionConfig, cfg["fusion"]), job.key)
 
 
 def _release_accelerator_memory() -> None:

@@ -164,10 +164,21 @@ def plan_run(manifest: Manifest, hashes: dict[str, str | Exception], model_ident
 
 def fusion_groups(pairs: list[PairPlan], max_edits: int = 4) -> list[list[PairPlan]]:
     """Pairs that share a source and fusion settings share one B* branch (one UNet batch of
-    2 (1 + K) passes); K is capped so a batch stays within memory."""
+    2 (1 + K) passes), and identical pairs share one B branch; K distinct concepts per group
+    at most, so a batch stays within memory."""
     groups: dict[tuple, list[PairPlan]] = {}
     for pair in pairs:
         key = (pair.content_key, json.dumps(to_dict(pair.fusion), sort_keys=True))
         groups.setdefault(key, []).append(pair)
-    return [members[i:i + max_edits] for members in groups.values()
-            for i in range(0, len(members), max_edits)]
+    out = []
+    for members in groups.values():
+        concepts = list(dict.fromkeys(p.concept_key for p in members))
+        for i in range(0, len(concepts), max_edits):
+            chunk = set(concepts[i:i + max_edits])
+            out.append([p for p in members if p.concept_key in chunk])
+    return out
+
+
+def branch_keys(group: list[PairPlan]) -> list[str]:
+    """The distinct concepts of a fusion group, in branch order."""
+    return list(dict.fromkeys(p.concept_key for p in group))

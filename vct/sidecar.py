@@ -10,16 +10,21 @@ from vct.artifacts import package_versions
 from vct.models import VCTModels
 
 
+def model_info(models: VCTModels) -> dict:
+    """Which model, where and in what precision: enough to reproduce or to distrust a result."""
+    return {"source": models.source, "identity": models.identity, "device": str(models.device),
+            "dtype": str(models.dtype).replace("torch.", "")}
+
+
 def build_sidecar(*, source: str, source_sha256: str, reference: str, reference_sha256: str,
-                  models: VCTModels, config: dict, seed: int, stage_meta: dict[str, dict],
+                  model: dict, config: dict, seed: int, stage_meta: dict[str, dict],
                   extra: dict[str, Any] | None = None) -> dict:
     """Inputs with their hashes, the model, the full effective config, the seed, per-stage
     timings and UNet evaluation counts, package versions, plus caller extras (cache keys...)."""
     return {
         "source": {"uri": source, "sha256": source_sha256},
         "reference": {"uri": reference, "sha256": reference_sha256},
-        "model": {"source": models.source, "identity": models.identity,
-                  "device": str(models.device), "dtype": str(models.dtype).replace("torch.", "")},
+        "model": model,
         "config": config,
         "seed": seed,
         "timings": {k: v for meta in stage_meta.values()

@@ -1,23 +1,27 @@
-"""The three jobs every entry point runs (CLI, Prefect tasks, accelerate ranks), from bytes.
+"""The jobs every entry point runs (CLI, Prefect tasks, accelerate ranks), and their keys.
 
-A job takes input bytes and a config and returns a stage result; what it depends on is exactly
-its cache key (spec §1): concept = (reference bytes, model, concept config incl. seed, format),
-content = (source bytes, model, content config, format). Names never enter a key, so the same
-image under two names is computed once.
+A job returns a stage result whose cache key is exactly what it depends on (spec §1):
+concept = (reference bytes, model, concept config incl. seed, format), content = (source bytes,
+model, content config, format), fusion = (content key, concept keys in branch order, fusion
+config, format). Names never enter a key, so the same image under two names is computed once.
 """
 
 from __future__ import annotations
 
 import hashlib
 
-from vct.artifacts import FORMAT_VERSION, ConceptResult, ContentResult
+import torch
+
+from vct.artifacts import FORMAT_VERSION, ConceptResult, ContentResult, FusionImages
 from vct.cache import cache_key
 from vct.concept import learn_concept
-from vct.config import ConceptConfig, ContentConfig, to_dict
+from vct.config import ConceptConfig, ContentConfig, FusionConfig, to_dict
 from vct.content import invert_content
+from vct.fusion import fuse
 from vct.images import decode_image
 from vct.inversion import Progress
 from vct.models import VCTModels
+from vct.sidecar import model_info
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -33,6 +37,29 @@ def concept_key(reference_sha256: str, model_identity: str, cfg: ConceptConfig) 
 def content_key(source_sha256: str, model_identity: str, cfg: ContentConfig) -> str:
     return cache_key("content", {"source": source_sha256, "model": model_identity,
                                  "config": to_dict(cfg), "format_version": FORMAT_VERSION})
+
+
+def fusion_key(content_k: str, concept_keys: list[str], fusion: FusionConfig) -> str:
+    """One fused batch: a source's content, its concepts in branch order, the fusion settings."""
+    return cache_key("fusion", {"content": content_k, "concepts": list(concept_keys),
+                                "fusion": to_dict(fusion), "format_version": FORMAT_VERSION})
+
+
+def _provenance(meta: dict) -> dict:
+    """What a sidecar reports of a stage result: its costs, not its tensors or curves."""
+    keep = ("seconds", "unet_evals", "total_iterations", "cache_key", "config")
+    return {k: meta[k] for k in keep if k in meta}
+
+
+def run_fusion(models: VCTModels, content: ContentResult, concepts: list[ConceptResult],
+               fusion: FusionConfig, key: str, *,
+               progress: Progress | None = None) -> FusionImages:
+    """Fuse one source with its concepts in one batched sampler (they share B*)."""
+    result = fuse(models, content, concepts, fusion, progress=progress)
+    meta = {"cache_key": key, "model": model_info(models), "fusion": result.meta,
+            "content": _provenance(content.meta),
+            "concepts": [_provenance(c.meta) for c in concepts]}
+    return FusionImages(meta=meta, images=torch.from_numpy(result.images.copy()))
 
 
 def run_concept(models: VCTModels, reference: bytes, name: str, cfg: ConceptConfig, *,
@@ -63,3 +90,10 @@ def load_concept(data: bytes, key: str) -> ConceptResult:
 
 def load_content(data: bytes, key: str) -> ContentResult:
     return ContentResult.from_bytes(data, expect={"cache_key": key})
+
+
+def load_fusion(data: bytes, key: str) -> FusionImages:
+    return FusionImages.from_bytes(data, expect={"cache_key": key})
+
+
+LOADERS = {"concept": load_concept, "content": load_content, "fusion": load_fusion}

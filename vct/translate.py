@@ -18,7 +18,7 @@ from vct.fusion import fuse
 from vct.images import decode_image, png_bytes
 from vct.inversion import Progress
 from vct.models import VCTModels
-from vct.sidecar import build_sidecar, sidecar_bytes
+from vct.sidecar import build_sidecar, model_info, sidecar_bytes
 from vct.stages import run_concept, run_content, sha256_bytes
 from vct.storage import write_bytes
 
@@ -85,7 +85,7 @@ def translate(models: VCTModels, reference: Path, sources: list[Path], out_dir: 
         write_bytes(str(out_png), png_bytes(result.images[0]))
         sidecar = build_sidecar(source=str(path), source_sha256=sha256_bytes(data),
                                 reference=str(reference), reference_sha256=sha256_bytes(ref_bytes),
-                                models=models, config=settings.to_dict(),
+                                model=model_info(models), config=settings.to_dict(),
                                 seed=settings.concept.seed,
                                 stage_meta={"concept": concept.meta, "content": content.meta,
                                             "fusion": result.meta})
