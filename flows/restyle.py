@@ -94,8 +94,12 @@ def plan_task(manifest_uri: str, output_uri: str, model: str, overrides: dict | 
 
 
 @task(name="stage-jobs", **STORAGE_TASK)
-def stage_task(kind: str, jobs: list[Job], settings: ExecutorSettings) -> dict[str, Any]:
-    """Run the jobs of one stage that the cache cannot answer; a bad entry is recomputed."""
+def stage_task(kind: str, jobs: list[Job], settings: ExecutorSettings,
+               progress: dict | None = None) -> dict[str, Any]:
+    """Run the jobs of one stage that the cache cannot answer; a bad entry is recomputed.
+
+    `progress` = {"id", "start", "span"}: this stage moves the run's progress artifact from
+    start to start + span percent as its jobs finish (cached ones count at once)."""
     logger = get_run_logger()
     cache = StageCache(settings.cache_uri)
     cached, todo = [], []
@@ -107,18 +111,42 @@ def stage_task(kind: str, jobs: list[Job], settings: ExecutorSettings) -> dict[s
             storage.delete(cache.uri(kind, job.key))
         todo.append(job)
     logger.info("%s: %d cached, %d to compute", kind, len(cached), len(todo))
+    finished = [len(cached)]
 
-    def progress(event: dict) -> None:
+    def report_progress(event: dict) -> None:
         logger.info("%s rank %s: %s/%s %s", kind, event.get("rank"), event.get("done"),
                     event.get("total"), "ok" if event.get("ok") else "FAILED")
+        finished[0] += 1
+        _move(progress, finished[0] / max(1, len(jobs)))
 
-    outcomes = run_jobs(todo, settings, on_progress=progress) if todo else []
+    _move(progress, finished[0] / max(1, len(jobs)))
+    outcomes = run_jobs(todo, settings, on_progress=report_progress) if todo else []
+    _move(progress, 1.0)
     failed = {o.key: o.error or "failed" for o in outcomes if not o.ok}
     for key, error in failed.items():
         logger.error("%s job %s failed: %s", kind, key[:12], error)
     return {"cached": cached, "computed": [o.key for o in outcomes if o.ok and not o.skipped],
             "failed": failed, "ranks": sorted({o.rank for o in outcomes}),
             "unet_evals": _sum_evals(o.unet_evals for o in outcomes)}
+
+
+def _move(progress: dict | None, fraction: float) -> None:
+    if progress:
+        update_progress_artifact(progress["id"], progress=min(
+            100.0, progress["start"] + progress["span"] * fraction))
+
+
+def stage_spans(plan: Plan) -> dict[str, tuple[float, float]]:
+    """Each stage's share of the progress bar, by its UNet cost (fusion ~ 4T per pair)."""
+    costs = {"concept": sum(j.cost for j in plan.concept_jobs),
+             "content": sum(j.cost for j in plan.content_jobs),
+             "fusion": sum(4.0 * p.content.num_inference_steps for p in plan.pairs)}
+    total = sum(costs.values()) or 1.0
+    spans, start = {}, 0.0
+    for kind, cost in costs.items():
+        spans[kind] = (start, 99.0 * cost / total)
+        start += spans[kind][1]
+    return spans
 
 
 def _sum_evals(items) -> dict[str, int]:
@@ -249,9 +277,15 @@ def restyle(manifest_uri: str, output_uri: str, model: str | None = None,
     plan = plan_task(manifest_uri, output_uri, model, overrides, strict, run_id)
     settings = ExecutorSettings(model=model, cache_uri=cache_uri, device=device, dtype=dtype,
                                 mode=executor, num_processes=num_processes)
+    progress_id = create_progress_artifact(progress=0.0, key="restyle-progress",
+                                           description=f"run {plan.run_id}")
+    spans = {kind: {"id": progress_id, "start": a, "span": b}
+             for kind, (a, b) in stage_spans(plan).items()}
     t0 = time.perf_counter()
-    concepts = stage_task.with_options(name="concepts")("concept", plan.concept_jobs, settings)
-    contents = stage_task.with_options(name="contents")("content", plan.content_jobs, settings)
+    concepts = stage_task.with_options(name="concepts")("concept", plan.concept_jobs, settings,
+                                                         spans["concept"])
+    contents = stage_task.with_options(name="contents")("content", plan.content_jobs, settings,
+                                                        spans["content"])
     stage_seconds = time.perf_counter() - t0
     stage_info = {"concept": set(concepts["cached"]), "content": set(contents["cached"])}
     outcomes: dict[str, dict] = {}
@@ -274,14 +308,12 @@ def restyle(manifest_uri: str, output_uri: str, model: str | None = None,
             kind="fusion", key=key, input_uri=group[0].row.source,
             config=fusion_job_config(group[0].content_key, branches, to_dict(group[0].fusion)),
             cost=float(2 * (1 + len(branches)) * group[0].content.num_inference_steps)))
-    fused = stage_task.with_options(name="fusion")("fusion", fusion_jobs, settings) \
+    fused = stage_task.with_options(name="fusion")("fusion", fusion_jobs, settings,
+                                                   spans["fusion"]) \
         if fusion_jobs else {"cached": [], "computed": [], "failed": {}, "ranks": [],
                              "unet_evals": {}}
     stage_info["fusion"] = set(fused["cached"])
-    progress_id = create_progress_artifact(progress=0.0, key="restyle-progress",
-                                           description="pairs written")
     run_info = {"flow_run_id": str(flow_run.get_id() or ""), "run_id": plan.run_id}
-    done = 0
     for group, job in zip(groups, fusion_jobs):
         failure = fused["failed"].get(job.key)
         try:
@@ -294,8 +326,6 @@ def restyle(manifest_uri: str, output_uri: str, model: str | None = None,
             logger.error("fusion failed for %s: %s", [p.row.pair_id for p in group], reason)
             for pair in group:
                 outcomes[pair.row.pair_id] = {"status": "failed", "reason": f"fusion: {reason}"}
-        done += len(group)
-        update_progress_artifact(progress_id, progress=100.0 * done / max(1, len(todo)))
     statuses = [o["status"] for o in outcomes.values()]
     counts = {
         "pairs_ok": statuses.count("ok"), "pairs_skipped": statuses.count("skipped"),
@@ -314,6 +344,7 @@ def restyle(manifest_uri: str, output_uri: str, model: str | None = None,
                               "fusion": fused["unet_evals"]},
                "settings": BaseSettings.from_overrides(overrides).to_dict()}
     summary = report_task(plan, manifest_uri, outcomes, counts, started_at, details)
+    update_progress_artifact(progress_id, progress=100.0)
     logger.info("run %s: %s", plan.run_id, json.dumps(counts))
     return summary
 

@@ -221,3 +221,41 @@ def test_transient_storage_errors_are_retried_by_the_task(prefect_harness, tiny_
     result = restyle(manifest_uri=str(tmp_path / "m.csv"), output_uri=str(tmp_path / "out"),
                      model=str(tiny_model_dir), overrides=FAST)
     assert result["counts"]["pairs_ok"] == 1 and calls["n"] > 1
+
+
+def test_prefect_artifacts_report_progress_table_and_summary(s3_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        def latest(key: str):
+            found = client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[key])))
+            assert found, key
+            return found
+        progress = latest("restyle-progress")
+        assert {a.data for a in progress} == {100.0}  # every run ended at 100 %
+        table = latest("restyle-pairs")[-1]
+        assert "a1" in str(table.data)
+        assert "pairs" in str(latest("restyle-report")[-1].data)
+
+
+def test_progress_moves_while_the_run_goes(prefect_harness, tiny_model_dir, tmp_path,
+                                           monkeypatch):
+    import flows.restyle as module
+
+    seen: list[float] = []
+    real_update = module.update_progress_artifact
+
+    def record(artifact_id, progress, **kwargs):
+        seen.append(progress)
+        return real_update(artifact_id, progress=progress, **kwargs)
+
+    monkeypatch.setattr(module, "update_progress_artifact", record)
+    for name, kind in (("s1.png", 0), ("s2.png", 2), ("r.png", 1)):
+        (tmp_path / name).write_bytes(_png(kind))
+    (tmp_path / "m.csv").write_text("source,reference\ns1.png,r.png\ns2.png,r.png\n")
+    module.restyle(manifest_uri=str(tmp_path / "m.csv"), output_uri=str(tmp_path / "out"),
+                   model=str(tiny_model_dir), overrides=FAST)
+    assert seen == sorted(seen) and seen[-1] == 100.0
+    assert len({round(v, 3) for v in seen if 0 < v < 100}) >= 3  # concept, contents, fusion
