@@ -24,7 +24,7 @@ from PIL import Image  # noqa: E402
 
 from vct.concept import learn_concept  # noqa: E402
 from vct.config import ConceptConfig, ContentConfig, FusionConfig  # noqa: E402
-from vct.content import invert_content  # noqa: E402
+from vct.content import invert_content, invert_contents  # noqa: E402
 from vct.fusion import fuse  # noqa: E402
 from vct.models import load_models  # noqa: E402
 from vct.tiny_model import build_tiny_model  # noqa: E402
@@ -71,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
               f"recon mse={err:.3e}, unet evals={result.meta['unet_evals']}")
     print(f"content x0/pivot time ratio: {rows[1][1] / rows[0][1]:.2f}")
     content = rows[0][2]
+    tree = Image.open(ROOT / "manifests/images/tree.png").convert("RGB")
+    one_s, _ = timed(lambda: [invert_content(models, img, content_cfg) for img in (source, tree)])
+    two_s, _ = timed(lambda: invert_contents(models, [source, tree], content_cfg))
+    print(f"content, 2 sources: one by one {one_s:.2f}s, batched {two_s:.2f}s, "
+          f"speed-up x{one_s / two_s:.2f}")
 
     base = ConceptConfig(max_train_steps=args.concept_steps)
     seq_s, concept = timed(lambda: learn_concept(models, reference, base))

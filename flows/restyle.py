@@ -253,7 +253,7 @@ def restyle(manifest_uri: str, output_uri: str, model: str | None = None,
             executor: Literal["local", "accelerate"] = "local",
             num_processes: int | None = None, device: str = "auto",
             dtype: Literal["fp32", "fp16", "bf16"] = "fp32",
-            run_id: str | None = None) -> dict:
+            run_id: str | None = None, content_batch: int = 1) -> dict:
     """Restyle every (source, reference) pair of a CSV manifest.
 
     Args:
@@ -269,6 +269,8 @@ def restyle(manifest_uri: str, output_uri: str, model: str | None = None,
         dtype: UNet precision; fp16/bf16 need CUDA.
         run_id: output folder name; empty = derived from the manifest bytes and settings, so a
             rerun of the same manifest lands in the same folder and skips finished pairs.
+        content_batch: sources fitted together in one batch (each with its own early stop);
+            >1 keeps a large GPU busy, 1 is bit-for-bit the one-source computation.
     """
     logger = get_run_logger()
     started_at = datetime.now(UTC).isoformat()
@@ -276,7 +278,8 @@ def restyle(manifest_uri: str, output_uri: str, model: str | None = None,
     cache_uri = cache_uri or storage.join(output_uri, "_cache")
     plan = plan_task(manifest_uri, output_uri, model, overrides, strict, run_id)
     settings = ExecutorSettings(model=model, cache_uri=cache_uri, device=device, dtype=dtype,
-                                mode=executor, num_processes=num_processes)
+                                mode=executor, num_processes=num_processes,
+                                content_batch=content_batch)
     progress_id = create_progress_artifact(progress=0.0, key="restyle-progress",
                                            description=f"run {plan.run_id}")
     spans = {kind: {"id": progress_id, "start": a, "span": b}
@@ -354,7 +357,7 @@ def restyle_incoming(incoming_uri: str, output_uri: str, model: str | None = Non
                      cache_uri: str | None = None,
                      overrides: dict[str, dict[str, Any]] | None = None,
                      executor: Literal["local", "accelerate"] = "local",
-                     num_processes: int | None = None) -> list[dict]:
+                     num_processes: int | None = None, content_batch: int = 1) -> list[dict]:
     """Process each CSV manifest under `incoming_uri` exactly once.
 
     A manifest is claimed by creating `<manifest>.processed` with an atomic create-if-absent, so
@@ -374,7 +377,7 @@ def restyle_incoming(incoming_uri: str, output_uri: str, model: str | None = Non
         try:
             summary = restyle(manifest_uri=manifest_uri, output_uri=output_uri, model=model,
                               cache_uri=cache_uri, overrides=overrides, executor=executor,
-                              num_processes=num_processes)
+                              num_processes=num_processes, content_batch=content_batch)
             state = {**claim, "status": "done", "run_uri": summary["output_uri"],
                      "counts": summary["counts"]}
             results.append({"manifest_uri": manifest_uri, "status": "done",

@@ -277,3 +277,27 @@ def test_fusion_job_fuses_from_the_cache_and_fails_alone_without_inputs(
     images = load_fusion(_entry(cache, good), key).images
     assert images.shape == (1, 64, 64, 3) and images.dtype == torch.uint8
     assert not failed.ok and "not in the cache" in failed.error
+
+
+def test_content_jobs_batch_and_bad_inputs_still_fail_alone(local_run, models, images,
+                                                             bad_image, tiny_model_dir,
+                                                             tmp_path) -> None:
+    _, single_cache, _ = local_run
+    jobs = [content_job(models, images["src_a"]), content_job(models, bad_image),
+            content_job(models, images["src_b"], cost=25.0)]
+    settings = _settings(tiny_model_dir, tmp_path / "cache", content_batch=3)
+    used = executor.local_models(settings)
+    before = used.unet_evals["content_grad"]
+    outcomes = run_jobs(jobs, settings)
+    assert [o.ok for o in outcomes] == [True, False, True]
+    assert "not a readable image" in outcomes[1].error
+    fitted = used.unet_evals["content_grad"] - before
+    assert fitted == sum(o.unet_evals["content_grad"] for o in outcomes if o.ok)
+    for job in (jobs[0], jobs[2]):
+        batched = load_content(_entry(tmp_path / "cache", job), job.key)
+        alone = load_content(_entry(single_cache, job), job.key)
+        assert batched.meta["batch_size"] == 2
+        torch.testing.assert_close(batched.reconstruction, alone.reconstruction, atol=1e-3,
+                                   rtol=1e-3)
+    with pytest.raises(ValueError, match="content_batch"):
+        _settings(tiny_model_dir, tmp_path, content_batch=0)

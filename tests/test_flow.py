@@ -255,7 +255,13 @@ def test_progress_moves_while_the_run_goes(prefect_harness, tiny_model_dir, tmp_
     for name, kind in (("s1.png", 0), ("s2.png", 2), ("r.png", 1)):
         (tmp_path / name).write_bytes(_png(kind))
     (tmp_path / "m.csv").write_text("source,reference\ns1.png,r.png\ns2.png,r.png\n")
-    module.restyle(manifest_uri=str(tmp_path / "m.csv"), output_uri=str(tmp_path / "out"),
-                   model=str(tiny_model_dir), overrides=FAST)
+    summary = module.restyle(manifest_uri=str(tmp_path / "m.csv"),
+                             output_uri=str(tmp_path / "out"), model=str(tiny_model_dir),
+                             overrides=FAST, content_batch=2)  # both sources in one fit
+    assert summary["counts"]["contents_computed"] == 2 and summary["counts"]["pairs_ok"] == 2
+    from vct.artifacts import ContentResult
+
+    entries = sorted((tmp_path / "out" / "_cache" / "content").rglob("*.safetensors"))
+    assert [ContentResult.from_bytes(e.read_bytes()).meta["batch_size"] for e in entries] == [2, 2]
     assert seen == sorted(seen) and seen[-1] == 100.0
     assert len({round(v, 3) for v in seen if 0 < v < 100}) >= 3  # concept, contents, fusion

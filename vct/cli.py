@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run stage jobs in this process or across GPUs with accelerate")
     run.add_argument("--num-processes", type=int, default=None,
                      help="accelerate processes (default: one per GPU)")
+    run.add_argument("--content-batch", type=int, default=1, metavar="N",
+                     help="fit N sources together in one batch, each with its own early stop "
+                          "(default 1: bit-for-bit the one-source computation)")
     run.add_argument("--device", default="auto")
     run.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     run.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
@@ -160,6 +163,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Bad flags, a missing or unreadable manifest and a wrong model folder fail here in one
     # line, before Prefect starts (inside the flow they would come with Prefect's traceback).
     BaseSettings.from_overrides(overrides)
+    if args.content_batch < 1:
+        raise C.ConfigError("content_batch", f"must be >= 1, got {args.content_batch}")
     from vct.manifest import load_manifest
     from vct.models import check_layout
 
@@ -177,7 +182,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = restyle(manifest_uri=args.manifest, output_uri=args.output, model=args.model,
                       cache_uri=args.cache, strict=args.strict, overrides=overrides,
                       executor=args.executor, num_processes=args.num_processes,
-                      device=args.device, dtype=args.dtype)
+                      device=args.device, dtype=args.dtype, content_batch=args.content_batch)
     run = summary["output_uri"]
     counts = summary["counts"]
     print()

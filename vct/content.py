@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from vct.artifacts import ContentResult
@@ -24,92 +23,136 @@ from vct.models import VCTModels
 from vct.text import encode_prompt
 
 
-def content_loss(models: VCTModels, z: torch.Tensor, t: int, c: torch.Tensor,
-                 eps_pos: torch.Tensor, target: torch.Tensor, a_t: torch.Tensor,
-                 a_prev: torch.Tensor, cfg: ContentConfig) -> torch.Tensor:
-    """MSE of one guided step (or its x0 prediction) against the target, differentiable in c."""
+def content_losses(models: VCTModels, z: torch.Tensor, t: int, c: torch.Tensor,
+                   eps_pos: torch.Tensor, target: torch.Tensor, a_t: torch.Tensor,
+                   a_prev: torch.Tensor, cfg: ContentConfig) -> torch.Tensor:
+    """Per-source MSE of one guided step (or its x0 prediction) against the target,
+    differentiable in c. Batch rows are independent in the UNet, so the gradient of the sum
+    reaching c_i is exactly the gradient of source i's own loss."""
     eps_neg = models.eps(z, t, c, stage="content", grad=True)
     eps_hat = guided(eps_neg, eps_pos, cfg.guidance_scale)
     if cfg.content_target == "pivot":
-        return F.mse_loss(ddim_map(z, eps_hat, a_t, a_prev), target)
-    return F.mse_loss(predicted_x0(z, eps_hat, a_t), target)
+        pred = ddim_map(z, eps_hat, a_t, a_prev)
+    else:
+        pred = predicted_x0(z, eps_hat, a_t)
+    return ((pred - target) ** 2).flatten(1).mean(dim=1)
 
 
 def fit_content(models: VCTModels, latents: torch.Tensor, cond: torch.Tensor,
-                cfg: ContentConfig, progress: Progress | None = None) -> dict:
-    """Fit c_0..c_{T-1} along the pivot trajectory `latents` (z_0, z*_0, ..., z*_{T-1})."""
+                cfg: ContentConfig, progress: Progress | None = None) -> list[dict]:
+    """Fit c_0..c_{T-1} for B sources at once; `latents` is (B, T+1, 4, h, w), each row the
+    pivot trajectory (z_0, z*_0, ..., z*_{T-1}) of one source.
+
+    Every source keeps its own Adam, warm start and early stop: a source whose loss fell below
+    the threshold leaves the batch, the others go on. The result for each source is the fit
+    it would get alone, up to float rounding of the batched UNet call.
+    """
     sched = make_scheduler(models.scheduler_config, cfg.num_inference_steps, cfg.steps_offset)
     dt = step_size(sched)
     T = cfg.num_inference_steps
-    z = latents[-1:].clone()
-    c = cond.clone()
-    embeddings, recon = [], [z]
-    first_losses, last_losses, iterations = [], [], []
+    B = latents.shape[0]
+    z = latents[:, -1].clone()
+    conds = cond.expand(B, -1, -1)
+    cs = [cond.clone() for _ in range(B)]
+    stats = [{"embeddings": [], "reconstruction": [z[i:i + 1]], "first_losses": [],
+              "last_losses": [], "iterations": []} for i in range(B)]
     for s, t in enumerate(int(t) for t in sched.timesteps):
         a_t, a_prev = alpha_at(sched, t), alpha_at(sched, t - dt)
-        target = latents[T - s - 1: T - s] if cfg.content_target == "pivot" else latents[:1]
+        target = latents[:, T - s - 1] if cfg.content_target == "pivot" else latents[:, 0]
         with torch.no_grad():
-            eps_pos = models.eps(z, t, cond, stage="content")
-        c = c.clone().requires_grad_(True)
-        opt = torch.optim.Adam([c], lr=cfg.inner_learning_rate * (1 - cfg.inner_lr_decay * s))
+            eps_pos = models.eps(z, t, conds, stage="content")
+        params = [c.clone().requires_grad_(True) for c in cs]
+        lr = cfg.inner_learning_rate * (1 - cfg.inner_lr_decay * s)
+        opts = [torch.optim.Adam([p], lr=lr) for p in params]
         threshold = cfg.early_stop_epsilon + cfg.early_stop_slope * s
-        losses = []
+        losses: list[list[float]] = [[] for _ in range(B)]
+        active = list(range(B))
         for _ in range(cfg.num_inner_steps):
-            loss = content_loss(models, z, t, c, eps_pos, target, a_t, a_prev, cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            if losses[-1] < threshold:  # the pre-step loss, as the original checks it
+            if not active:
                 break
-        c = c.detach()
-        embeddings.append(c.clone())  # the next step's Adam updates c in place
+            per = content_losses(models, z[active], t, torch.cat([params[i] for i in active]),
+                                 eps_pos[active], target[active], a_t, a_prev, cfg)
+            for i in active:
+                opts[i].zero_grad(set_to_none=True)
+            per.sum().backward()
+            values = per.tolist()
+            for i in active:
+                opts[i].step()
+            for i, value in zip(active, values):
+                losses[i].append(value)
+            # the pre-step loss decides, as in the original
+            active = [i for i, value in zip(active, values) if value >= threshold]
+        cs = [p.detach().clone() for p in params]  # next step's Adam updates its own copy
         with torch.no_grad():
             # The advance reuses eps_pos: same math as the original's batched call, 1 call less.
-            eps_neg = models.eps(z, t, c, stage="content")
+            eps_neg = models.eps(z, t, torch.cat(cs), stage="content")
             z = ddim_map(z, guided(eps_neg, eps_pos, cfg.guidance_scale), a_t, a_prev)
-        recon.append(z)
-        first_losses.append(losses[0] if losses else float("nan"))
-        last_losses.append(losses[-1] if losses else float("nan"))
-        iterations.append(len(losses))
+        for i, st in enumerate(stats):
+            st["embeddings"].append(cs[i])
+            st["reconstruction"].append(z[i:i + 1])
+            st["first_losses"].append(losses[i][0] if losses[i] else float("nan"))
+            st["last_losses"].append(losses[i][-1] if losses[i] else float("nan"))
+            st["iterations"].append(len(losses[i]))
         if progress:
             progress(s + 1, T)
-    return {"embeddings": torch.cat(embeddings), "reconstruction": torch.cat(recon),
-            "timesteps": [int(t) for t in sched.timesteps], "first_losses": first_losses,
-            "last_losses": last_losses, "iterations": iterations}
+    grid = [int(t) for t in sched.timesteps]
+    return [{**st, "embeddings": torch.cat(st["embeddings"]),
+             "reconstruction": torch.cat(st["reconstruction"]), "timesteps": grid}
+            for st in stats]
 
 
 def invert_content(models: VCTModels, image: Image.Image, cfg: ContentConfig, *,
                    source_sha256: str = "", progress: Progress | None = None) -> ContentResult:
     """Stages 1+2 for one source. Depends only on the source, the model and `cfg` (never on a
     concept), so its result is cached per distinct source."""
+    return invert_contents(models, [image], cfg, source_sha256s=[source_sha256],
+                           progress=progress)[0]
+
+
+def invert_contents(models: VCTModels, images: list[Image.Image], cfg: ContentConfig, *,
+                    source_sha256s: list[str] | None = None,
+                    progress: Progress | None = None) -> list[ContentResult]:
+    """Stages 1+2 for several sources in one batch (same config): every UNet call of the
+    inversion, the fit and the advance carries all sources still fitting."""
     start = time.perf_counter()
     evals_before = dict(models.unet_evals)
     cond = encode_prompt(models, cfg.inversion_prompt)
-    z0 = encode_source(models, image, cfg.resolution)
-    inv = ddim_invert(models, z0, cond, cfg,
+    z0 = torch.cat([encode_source(models, image, cfg.resolution) for image in images])
+    inv = ddim_invert(models, z0, cond.expand(len(images), -1, -1), cfg,
                       progress=(lambda i, n: progress(i, 2 * n)) if progress else None)
     t_inv = time.perf_counter() - start
-    fit = fit_content(models, inv.latents, cond, cfg,
-                      progress=(lambda i, n: progress(n + i, 2 * n)) if progress else None)
+    trajectories = inv.latents.view(-1, len(images), *z0.shape[1:]).transpose(0, 1)
+    fits = fit_content(models, trajectories, cond, cfg,
+                       progress=(lambda i, n: progress(n + i, 2 * n)) if progress else None)
     evals = {k: v - evals_before.get(k, 0) for k, v in models.unet_evals.items()
              if v != evals_before.get(k, 0)}
-    meta = {
-        "config": to_dict(cfg),
-        "num_inference_steps": cfg.num_inference_steps,
-        "guidance_scale": cfg.guidance_scale,
-        "inversion_prompt": cfg.inversion_prompt,
-        "timesteps": fit["timesteps"],
-        "resolution": int(z0.shape[-1] * models.vae_scale_factor),
-        "source_sha256": source_sha256,
-        "model_identity": models.identity,
-        "iterations": fit["iterations"],
-        "total_iterations": int(sum(fit["iterations"])),
-        "first_losses": fit["first_losses"],
-        "last_losses": fit["last_losses"],
-        "unet_evals": evals,
-        "seconds": {"inversion": t_inv, "fit": time.perf_counter() - start - t_inv},
-    }
-    return ContentResult(meta=meta, x_T=inv.x_T.cpu(), embeddings=fit["embeddings"].cpu(),
-                         inversion_latents=inv.latents.cpu(),
-                         reconstruction=fit["reconstruction"].cpu())
+    seconds = {"inversion": t_inv / len(images),
+               "fit": (time.perf_counter() - start - t_inv) / len(images)}
+    results = []
+    for i, fit in enumerate(fits):
+        meta = {
+            "config": to_dict(cfg),
+            "num_inference_steps": cfg.num_inference_steps,
+            "guidance_scale": cfg.guidance_scale,
+            "inversion_prompt": cfg.inversion_prompt,
+            "timesteps": fit["timesteps"],
+            "resolution": int(z0.shape[-1] * models.vae_scale_factor),
+            "source_sha256": (source_sha256s or [""] * len(images))[i],
+            "model_identity": models.identity,
+            "iterations": fit["iterations"],
+            "total_iterations": int(sum(fit["iterations"])),
+            "first_losses": fit["first_losses"],
+            "last_losses": fit["last_losses"],
+            "batch_size": len(images),
+            # a batch's evaluations, shared out: inversion and advance split evenly, the fit's
+            # gradient evaluations are exactly this source's iterations
+            "unet_evals": {k: (int(sum(fit["iterations"])) if k == "content_grad"
+                               else v // len(images)) for k, v in evals.items()},
+            "seconds": seconds,
+        }
+        traj = trajectories[i].contiguous()
+        results.append(ContentResult(meta=meta, x_T=traj[-1:].clone().cpu(),
+                                     embeddings=fit["embeddings"].cpu(),
+                                     inversion_latents=traj.cpu(),
+                                     reconstruction=fit["reconstruction"].cpu()))
+    return results

@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -139,10 +139,13 @@ class ExecutorSettings:
     num_processes: int | None = None
     accelerate_config: str | None = None
     cpu: bool = False
+    content_batch: int = 1
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"executor mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.content_batch < 1:
+            raise ValueError(f"content_batch must be >= 1, got {self.content_batch}")
         if self.num_processes is not None and self.num_processes < 1:
             raise ValueError(f"num_processes must be >= 1, got {self.num_processes}")
 
@@ -213,6 +216,70 @@ def run_job(models: VCTModels, job: Job, cache: StageCache, rank: int = 0) -> Jo
     evals.subtract(evals_before)
     return JobOutcome(job.kind, job.key, ok=ok, rank=rank, seconds=time.perf_counter() - start,
                       error=error, unet_evals={k: int(v) for k, v in evals.items() if v})
+
+
+def run_in_order(models: VCTModels, jobs: list[Job], order: list[int], cache: StageCache,
+                 rank: int = 0, content_batch: int = 1) -> Iterator[tuple[int, JobOutcome]]:
+    """Run jobs[i] for i in `order`, yielding (i, outcome) as each finishes. Content jobs with
+    the same config are fitted `content_batch` at a time in one batch (the GPU stays busy with
+    small latents); the order is otherwise kept."""
+    pending = list(order)
+    while pending:
+        i = pending.pop(0)
+        job = jobs[i]
+        if job.kind != "content" or content_batch <= 1:
+            yield i, run_job(models, job, cache, rank)
+            continue
+        group = [i] + [k for k in pending if jobs[k].kind == "content"
+                       and jobs[k].config == job.config][:content_batch - 1]
+        for k in group[1:]:
+            pending.remove(k)
+        yield from zip(group, run_content_batch(models, [jobs[k] for k in group], cache, rank))
+
+
+def run_content_batch(models: VCTModels, jobs: list[Job], cache: StageCache,
+                      rank: int = 0) -> list[JobOutcome]:
+    """Several content jobs as one batched fit. Unreadable inputs fail alone before the batch;
+    if the batch itself fails (say, out of memory) each job is retried on its own."""
+    from vct.images import decode_image
+    from vct.stages import run_contents
+
+    outcomes: dict[int, JobOutcome] = {}
+    ready: list[tuple[int, bytes]] = []
+    for n, job in enumerate(jobs):
+        if cache.contains(job.kind, job.key):
+            outcomes[n] = JobOutcome(job.kind, job.key, ok=True, rank=rank, seconds=0.0,
+                                     skipped=True)
+            continue
+        try:
+            data = storage.read_bytes(job.input_uri)
+            decode_image(data, f"{ROLE[job.kind]} {job.input_uri}")
+            ready.append((n, data))
+        except Exception as exc:  # noqa: BLE001 - this input's failure only
+            outcomes[n] = _failed(job, rank, error_line(job, exc))
+    if len(ready) == 1:
+        n = ready[0][0]
+        outcomes[n] = run_job(models, jobs[n], cache, rank)
+    elif ready:
+        start = time.perf_counter()
+        try:
+            results = run_contents(models, [d for _, d in ready],
+                                   [f"source {jobs[n].input_uri}" for n, _ in ready],
+                                   from_dict(ContentConfig, jobs[ready[0][0]].config))
+            for (n, _), result in zip(ready, results):
+                if result.meta.get("cache_key") != jobs[n].key:
+                    raise RuntimeError("cache key mismatch in a content batch (a bug)")
+            seconds = (time.perf_counter() - start) / len(ready)
+            for (n, _), result in zip(ready, results):
+                cache.put("content", jobs[n].key, result.to_bytes())
+                outcomes[n] = JobOutcome("content", jobs[n].key, ok=True, rank=rank,
+                                         seconds=seconds, unet_evals=result.meta["unet_evals"])
+        except Exception as exc:  # noqa: BLE001 - fall back to one at a time
+            log.warning("content batch of %d failed (%s); running each alone", len(ready), exc)
+            _release_accelerator_memory()
+            for n, _ in ready:
+                outcomes[n] = run_job(models, jobs[n], cache, rank)
+    return [outcomes[n] for n in range(len(jobs))]
 
 
 def fusion_job_config(content_key: str, concept_keys: list[str], fusion: dict) -> dict:
@@ -340,8 +407,9 @@ def _run_local(jobs: list[Job], settings: ExecutorSettings,
         return [_failed(job, 0, error_line(job, exc)) for job in jobs]
     outcomes: list[JobOutcome | None] = [None] * len(jobs)
     with loaded.lock:  # flow tasks in threads share the models; stages are not re-entrant
-        for done, i in enumerate(biggest_first(jobs), start=1):
-            outcome = run_job(loaded.models, jobs[i], cache, rank=0)
+        for done, (i, outcome) in enumerate(run_in_order(
+                loaded.models, jobs, biggest_first(jobs), cache, 0, settings.content_batch),
+                start=1):
             outcomes[i] = outcome
             _notify(on_progress, {"rank": 0, "done": done, "total": len(jobs),
                                   "key": outcome.key, "kind": outcome.kind, "ok": outcome.ok})

@@ -16,7 +16,7 @@ from vct.artifacts import FORMAT_VERSION, ConceptResult, ContentResult, FusionIm
 from vct.cache import cache_key
 from vct.concept import learn_concept
 from vct.config import ConceptConfig, ContentConfig, FusionConfig, to_dict
-from vct.content import invert_content
+from vct.content import invert_contents
 from vct.fusion import fuse
 from vct.images import decode_image
 from vct.inversion import Progress
@@ -76,11 +76,18 @@ def run_concept(models: VCTModels, reference: bytes, name: str, cfg: ConceptConf
 def run_content(models: VCTModels, source: bytes, name: str, cfg: ContentConfig, *,
                 progress: Progress | None = None) -> ContentResult:
     """Decode the source (errors name the file) and invert it."""
-    image = decode_image(source, name)
-    sha = sha256_bytes(source)
-    result = invert_content(models, image, cfg, source_sha256=sha, progress=progress)
-    result.meta["cache_key"] = content_key(sha, models.identity, cfg)
-    return result
+    return run_contents(models, [source], [name], cfg, progress=progress)[0]
+
+
+def run_contents(models: VCTModels, sources: list[bytes], names: list[str],
+                 cfg: ContentConfig, *, progress: Progress | None = None) -> list[ContentResult]:
+    """Invert several sources in one batch (each keeps its own fit and early stop)."""
+    images = [decode_image(data, name) for data, name in zip(sources, names)]
+    shas = [sha256_bytes(data) for data in sources]
+    results = invert_contents(models, images, cfg, source_sha256s=shas, progress=progress)
+    for result, sha in zip(results, shas):
+        result.meta["cache_key"] = content_key(sha, models.identity, cfg)
+    return results
 
 
 def load_concept(data: bytes, key: str) -> ConceptResult:

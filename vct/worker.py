@@ -4,8 +4,8 @@ The parent (:func:`vct.executor.run_jobs`, accelerate mode) wrote ``WORKDIR/jobs
 the settings, the world size it launched and the jobs. Each rank loads the model once onto its
 own device, takes its share (biggest-first, dealt round-robin by rank: the same
 :func:`vct.executor.assign` the parent uses to know who owed what), runs it with
-:func:`vct.executor.run_job` and appends one JSON line per outcome to ``WORKDIR/rank-<r>.jsonl``,
-flushed per line so the parent can report progress and so a crash loses only unfinished jobs.
+:func:`vct.executor.run_in_order` (content jobs batched by ``content_batch``) and appends one
+JSON line per outcome to ``WORKDIR/rank-<r>.jsonl``, flushed per line so the parent can report progress and so a crash loses only unfinished jobs.
 
 A rank never exits non-zero for a job failure: torchrun takes every rank down when one fails,
 which would turn one bad image into a failed batch. Results go to the stage cache only.
@@ -28,7 +28,7 @@ from vct.executor import (
     assign,
     error_line,
     rank_file,
-    run_job,
+    run_in_order,
 )
 
 EXIT_BAD_WORLD = 3
@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
                                           seconds=0.0, error=error_line(jobs[j], exc)))
             models = None
         if models is not None:
-            for j in share:
-                _write(out, j, run_job(models, jobs[j], cache, rank=rank))
+            for j, outcome in run_in_order(models, jobs, share, cache, rank,
+                                           settings.content_batch):
+                _write(out, j, outcome)
     # No barrier: ranks finish at different times, and a barrier's timeout would kill the
     # slower ranks' work. Destroying the group is local and silences torch's exit warning.
     state.destroy_process_group()
