@@ -157,13 +157,16 @@ def _sum_evals(items) -> dict[str, int]:
     return total
 
 
-def already_done(pair: PairPlan) -> bool:
-    """An output is kept only if its sidecar records the same output key (inputs + settings)."""
+def finished_sidecar(pair: PairPlan) -> dict | None:
+    """The sidecar of an output that can be kept: same output key (inputs + settings) and its
+    PNG present. Its timings still describe how the kept output was made."""
     try:
         sidecar = json.loads(storage.read_bytes(pair.sidecar_uri))
     except (storage.StorageNotFound, ValueError):
-        return False
-    return sidecar.get("output_key") == pair.output_key and storage.exists(pair.png_uri)
+        return None
+    if sidecar.get("output_key") == pair.output_key and storage.exists(pair.png_uri):
+        return sidecar
+    return None
 
 
 @task(name="write-outputs", **STORAGE_TASK)
@@ -298,8 +301,8 @@ def restyle(manifest_uri: str, output_uri: str, model: str | None = None,
             pair.content_key)
         if failed:
             outcomes[pair.row.pair_id] = {"status": "failed", "reason": failed}
-        elif already_done(pair):
-            outcomes[pair.row.pair_id] = {"status": "skipped"}
+        elif (kept := finished_sidecar(pair)) is not None:
+            outcomes[pair.row.pair_id] = {"status": "skipped", "timings": kept.get("timings", {})}
         else:
             todo.append(pair)
     groups = fusion_groups(todo)

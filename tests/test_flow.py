@@ -120,6 +120,8 @@ def test_second_run_recomputes_and_rewrites_nothing(s3_run):
     assert counts["concepts_computed"] == 0 and counts["contents_computed"] == 0
     assert counts["concepts_cached"] == 2 and counts["contents_cached"] == 2
     assert counts["pairs_skipped"] == 4 and counts["pairs_ok"] == 0
+    # a kept output still reports how it was made
+    assert all(p["sidecar"]["timings"].get("fusion", 0) > 0 for p in s3_run["second"]["pairs"])
     before, after = s3_run["before"], s3_run["after"]
     for uri, etag in before.items():
         if uri.endswith((".png", ".json")) and "/contact_sheet" not in uri \
