@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +30,7 @@ from vct.cache import StageCache
 from vct.config import to_dict
 from vct.executor import ExecutorSettings, Job, fusion_job_config, run_jobs
 from vct.images import png_bytes
-from vct.manifest import load_manifest
+from vct.manifest import parse_manifest, raise_if_bad_rows, read_manifest_bytes
 from vct.models import local_model_folder, model_identity
 from vct.plan import (
     BaseSettings,
@@ -71,20 +72,18 @@ def plan_task(manifest_uri: str, output_uri: str, model: str, overrides: dict | 
     """Read and validate the manifest, hash every input, dedupe the stage work."""
     logger = get_run_logger()
     base = BaseSettings.from_overrides(overrides)
-    manifest = load_manifest(manifest_uri)
+    manifest_bytes = read_manifest_bytes(manifest_uri)
+    manifest = parse_manifest(manifest_bytes, manifest_uri)
     if strict:
         manifest.raise_if_errors()
     identity = model_identity(local_model_folder(model))
     hashes = hash_inputs([u for row in manifest.rows for u in (row.source, row.reference)],
                          storage.read_bytes)
-    run_id = run_id or default_run_id(manifest_uri, storage.read_bytes(manifest_uri),
+    run_id = run_id or default_run_id(manifest_uri, manifest_bytes,
                                       {"model": identity, "settings": base.to_dict()})
     plan = make_plan(manifest, hashes, identity, base, storage.join(output_uri, run_id), run_id)
-    if strict and plan.errors:
-        from vct.manifest import ManifestError
-
-        raise ManifestError(f"{manifest_uri}: {len(plan.errors)} bad row(s):\n" + "\n".join(
-            f"  {e}" for e in plan.errors), plan.errors)
+    if strict:  # rows whose inputs are missing or not images
+        raise_if_bad_rows(manifest_uri, plan.errors)
     for err in plan.errors:
         logger.warning("skipping %s", err)
     logger.info("plan: %d pairs, %d bad rows, %d distinct references, %d distinct sources -> %s",
@@ -127,7 +126,7 @@ def stage_task(kind: str, jobs: list[Job], settings: ExecutorSettings,
         logger.error("%s job %s failed: %s", kind, key[:12], error)
     return {"cached": cached, "computed": [o.key for o in outcomes if o.ok and not o.skipped],
             "failed": failed, "ranks": sorted({o.rank for o in outcomes}),
-            "unet_evals": _sum_evals(o.unet_evals for o in outcomes)}
+            "unet_evals": dict(sum((Counter(o.unet_evals) for o in outcomes), Counter()))}
 
 
 def _move(progress: dict | None, fraction: float) -> None:
@@ -147,14 +146,6 @@ def stage_spans(plan: Plan) -> dict[str, tuple[float, float]]:
         spans[kind] = (start, 99.0 * cost / total)
         start += spans[kind][1]
     return spans
-
-
-def _sum_evals(items) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for evals in items:
-        for k, v in evals.items():
-            total[k] = total.get(k, 0) + v
-    return total
 
 
 def finished_sidecar(pair: PairPlan) -> dict | None:

@@ -21,7 +21,7 @@ from vct.errors import user_errors
 EXIT_USAGE = 2
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """diffusers/transformers chatter (torchvision notices, weight-loading bars) is not ours."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -198,7 +198,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    _quiet_libraries()
+    quiet_libraries()
     args = build_parser().parse_args(argv)
     handlers = {"translate": cmd_translate, "tiny-model": cmd_tiny_model, "run": cmd_run}
     try:

@@ -67,6 +67,11 @@ ProgressCallback = Callable[[dict], None]
 
 
 # ---------------------------------------------------------------- data
+def _from_fields(cls, d: dict):
+    """Rebuild a dataclass from its dict, ignoring keys it does not have (newer writers)."""
+    return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
 @dataclass(frozen=True)
 class Job:
     """One stage computation: ``kind`` on the image at ``input_uri`` with ``config``.
@@ -96,7 +101,7 @@ class Job:
 
     @classmethod
     def from_dict(cls, d: dict) -> Job:
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+        return _from_fields(cls, d)
 
 
 @dataclass
@@ -119,7 +124,7 @@ class JobOutcome:
 
     @classmethod
     def from_dict(cls, d: dict) -> JobOutcome:
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+        return _from_fields(cls, d)
 
 
 @dataclass(frozen=True)
@@ -154,7 +159,7 @@ class ExecutorSettings:
 
     @classmethod
     def from_dict(cls, d: dict) -> ExecutorSettings:
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+        return _from_fields(cls, d)
 
 
 # ---------------------------------------------------------------- the single-job body
@@ -201,12 +206,7 @@ def run_job(models: VCTModels, job: Job, cache: StageCache, rank: int = 0) -> Jo
                 result = run_concept(models, data, name, from_dict(ConceptConfig, job.config))
             else:
                 result = run_content(models, data, name, from_dict(ContentConfig, job.config))
-        made = result.meta.get("cache_key")
-        if made != job.key:
-            raise RuntimeError(f"cache key mismatch: the job says {job.key[:12]}..., the stage "
-                               f"computed {str(made)[:12]}... (the caller's key recipe differs "
-                               "from vct.stages'; this is a bug)")
-        cache.put(job.kind, job.key, result.to_bytes())
+        _store(cache, job, result)
         ok, error = True, None
     except Exception as exc:  # one job's failure must not end the batch
         ok, error = False, error_line(job, exc)
@@ -216,6 +216,16 @@ def run_job(models: VCTModels, job: Job, cache: StageCache, rank: int = 0) -> Jo
     evals.subtract(evals_before)
     return JobOutcome(job.kind, job.key, ok=ok, rank=rank, seconds=time.perf_counter() - start,
                       error=error, unet_evals={k: int(v) for k, v in evals.items() if v})
+
+
+def _store(cache: StageCache, job: Job, result) -> None:
+    """Put a result under the job's key, refusing one the stage computed under another key."""
+    made = result.meta.get("cache_key")
+    if made != job.key:
+        raise RuntimeError(f"cache key mismatch: the job says {job.key[:12]}..., the stage "
+                           f"computed {str(made)[:12]}... (the caller's key recipe differs "
+                           "from vct.stages'; this is a bug)")
+    cache.put(job.kind, job.key, result.to_bytes())
 
 
 def run_in_order(models: VCTModels, jobs: list[Job], order: list[int], cache: StageCache,
@@ -266,12 +276,9 @@ def run_content_batch(models: VCTModels, jobs: list[Job], cache: StageCache,
             results = run_contents(models, [d for _, d in ready],
                                    [f"source {jobs[n].input_uri}" for n, _ in ready],
                                    from_dict(ContentConfig, jobs[ready[0][0]].config))
-            for (n, _), result in zip(ready, results):
-                if result.meta.get("cache_key") != jobs[n].key:
-                    raise RuntimeError("cache key mismatch in a content batch (a bug)")
             seconds = (time.perf_counter() - start) / len(ready)
             for (n, _), result in zip(ready, results):
-                cache.put("content", jobs[n].key, result.to_bytes())
+                _store(cache, jobs[n], result)
                 outcomes[n] = JobOutcome("content", jobs[n].key, ok=True, rank=rank,
                                          seconds=seconds, unet_evals=result.meta["unet_evals"])
         except Exception as exc:  # noqa: BLE001 - fall back to one at a time

@@ -87,20 +87,28 @@ class Manifest:
 
     def raise_if_errors(self) -> None:
         """For ``--strict``: fail listing every bad row, not only the first."""
-        if self.errors:
-            listing = "\n".join(f"  {e}" for e in self.errors)
-            raise ManifestError(f"{self.manifest_uri}: {len(self.errors)} bad row(s):\n{listing}",
-                                self.errors)
+        raise_if_bad_rows(self.manifest_uri, self.errors)
+
+
+def raise_if_bad_rows(manifest_uri: str, errors: list[RowError]) -> None:
+    """A ManifestError listing every bad row (also those found after parsing: missing inputs)."""
+    if errors:
+        listing = "\n".join(f"  {e}" for e in errors)
+        raise ManifestError(f"{manifest_uri}: {len(errors)} bad row(s):\n{listing}", errors)
 
 
 # ---------------------------------------------------------------- entry points
 def load_manifest(uri: str) -> Manifest:
     """Read a manifest from local disk or S3 and parse it; a missing file is a ManifestError."""
+    return parse_manifest(read_manifest_bytes(uri), uri)
+
+
+def read_manifest_bytes(uri: str) -> bytes:
+    """The manifest's bytes (they also name the run); a missing file is a ManifestError."""
     try:
-        data = storage.read_bytes(uri)
+        return storage.read_bytes(uri)
     except storage.StorageNotFound as exc:
         raise ManifestError(f"manifest not found: {uri}") from exc
-    return parse_manifest(data, uri)
 
 
 def parse_manifest(data: bytes, manifest_uri: str) -> Manifest:

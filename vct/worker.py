@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [Job.from_dict(d) for d in spec["jobs"]]
     cpu = os.environ.get(CPU_ENV) == "1"
 
-    from vct.cli import _quiet_libraries
+    from vct.cli import quiet_libraries
 
-    _quiet_libraries()  # the launcher's stderr tail goes into error messages: keep it ours
+    quiet_libraries()  # the launcher's stderr tail goes into error messages: keep it ours
     import torch
     from accelerate import PartialState
 
