@@ -1,26 +1,38 @@
-"""Stage results and their files: safetensors tensors plus a JSON header that says what made them.
+"""Stage results on disk: safetensors tensors plus one JSON header that says what made them.
+
+The paper modules return plain typed results (tensors, the config, typed stats). This module
+turns one into bytes together with its *provenance* (the cache key, the model identity, the input
+hashes, UNet evaluation counts: what the job layer knows and the math does not), and back.
 
 A result file is a fact that can be checked: the header holds the format version, the kind, the
-stage config, the input hashes, the library versions and a sha256 of the tensor payload, and a
-reader verifies all of it before trusting the tensors. No pickle anywhere.
+config, the stats, the provenance, the library versions, and one sha256 over the tensor payload
+*and* every header field that drives computation or is reported. A reader verifies all of it
+before trusting the file, so an edited guidance scale in a header is a rejected entry, not a
+silently different fusion. No pickle anywhere.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, ClassVar, TypeVar
+from typing import Any
 
 import torch
 from safetensors.torch import load, save
 
-FORMAT_VERSION = 1
+from vct.concept import ConceptResult, ConceptStats
+from vct.config import ConceptConfig, ContentConfig, from_dict, to_dict
+from vct.content import ContentResult, ContentStats
+from vct.errors import UserError
+
+FORMAT_VERSION = 2
 HEADER_KEY = "vct"
 
 
-class ArtifactError(ValueError):
+class ArtifactError(UserError, ValueError):
     """A result file is corrupt, of another kind or format version, or fails its checksum."""
 
 
@@ -35,60 +47,45 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _payload_digest(tensors: dict[str, torch.Tensor]) -> str:
+def _digest(tensors: dict[str, torch.Tensor], fields: dict[str, Any]) -> str:
+    """One sha256 over every tensor (name, dtype, shape, bytes) and the canonical JSON of the
+    header fields, so neither can change without the reader noticing."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].contiguous().cpu()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(json.dumps(fields, sort_keys=True, separators=(",", ":"), allow_nan=True,
+                        default=str).encode())
     return h.hexdigest()
 
 
-@dataclass
-class StageResult:
-    """Base: tensor fields go to safetensors, `meta` goes to the JSON header."""
-
-    KIND: ClassVar[str] = ""
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if isinstance(getattr(self, f.name), torch.Tensor)}
-
-    def to_bytes(self) -> bytes:
-        # clone: results may hold views of one another (x_T is the last inversion latent)
-        tensors = {k: v.detach().cpu().clone() for k, v in self.tensors().items()}
-        header = {"format_version": FORMAT_VERSION, "kind": self.KIND, "meta": self.meta,
-                  "payload_sha256": _payload_digest(tensors)}
-        return save(tensors, metadata={HEADER_KEY: json.dumps(header, sort_keys=True)})
-
-    @classmethod
-    def from_bytes(cls: type[R], data: bytes, expect: dict[str, Any] | None = None) -> R:
-        """Parse and verify; `expect` maps meta keys to values the caller requires."""
-        try:
-            tensors = load(data)
-            raw = _read_metadata(data)
-            header = json.loads(raw[HEADER_KEY])
-        except Exception as exc:  # safetensors raises several types for corrupt bytes
-            raise ArtifactError(f"not a vct result file ({type(exc).__name__}: {exc})") from None
-        if header.get("kind") != cls.KIND:
-            raise ArtifactError(f"expected a {cls.KIND} result, found {header.get('kind')!r}")
-        if header.get("format_version") != FORMAT_VERSION:
-            raise ArtifactError(f"format version {header.get('format_version')} is not "
-                                f"{FORMAT_VERSION}; recompute it")
-        if header.get("payload_sha256") != _payload_digest(tensors):
-            raise ArtifactError("tensor payload does not match its checksum")
-        meta = header.get("meta", {})
-        for key, value in (expect or {}).items():
-            if meta.get(key) != value:
-                raise ArtifactError(f"{key} is {meta.get(key)!r}, expected {value!r}")
-        names = {f.name for f in fields(cls)} - {"meta"}
-        if set(tensors) != names:
-            raise ArtifactError(f"tensors {sorted(tensors)} do not match {sorted(names)}")
-        return cls(meta=meta, **tensors)
+def encode(kind: str, tensors: dict[str, torch.Tensor], fields: dict[str, Any]) -> bytes:
+    """Bytes of one result file: `tensors` in safetensors, `fields` in the checked header."""
+    # clone: results may hold views of one another (x_T is the last inversion latent)
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
+    fields = json.loads(json.dumps(fields, default=str))  # exactly what a reader will see
+    header = {"format_version": FORMAT_VERSION, "kind": kind, "fields": fields,
+              "sha256": _digest(tensors, fields)}
+    return save(tensors, metadata={HEADER_KEY: json.dumps(header, sort_keys=True)})
 
 
-R = TypeVar("R", bound=StageResult)
+def decode(kind: str, data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Parse and verify a result file of `kind`; raises ArtifactError on anything wrong."""
+    try:
+        tensors = load(data)
+        header = json.loads(_read_metadata(data)[HEADER_KEY])
+    except Exception as exc:  # safetensors raises several types for corrupt bytes
+        raise ArtifactError(f"not a vct result file ({type(exc).__name__}: {exc})") from None
+    if header.get("kind") != kind:
+        raise ArtifactError(f"expected a {kind} result, found {header.get('kind')!r}")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"format version {header.get('format_version')} is not "
+                            f"{FORMAT_VERSION}; recompute it")
+    fields = header.get("fields")
+    if not isinstance(fields, dict) or header.get("sha256") != _digest(tensors, fields):
+        raise ArtifactError("tensors or header do not match the file's checksum")
+    return tensors, fields
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:
@@ -98,46 +95,69 @@ def _read_metadata(data: bytes) -> dict[str, str]:
 
 
 @dataclass
-class ContentResult(StageResult):
-    """Stages 1-2 for one source: x_T and one content embedding per sampling step.
+class Stored:
+    """A stage result as the cache holds it: the result and what the job layer knows of it."""
 
-    meta holds the config, the timestep grid, T, w and the inversion prompt (fusion refuses a
-    result made with other values), the source hash, the model identity and the fit statistics.
-    """
-
-    KIND: ClassVar[str] = "content"
-    x_T: torch.Tensor = None  # (1, 4, h, w)
-    embeddings: torch.Tensor = None  # (T, L, D), c_0..c_{T-1}
-    inversion_latents: torch.Tensor = None  # (T+1, 4, h, w): z_0, z*_0..z*_{T-1}
-    reconstruction: torch.Tensor = None  # (T+1, 4, h, w): x_T, then z-bar after each step
+    result: Any
+    provenance: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
-class ConceptResult(StageResult):
-    """Stage 3 for one reference: the n learned token vectors."""
-
-    KIND: ClassVar[str] = "concept"
-    vectors: torch.Tensor = None  # (n, D)
-
-
-@dataclass
-class FusionImages(StageResult):
+class FusedImages:
     """Stage 4 for one source and K concepts sharing its B* branch: the K output images.
 
     Cached like the other stages, so a run killed between fusing and writing its PNGs resumes
-    without fusing again, and fusion can run on accelerate ranks like the other jobs. meta holds
-    what each output's sidecar reports: the per-branch concept and content provenance.
+    without fusing again, and fusion runs on accelerate ranks like the other jobs.
     """
 
-    KIND: ClassVar[str] = "fusion"
-    images: torch.Tensor = None  # (K, H, W, 3) uint8
+    images: torch.Tensor  # (K, H, W, 3) uint8
 
 
-def textual_inversion_bytes(concept: ConceptResult, token: str = "<s2>") -> bytes:
+_TENSORS = {
+    "content": ("x_T", "embeddings", "inversion_latents", "reconstruction"),
+    "concept": ("vectors",),
+    "fusion": ("images",),
+}
+
+
+def result_bytes(kind: str, stored: Stored) -> bytes:
+    """Serialise a stage result with its provenance (the config and stats go in the header)."""
+    result = stored.result
+    tensors = {name: getattr(result, name) for name in _TENSORS[kind]}
+    fields: dict[str, Any] = {"provenance": stored.provenance}
+    if kind in ("content", "concept"):
+        fields["config"] = to_dict(result.config)
+        fields["stats"] = dataclasses.asdict(result.stats)
+    return encode(kind, tensors, fields)
+
+
+def load_result(kind: str, data: bytes, *, key: str | None = None) -> Stored:
+    """Parse and verify a stored result; with `key`, the recorded cache key must match."""
+    tensors, fields = decode(kind, data)
+    if set(tensors) != set(_TENSORS[kind]):
+        raise ArtifactError(f"tensors {sorted(tensors)} do not match {sorted(_TENSORS[kind])}")
+    provenance = fields.get("provenance") or {}
+    if key is not None and provenance.get("cache_key") != key:
+        raise ArtifactError(f"cache_key is {provenance.get('cache_key')!r}, expected {key!r}")
+    try:
+        if kind == "content":
+            result = ContentResult(**tensors, config=from_dict(ContentConfig, fields["config"]),
+                                   stats=ContentStats(**fields["stats"]))
+        elif kind == "concept":
+            result = ConceptResult(**tensors, config=from_dict(ConceptConfig, fields["config"]),
+                                   stats=ConceptStats(**fields["stats"]))
+        else:
+            result = FusedImages(**tensors)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"unreadable {kind} header ({type(exc).__name__}: {exc})") from None
+    return Stored(result=result, provenance=provenance)
+
+
+def textual_inversion_bytes(concept: ConceptResult, provenance: dict | None = None,
+                            token: str = "<s2>") -> bytes:
     """The diffusers textual-inversion format: {token: (n, D)}; `load_textual_inversion` reads it
     and names the tokens token, token_1, ..., token_{n-1}."""
-    provenance = {k: concept.meta.get(k) for k in ("config", "reference_sha256",
-                                                   "model_identity")}
+    meta = {"config": to_dict(concept.config), **(provenance or {})}
     return save({token: concept.vectors.detach().cpu().float().contiguous()},
                 metadata={HEADER_KEY: json.dumps(  # one key: safetensors orders keys randomly
-                    {"kind": "textual_inversion", "meta": provenance}, sort_keys=True)})
+                    {"kind": "textual_inversion", "meta": meta}, sort_keys=True)})

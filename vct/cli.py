@@ -1,50 +1,32 @@
 """The `vct` command: argument parsing and one-line errors; the work lives in the library.
 
-Every error a user can cause (a missing file, a file that is not an image, a wrong model folder,
-an out-of-range flag) ends with one line naming the file or flag and exit code 2, never a
-traceback.
+Exit codes: 0 when every pair is done, 1 when a run finished with failed pairs, 2 for any error
+the user can fix (a missing file, a wrong model folder, an out-of-range flag: one line naming
+it, never a traceback), 130 when interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 from vct import config as C
-from vct.errors import user_errors
+from vct.errors import UserError
+from vct.logs import quiet_libraries
 
+EXIT_FAILED_PAIRS = 1
 EXIT_USAGE = 2
+RUN_FLAGS = {"cache_uri": "--cache"}
+"""Run settings whose flag is not simply the field name."""
 
 
-def quiet_libraries() -> None:
-    """diffusers/transformers chatter (torchvision notices, weight-loading bars) is not ours."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="diffusers")
-    for name in ("diffusers", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        from diffusers.utils import logging as dlog
-        from transformers.utils import logging as tlog
-
-        dlog.disable_progress_bar()
-        tlog.disable_progress_bar()
-        dlog.set_verbosity_error()
-        tlog.set_verbosity_error()
-    except ImportError:
-        pass
-
-
-def tqdm_progress(quiet: bool) -> Callable:
-    """A factory of per-stage progress callbacks drawing tqdm bars on stderr."""
+def tqdm_progress(quiet: bool) -> Callable | None:
+    """A factory of per-job progress callbacks drawing tqdm bars on stderr."""
     if quiet:
-        return lambda desc, total: None
+        return None
     from tqdm import tqdm
 
     def factory(desc: str, total: int):
@@ -60,90 +42,102 @@ def tqdm_progress(quiet: bool) -> Callable:
     return factory
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
-                        help="diffusers SD 1.x folder or s3://bucket/prefix holding one")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
-                        help="UNet precision; fp16/bf16 need CUDA (default fp32, faithful)")
+def add_settings_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """Flags generated from the typed run settings: the run-level ones, then every stage
+    hyperparameter (`--max-train-steps`, `--num-inner-steps`, ...)."""
+    from vct.batch.settings import RunSettings
+
+    group = parser.add_argument_group("run settings")
+    for name, info in RunSettings.model_fields.items():
+        if name in ("concept", "content", "fusion") + skip:
+            continue
+        flag = RUN_FLAGS.get(name, "--" + name.replace("_", "-"))
+        help_text = f"{info.description} (default: {info.default!r})"
+        if info.annotation is bool:
+            group.add_argument(flag, dest=name, default=None,
+                               action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            group.add_argument(flag, dest=name, default=None, metavar=name.upper(),
+                               help=help_text)
+    C.add_arguments(parser, C.ConceptConfig, "concept inversion (stage 3, per reference)",
+                    skip=("seed",))
+    C.add_arguments(parser, C.ContentConfig, "content inversion (stages 1-2, per source)")
+    C.add_arguments(parser, C.FusionConfig, "fusion (stage 4, per pair)")
+
+
+def settings_from(args: argparse.Namespace):
+    """The checked run settings from the flags, then `--set stage.field=value` on top."""
+    from vct.batch.settings import RunSettings
+
+    values = {name: getattr(args, name) for name in RunSettings.model_fields
+              if getattr(args, name, None) is not None}
+    stages = {"concept": C.from_namespace(C.ConceptConfig, args),
+              "content": C.from_namespace(C.ContentConfig, args),
+              "fusion": C.from_namespace(C.FusionConfig, args)}
+    settings = RunSettings.build({**values, **stages})
+    if getattr(args, "seed", None) is not None:
+        settings = settings.with_stage_overrides({"concept": {"seed": args.seed}})
+    return settings.with_stage_overrides(parse_sets(getattr(args, "set", [])))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vct", description="Restyle images with VCT "
                                      "(Visual Concept Translator, ICCV 2023).")
     sub = parser.add_subparsers(dest="command", required=True)
+    model_help = ("diffusers SD 1.x folder, s3://bucket/prefix holding one, or 'tiny' for the "
+                  "offline random-weight test model")
 
-    tr = sub.add_parser("translate", help="restyle source images after one reference image",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_arguments(tr)
+    tr = sub.add_parser("translate", help="restyle source images after one reference image")
+    tr.add_argument("--model", required=True, help=model_help)
     tr.add_argument("--reference", required=True, type=Path, help="the reference (style) image")
     tr.add_argument("--source", required=True, type=Path, action="append",
                     help="a source (content) image; repeat for several")
     tr.add_argument("--out", required=True, type=Path, help="output folder")
     tr.add_argument("--seed", type=int, default=None, help="seed of the concept inversion")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
-    C.add_arguments(tr, C.ConceptConfig, "concept inversion (stage 3, per reference)",
-                    skip=("seed",))
-    C.add_arguments(tr, C.ContentConfig, "content inversion (stages 1-2, per source)")
-    C.add_arguments(tr, C.FusionConfig, "fusion (stage 4, per pair)")
+    add_settings_arguments(tr, skip=("strict", "executor", "num_processes"))
 
     tiny = sub.add_parser("tiny-model", help="build the offline random-weight SD 1.x test model")
     tiny.add_argument("dir", type=Path, help="folder to create")
-    tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    tiny.add_argument("--seed", type=int, default=None, help="weight seed (default 0)")
 
     run = sub.add_parser("run", help="run the restyle flow on a CSV manifest (embedded Prefect)")
     run.add_argument("manifest", help="manifest CSV: local path or s3:// URI")
     run.add_argument("--output", required=True, help="output prefix: folder or s3:// URI")
-    run.add_argument("--model", default=None,
-                     help="diffusers SD 1.x folder or s3:// prefix (default: the tiny model, "
-                          "built if missing)")
-    run.add_argument("--cache", default=None, help="stage cache prefix (default OUTPUT/_cache)")
-    run.add_argument("--strict", action="store_true",
-                     help="fail before any model work if any manifest row is bad")
-    run.add_argument("--executor", default="local", choices=("local", "accelerate"),
-                     help="run stage jobs in this process or across GPUs with accelerate")
-    run.add_argument("--num-processes", type=int, default=None,
-                     help="accelerate processes (default: one per GPU)")
-    run.add_argument("--content-batch", type=int, default=1, metavar="N",
-                     help="fit N sources together in one batch, each with its own early stop "
-                          "(default 1: bit-for-bit the one-source computation)")
-    run.add_argument("--device", default="auto")
-    run.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    run.add_argument("--model", required=True, help=model_help)
+    run.add_argument("--run-id", default=None, help="output folder name (default: derived from "
+                     "the manifest bytes and settings, so a rerun resumes)")
+    run.add_argument("--seed", type=int, default=None, help="concept seed for rows without one")
     run.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
-                     help="config override, e.g. --set concept.max_train_steps=100")
+                     help="stage setting, e.g. --set concept.max_train_steps=100")
+    add_settings_arguments(run)
     return parser
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
-    from vct.models import load_models
-    from vct.translate import Settings, read_inputs, translate
+    from vct.translate import translate
 
-    concept = C.from_namespace(C.ConceptConfig, args)
-    if args.seed is not None:
-        concept = C.with_overrides(concept, {"seed": args.seed})
-    settings = Settings(model=C.validate(C.ModelConfig(model=args.model, device=args.device,
-                                                       dtype=args.dtype)),
-                        concept=concept, content=C.from_namespace(C.ContentConfig, args),
-                        fusion=C.from_namespace(C.FusionConfig, args))
-    read_inputs(args.reference, args.source)  # fail fast, before loading any model
-    models = load_models(args.model, device=args.device, dtype=args.dtype)
-    written = translate(models, args.reference, args.source, args.out, settings,
-                        progress=tqdm_progress(args.quiet))
-    for png in written:
-        print(f"{png}  (metadata: {png.with_suffix('.json')})")
+    settings = settings_from(args)
+    summary = translate(args.model, args.reference, args.source, args.out, settings,
+                        cache=settings.cache_uri, progress=tqdm_progress(args.quiet))
+    for pair in summary.pairs:
+        if pair.png_name:
+            print(f"{args.out / pair.png_name}  (metadata: {args.out / pair.sidecar_name})")
+        else:
+            print(f"failed: {pair.pair_id}: {pair.reason}", file=sys.stderr)
     print(f"concept embedding: {args.out / 'concept.safetensors'}")
-    return 0
+    return 0 if summary.status == "complete" else EXIT_FAILED_PAIRS
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from vct.tiny_model import build_tiny_model
 
-    print(build_tiny_model(args.dir, seed=args.seed))
+    print(build_tiny_model(args.dir, seed=args.seed or 0))
     return 0
 
 
 def parse_sets(items: list[str]) -> dict[str, dict[str, str]]:
-    """--set stage.field=value pairs into the flow's overrides mapping."""
+    """--set stage.field=value pairs into the settings' stage overrides."""
     overrides: dict[str, dict[str, str]] = {}
     for item in items:
         name, sep, value = item.partition("=")
@@ -157,43 +151,50 @@ def parse_sets(items: list[str]) -> dict[str, dict[str, str]]:
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the Prefect flow in this process on embedded Prefect (no server to start)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    overrides = parse_sets(args.set)
-    from vct.plan import BaseSettings
-
-    # Bad flags, a missing or unreadable manifest and a wrong model folder fail here in one
-    # line, before Prefect starts (inside the flow they would come with Prefect's traceback).
-    BaseSettings.from_overrides(overrides)
-    if args.content_batch < 1:
-        raise C.ConfigError("content_batch", f"must be >= 1, got {args.content_batch}")
+    from vct import storage
+    from vct.batch import engine
     from vct.manifest import load_manifest
     from vct.models import check_layout
 
-    manifest = load_manifest(args.manifest)
-    if args.strict:
-        manifest.raise_if_errors()
-    if args.model and not args.model.startswith("s3://"):
-        check_layout(Path(args.model).expanduser())
-    from flows.restyle import restyle
-    from vct import storage
-
+    settings = settings_from(args)
     if not storage.is_s3(args.output):  # print paths a reader can open from anywhere
         args.output = str(Path(args.output).expanduser().resolve())
+    # Bad flags, a missing or unreadable manifest and a wrong model folder fail here in one
+    # line, before Prefect starts (inside the flow they would come with Prefect's traceback).
+    request = engine.prepare(args.manifest, args.output, args.model, settings, args.run_id)
+    if args.model == "tiny":
+        print("vct: using the tiny random-weight test model: outputs are colourful noise, "
+              "not restyled pictures (use --model with an SD 1.5 folder for real work)",
+              file=sys.stderr)
+    manifest = load_manifest(args.manifest)
+    if settings.strict:
+        manifest.raise_if_errors()
+    if not request.model.startswith("s3://"):
+        check_layout(Path(request.model).expanduser())
+    from flows.restyle import RunFailed, restyle
 
-    summary = restyle(manifest_uri=args.manifest, output_uri=args.output, model=args.model,
-                      cache_uri=args.cache, strict=args.strict, overrides=overrides,
-                      executor=args.executor, num_processes=args.num_processes,
-                      device=args.device, dtype=args.dtype, content_batch=args.content_batch)
+    state = restyle(manifest_uri=args.manifest, output_uri=args.output, model=request.model,
+                    settings=settings, run_id=args.run_id, return_state=True)
+    outcome = state.result(raise_on_failure=False)
+    summary = outcome.summary if isinstance(outcome, RunFailed) else outcome
+    if isinstance(outcome, BaseException) and not isinstance(outcome, RunFailed):
+        if isinstance(outcome, UserError):
+            raise outcome
+        print(f"vct: error: the run failed: {type(outcome).__name__}: {outcome}",
+              file=sys.stderr)
+        return EXIT_FAILED_PAIRS
     run = summary["output_uri"]
-    counts = summary["counts"]
     print()
-    print("counts: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    print(f"status: {summary['status']}  (" + ", ".join(
+        f"{k}={v}" for k, v in summary["counts"].items()) + ")")
     for failure in summary.get("failures", []):
-        print(f"  failed: line {failure.get('line')}: {failure.get('reason')}")
+        print(f"  {failure.get('stage', 'pair')}: line {failure.get('line')}: "
+              f"{failure.get('reason')}")
     print(f"outputs:       {run}")
     print(f"report:        {storage.join(run, 'report.html')}")
     print(f"contact sheet: {storage.join(run, 'contact_sheet.png')}")
     print(f"run summary:   {storage.join(run, 'run.json')}")
-    return 0 if counts.get("pairs_failed", 0) == 0 else 1
+    return 0 if summary["status"] == "complete" else EXIT_FAILED_PAIRS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"translate": cmd_translate, "tiny-model": cmd_tiny_model, "run": cmd_run}
     try:
         return handlers[args.command](args)
-    except user_errors() as exc:
+    except (UserError, FileExistsError) as exc:
         print(f"vct: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -8,20 +8,37 @@ rows are parameters; the rest of the embedding table cannot change (see vct/text
 
 from __future__ import annotations
 
-import hashlib
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vct.artifacts import ConceptResult
-from vct.config import ConceptConfig, to_dict
+from vct.config import ConceptConfig
 from vct.ddim import make_scheduler
 from vct.images import reference_pixels
 from vct.inversion import Progress, working_size
 from vct.models import VCTModels
 from vct.text import concept_prompt_ids, concept_rows, encode, word_rows
+
+
+@dataclass
+class ConceptStats:
+    """One training loss per optimizer update, the learning rate actually used, seconds."""
+
+    losses: list[float]
+    effective_lr: float
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ConceptResult:
+    """Stage 3 for one reference: the n learned token vectors (n, D) and what made them."""
+
+    vectors: torch.Tensor
+    config: ConceptConfig
+    stats: ConceptStats
 
 
 @torch.no_grad()
@@ -68,10 +85,12 @@ def draw_microbatch(gen: torch.Generator, mean: torch.Tensor, std: torch.Tensor,
 
 
 def learn_concept(models: VCTModels, image: Image.Image, cfg: ConceptConfig, *,
-                  reference_sha256: str = "", num_processes: int = 1,
                   progress: Progress | None = None) -> ConceptResult:
     """Learn the concept's n vectors. Depends only on the reference, the model and `cfg`
-    (seed included), so its result is cached per distinct reference."""
+    (seed included), so its result is cached per distinct reference.
+
+    A job runs on one device, so the lr scaling uses one process: the same key must never hold
+    two results depending on how many GPUs the executor had."""
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg.seed)
     mean, std = reference_posteriors(models, image, cfg)
@@ -79,7 +98,7 @@ def learn_concept(models: VCTModels, image: Image.Image, cfg: ConceptConfig, *,
     alphas = make_scheduler(models.scheduler_config, 1, 0).alphas_cumprod.to(models.device)
     init = word_rows(models, cfg.initializer_word, cfg.num_vectors)
     rows = init.clone().to(models.device).requires_grad_(True)
-    opt = torch.optim.AdamW([rows], lr=cfg.effective_lr(num_processes),
+    opt = torch.optim.AdamW([rows], lr=cfg.effective_lr(),
                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
                             weight_decay=cfg.adam_weight_decay)
     accum = cfg.gradient_accumulation_steps
@@ -104,18 +123,6 @@ def learn_concept(models: VCTModels, image: Image.Image, cfg: ConceptConfig, *,
         losses.append(total)
         if progress:
             progress(step + 1, cfg.max_train_steps)
-    meta = {
-        "config": to_dict(cfg),
-        "reference_sha256": reference_sha256,
-        "model_identity": models.identity,
-        "initial_vectors_sha256": _tensor_digest(init),
-        "losses": losses,
-        "effective_lr": cfg.effective_lr(num_processes),
-        "unet_evals": {"concept_grad": cfg.max_train_steps * accum},
-        "seconds": {"concept": time.perf_counter() - start},
-    }
-    return ConceptResult(meta=meta, vectors=rows.detach().cpu().float())
-
-
-def _tensor_digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    stats = ConceptStats(losses=losses, effective_lr=cfg.effective_lr(),
+                         seconds={"concept": time.perf_counter() - start})
+    return ConceptResult(vectors=rows.detach().cpu().float(), config=cfg, stats=stats)

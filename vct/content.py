@@ -11,16 +11,51 @@ a fresh Adam with lr 0.01 (1 - s/100), and stops early when the pre-step loss dr
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
-from vct.artifacts import ContentResult
-from vct.config import ContentConfig, to_dict
+from vct.config import ContentConfig
 from vct.ddim import alpha_at, ddim_map, guided, make_scheduler, predicted_x0, step_size
 from vct.inversion import Progress, ddim_invert, encode_source
 from vct.models import VCTModels
 from vct.text import encode_prompt
+
+
+@dataclass
+class ContentStats:
+    """How the fit went, per sampling step s: Adam iterations J_s and the first and last
+    (pre-step) losses; the timestep grid it was fitted on; the working size; seconds spent."""
+
+    iterations: list[int]
+    first_losses: list[float]
+    last_losses: list[float]
+    timesteps: list[int]
+    resolution: int
+    batch_size: int = 1
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total_iterations(self) -> int:
+        """Sum of J_s: the fit's UNet forward+backward passes for this source (spec §8)."""
+        return int(sum(self.iterations))
+
+
+@dataclass
+class ContentResult:
+    """Stages 1-2 for one source: x_T and one content embedding per sampling step.
+
+    `config` is what the embeddings were fitted for (T, w, grid, prompt): fusion reads it and
+    refuses to run with anything else.
+    """
+
+    x_T: torch.Tensor  # (1, 4, h, w)
+    embeddings: torch.Tensor  # (T, L, D), c_0..c_{T-1}
+    inversion_latents: torch.Tensor  # (T+1, 4, h, w): z_0, z*_0..z*_{T-1}
+    reconstruction: torch.Tensor  # (T+1, 4, h, w): x_T, then z-bar after each step
+    config: ContentConfig
+    stats: ContentStats
 
 
 def content_losses(models: VCTModels, z: torch.Tensor, t: int, c: torch.Tensor,
@@ -102,20 +137,17 @@ def fit_content(models: VCTModels, latents: torch.Tensor, cond: torch.Tensor,
 
 
 def invert_content(models: VCTModels, image: Image.Image, cfg: ContentConfig, *,
-                   source_sha256: str = "", progress: Progress | None = None) -> ContentResult:
+                   progress: Progress | None = None) -> ContentResult:
     """Stages 1+2 for one source. Depends only on the source, the model and `cfg` (never on a
     concept), so its result is cached per distinct source."""
-    return invert_contents(models, [image], cfg, source_sha256s=[source_sha256],
-                           progress=progress)[0]
+    return invert_contents(models, [image], cfg, progress=progress)[0]
 
 
 def invert_contents(models: VCTModels, images: list[Image.Image], cfg: ContentConfig, *,
-                    source_sha256s: list[str] | None = None,
                     progress: Progress | None = None) -> list[ContentResult]:
     """Stages 1+2 for several sources in one batch (same config): every UNet call of the
     inversion, the fit and the advance carries all sources still fitting."""
     start = time.perf_counter()
-    evals_before = dict(models.unet_evals)
     cond = encode_prompt(models, cfg.inversion_prompt)
     z0 = torch.cat([encode_source(models, image, cfg.resolution) for image in images])
     inv = ddim_invert(models, z0, cond.expand(len(images), -1, -1), cfg,
@@ -124,35 +156,18 @@ def invert_contents(models: VCTModels, images: list[Image.Image], cfg: ContentCo
     trajectories = inv.latents.view(-1, len(images), *z0.shape[1:]).transpose(0, 1)
     fits = fit_content(models, trajectories, cond, cfg,
                        progress=(lambda i, n: progress(n + i, 2 * n)) if progress else None)
-    evals = {k: v - evals_before.get(k, 0) for k, v in models.unet_evals.items()
-             if v != evals_before.get(k, 0)}
     seconds = {"inversion": t_inv / len(images),
                "fit": (time.perf_counter() - start - t_inv) / len(images)}
     results = []
     for i, fit in enumerate(fits):
-        meta = {
-            "config": to_dict(cfg),
-            "num_inference_steps": cfg.num_inference_steps,
-            "guidance_scale": cfg.guidance_scale,
-            "inversion_prompt": cfg.inversion_prompt,
-            "timesteps": fit["timesteps"],
-            "resolution": int(z0.shape[-1] * models.vae_scale_factor),
-            "source_sha256": (source_sha256s or [""] * len(images))[i],
-            "model_identity": models.identity,
-            "iterations": fit["iterations"],
-            "total_iterations": int(sum(fit["iterations"])),
-            "first_losses": fit["first_losses"],
-            "last_losses": fit["last_losses"],
-            "batch_size": len(images),
-            # a batch's evaluations, shared out: inversion and advance split evenly, the fit's
-            # gradient evaluations are exactly this source's iterations
-            "unet_evals": {k: (int(sum(fit["iterations"])) if k == "content_grad"
-                               else v // len(images)) for k, v in evals.items()},
-            "seconds": seconds,
-        }
+        stats = ContentStats(iterations=fit["iterations"], first_losses=fit["first_losses"],
+                             last_losses=fit["last_losses"], timesteps=fit["timesteps"],
+                             resolution=int(z0.shape[-1] * models.vae_scale_factor),
+                             batch_size=len(images), seconds=dict(seconds))
         traj = trajectories[i].contiguous()
-        results.append(ContentResult(meta=meta, x_T=traj[-1:].clone().cpu(),
+        results.append(ContentResult(x_T=traj[-1:].clone().cpu(),
                                      embeddings=fit["embeddings"].cpu(),
                                      inversion_latents=traj.cpu(),
-                                     reconstruction=fit["reconstruction"].cpu()))
+                                     reconstruction=fit["reconstruction"].cpu(),
+                                     config=cfg, stats=stats))
     return results

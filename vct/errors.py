@@ -1,22 +1,14 @@
-"""Which exceptions are the user's to fix: their message is already a complete one-line answer.
+"""The one base class of the errors a user can fix.
 
-The CLI prints them without a traceback; the executor and the flow report them per row or job.
+Every exception that subclasses :class:`UserError` carries a complete one-line answer naming the
+file, row, flag or field: the CLI prints it without a traceback (exit 2), and the batch engine
+reports it against the row or job it belongs to. Anything else is a bug or an infrastructure
+failure and keeps its type name in reports.
 """
 
 from __future__ import annotations
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Bad input of any kind: config values, model folders, images, files, manifests, storage,
-    stage results. Imported lazily so `vct --help` stays fast."""
-    from vct.artifacts import ArtifactError
-    from vct.config import ConfigError
-    from vct.fusion import FusionMismatch
-    from vct.images import ImageError
-    from vct.manifest import ManifestError
-    from vct.models import ModelError
-    from vct.storage import StorageError
-    from vct.translate import InputError
-
-    return (ConfigError, ModelError, ImageError, InputError, FusionMismatch, ArtifactError,
-            ManifestError, StorageError, FileExistsError)
+class UserError(Exception):
+    """Bad input of any kind: settings, model folders, images, files, manifests, storage
+    locations, stage results that cannot be used."""

@@ -16,18 +16,30 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from vct.artifacts import ConceptResult, ContentResult
 from vct.attention import AttentionController, install, restore, token_edit
-from vct.config import ContentConfig, FusionConfig, from_dict, to_dict
+from vct.concept import ConceptResult
+from vct.config import ContentConfig, FusionConfig
+from vct.content import ContentResult
 from vct.ddim import guided, make_scheduler
+from vct.errors import UserError
 from vct.images import to_uint8
 from vct.inversion import Progress
 from vct.models import VCTModels
 from vct.text import encode_concept, encode_prompt
 
 
-class FusionMismatch(ValueError):
+class FusionMismatch(UserError, ValueError):
     """The content result was made with settings fusion cannot reproduce (T, w, grid, prompt)."""
+
+
+@dataclass
+class FusionStats:
+    """What the sampler did: branches (1 + K), the injection windows in steps, seconds."""
+
+    branches: int
+    cross_steps: int
+    self_steps: int
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -36,15 +48,15 @@ class FusionResult:
 
     images: np.ndarray
     latents: torch.Tensor  # (1+K, 4, h, w): B*, then each B_k, after the last step
-    meta: dict
+    config: FusionConfig
+    stats: FusionStats
     star_trajectory: torch.Tensor | None = None  # (T+1, 4, h, w) when asked for
     controller_log: list = field(default_factory=list)
 
 
 def check_content(content: ContentResult, expected: ContentConfig | None) -> ContentConfig:
     """Rebuild the content config the result was made with, and refuse a mismatch."""
-    meta = content.meta
-    made_with = from_dict(ContentConfig, meta["config"])
+    made_with = content.config
     if expected is not None:
         for name in ("num_inference_steps", "guidance_scale", "steps_offset",
                      "inversion_prompt"):
@@ -52,7 +64,7 @@ def check_content(content: ContentResult, expected: ContentConfig | None) -> Con
                 raise FusionMismatch(
                     f"content result was made with {name}={getattr(made_with, name)!r}, but "
                     f"{getattr(expected, name)!r} was asked for; recompute the content")
-    if meta.get("timesteps") is None or len(meta["timesteps"]) != made_with.num_inference_steps:
+    if len(content.stats.timesteps) != made_with.num_inference_steps:
         raise FusionMismatch("content result has no timestep grid matching its T")
     if content.embeddings.shape[0] != made_with.num_inference_steps:
         raise FusionMismatch(f"content result holds {content.embeddings.shape[0]} embeddings for "
@@ -77,9 +89,9 @@ def fuse(models: VCTModels, content: ContentResult, concepts: list[ConceptResult
     T, w = ccfg.num_inference_steps, ccfg.guidance_scale
     sched = make_scheduler(models.scheduler_config, T, ccfg.steps_offset)
     grid = [int(t) for t in sched.timesteps]
-    if grid != content.meta["timesteps"]:
+    if grid != content.stats.timesteps:
         raise FusionMismatch(f"timestep grid {grid[:3]}... differs from the content's "
-                             f"{content.meta['timesteps'][:3]}...; recompute the content")
+                             f"{content.stats.timesteps[:3]}...; recompute the content")
     e_null = encode_prompt(models, ccfg.inversion_prompt)
     positives = [e_null]
     edits = []
@@ -116,16 +128,11 @@ def fuse(models: VCTModels, content: ContentResult, concepts: list[ConceptResult
             restore(models.unet, previous)
     t_sample = time.perf_counter() - start
     images = decode(models, latents[1:])
-    meta = {
-        "config": to_dict(cfg),
-        "content_config": to_dict(ccfg),
-        "branches": branches,
-        "cross_steps": controller.cross_steps,
-        "self_steps": controller.self_steps,
-        "unet_evals": {"fusion": 2 * branches * T},
-        "seconds": {"fusion": t_sample, "decode": time.perf_counter() - start - t_sample},
-    }
-    return FusionResult(images=images, latents=latents.cpu(), meta=meta,
+    stats = FusionStats(branches=branches, cross_steps=controller.cross_steps,
+                        self_steps=controller.self_steps,
+                        seconds={"fusion": t_sample,
+                                 "decode": time.perf_counter() - start - t_sample})
+    return FusionResult(images=images, latents=latents.cpu(), config=cfg, stats=stats,
                         star_trajectory=torch.cat(trajectory).cpu() if keep_trajectory else None,
                         controller_log=controller.log)
 

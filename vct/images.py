@@ -14,10 +14,12 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from vct.errors import UserError
+
 MAX_PIXELS = 64_000_000  # refuse decompression bombs with a clear error, not an OOM
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """The bytes are not a usable image; the message names the file."""
 
 

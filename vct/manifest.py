@@ -19,17 +19,18 @@ import hashlib
 import io
 import json
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
 from vct import storage
 from vct.config import ConfigError, FusionConfig, with_overrides
+from vct.errors import UserError
 
 REQUIRED_COLUMNS = ("source", "reference")
 OPTIONAL_COLUMNS = ("pair_id", "output_name", "concept_word", "seed")
-OVERRIDE_COLUMNS = tuple(f.name for f in fields(FusionConfig))
+OVERRIDE_COLUMNS = tuple(FusionConfig.model_fields)
 ALLOWED_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS + OVERRIDE_COLUMNS
 
 SAFE_NAME_RE = re.compile(r"^(?!\.)[A-Za-z0-9._-]{1,128}$")
@@ -37,7 +38,7 @@ MAX_SEED = 2**63 - 1
 _UNNAMED = "__unnamed_{}"
 
 
-class ManifestError(Exception):
+class ManifestError(UserError):
     """The manifest as a whole cannot be used (or, from raise_if_errors, has bad rows)."""
 
     def __init__(self, message: str, errors: list[RowError] | None = None):

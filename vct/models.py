@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from vct.errors import UserError
+
 REQUIRED_FILES = (
     "model_index.json",
     "unet/config.json",
@@ -25,7 +27,7 @@ REQUIRED_FILES = (
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """The model folder is missing, unreadable or not an SD 1.x diffusers layout."""
 
 

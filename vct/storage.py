@@ -41,6 +41,8 @@ import botocore.config
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 
+from vct.errors import UserError
+
 S3_SCHEME = "s3://"
 FILE_SCHEME = "file://"
 TMP_SUFFIX = ".tmp"
@@ -73,7 +75,7 @@ _PERMANENT_OSERRORS = (FileNotFoundError, PermissionError, IsADirectoryError,
                        NotADirectoryError, FileExistsError)
 
 
-class StorageError(Exception):
+class StorageError(UserError):
     """A storage operation failed; the message names the URI."""
 
 

@@ -1,11 +1,11 @@
-"""One accelerate rank of the executor: ``accelerate launch ... -m vct.worker WORKDIR``.
+"""One accelerate rank: ``accelerate launch ... -m vct.batch.exec.rank WORKDIR``.
 
-The parent (:func:`vct.executor.run_jobs`, accelerate mode) wrote ``WORKDIR/jobs.json`` with
-the settings, the world size it launched and the jobs. Each rank loads the model once onto its
-own device, takes its share (biggest-first, dealt round-robin by rank: the same
-:func:`vct.executor.assign` the parent uses to know who owed what), runs it with
-:func:`vct.executor.run_in_order` (content jobs batched by ``content_batch``) and appends one
-JSON line per outcome to ``WORKDIR/rank-<r>.jsonl``, flushed per line so the parent can report progress and so a crash loses only unfinished jobs.
+The parent (:mod:`vct.batch.exec.accelerate`) wrote ``WORKDIR/jobs.json`` with the settings,
+the world size it launched and the jobs. Each rank loads the model once onto its own device,
+takes its share (:func:`vct.batch.jobs.assign`, the same the parent uses to know who owed
+what), runs it with :func:`vct.batch.jobs.run_in_order` and appends one JSON line per outcome
+to ``WORKDIR/rank-<r>.jsonl``, flushed per line, so the parent can report progress and a crash
+loses only unfinished jobs.
 
 A rank never exits non-zero for a job failure: torchrun takes every rank down when one fails,
 which would turn one bad image into a failed batch. Results go to the stage cache only.
@@ -19,17 +19,9 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from vct.executor import (
-    CPU_ENV,
-    JOBS_FILE,
-    ExecutorSettings,
-    Job,
-    JobOutcome,
-    assign,
-    error_line,
-    rank_file,
-    run_in_order,
-)
+from vct.batch.exec import ExecutorSettings
+from vct.batch.exec.accelerate import CPU_ENV, JOBS_FILE, rank_file
+from vct.batch.jobs import Job, JobOutcome, assign, error_line, run_in_order
 
 EXIT_BAD_WORLD = 3
 
@@ -52,7 +44,7 @@ def _write(out: TextIO, index: int, outcome: JobOutcome) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: accelerate launch ... -m vct.worker WORKDIR", file=sys.stderr)
+        print("usage: accelerate launch ... -m vct.batch.exec.rank WORKDIR", file=sys.stderr)
         return 2
     workdir = Path(args[0])
     spec = json.loads((workdir / JOBS_FILE).read_text())
@@ -60,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [Job.from_dict(d) for d in spec["jobs"]]
     cpu = os.environ.get(CPU_ENV) == "1"
 
-    from vct.cli import quiet_libraries
+    from vct.logs import quiet_libraries
 
     quiet_libraries()  # the launcher's stderr tail goes into error messages: keep it ours
     import torch
@@ -70,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = state.process_index, state.num_processes
     if world != spec["world"]:
         # Every process believing it is alone would run (and report) every job as rank 0.
-        print(f"vct.worker: launched as a world of {spec['world']} but this process sees "
+        print(f"vct rank: launched as a world of {spec['world']} but this process sees "
               f"{world} (on CPU set {CPU_ENV}=1 and launch with --multi_gpu)", file=sys.stderr)
         return EXIT_BAD_WORLD
     # N processes on a CPU box: N x all-cores threads would oversubscribe it badly.

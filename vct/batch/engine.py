@@ -1,0 +1,369 @@
+"""The batch engine: one manifest in, outputs, run.json, the report and one typed summary out.
+
+Both entry points run it: the Prefect flow (each step below wrapped in a task, for retries and
+the UI) and ``vct translate`` (one reference, an in-memory manifest). The steps:
+
+1. :func:`prepare`: check the request (a model named explicitly, safe run id, settings) before
+   anything is read or written.
+2. :func:`plan`: read the manifest and every input once, refuse bad rows with their line, key
+   every job (:mod:`vct.batch.keys`).
+3. :func:`run_stage` for concepts and contents: answer what the cache can, run the rest on the
+   executor; a failed job fails only the pairs that need it.
+4. :func:`fuse_and_write`: apply the resume rule (a pair whose verified output exists is
+   skipped), fuse the rest in shared-B* groups, write each PNG then its sidecar.
+5. :func:`finish`: run.json, the report, and ``_SUCCESS`` only when the run is complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from vct import report, storage
+from vct.batch import outputs
+from vct.batch.exec import ExecutorSettings, run_jobs
+from vct.batch.jobs import Job, ProgressFactory, load
+from vct.batch.plan import (
+    PairPlan,
+    Plan,
+    branch_keys,
+    default_run_id,
+    fusion_groups,
+    fusion_job,
+    hash_inputs,
+    plan_run,
+)
+from vct.batch.settings import TINY_MODEL, RunSettings, require_model
+from vct.batch.summary import PairResult, RunSummary, StageReport, counts, run_status
+from vct.cache import StageCache
+from vct.config import ConfigError
+from vct.images import png_bytes
+from vct.manifest import (
+    SAFE_NAME_RE,
+    Manifest,
+    parse_manifest,
+    raise_if_bad_rows,
+    read_manifest_bytes,
+)
+from vct.models import local_model_folder, model_identity
+from vct.sidecar import build_sidecar
+
+log = logging.getLogger("vct.batch")
+
+Fraction = Callable[[float], None]
+"""Progress of one step as a fraction in [0, 1] (the flow moves its progress artifact)."""
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """A checked request: where the manifest is, where outputs go, which model, the settings."""
+
+    manifest_uri: str
+    output_uri: str
+    model: str
+    settings: RunSettings
+    run_id: str | None = None
+
+    @property
+    def cache_uri(self) -> str:
+        return self.settings.cache_uri or storage.join(self.output_uri, "_cache")
+
+    def executor(self) -> ExecutorSettings:
+        s = self.settings
+        return ExecutorSettings(model=self.model, cache_uri=self.cache_uri, device=s.device,
+                                dtype=s.dtype, mode=s.executor, num_processes=s.num_processes,
+                                content_batch=s.content_batch)
+
+
+def tiny_model_folder() -> str:
+    """The offline random-weight model, built once into VCT_HOME (or ~/.cache/vct)."""
+    from vct.tiny_model import build_tiny_model
+
+    home = Path(os.environ.get("VCT_HOME", Path.home() / ".cache" / "vct"))
+    return str(build_tiny_model(home / "tiny-model-seed0", seed=0))
+
+
+def check_run_id(run_id: str) -> str:
+    """A run id names a folder under the output prefix: the same rules as a pair id, so it can
+    never climb out of it (no '..', no '/', no absolute path)."""
+    if not SAFE_NAME_RE.match(run_id) or outputs.is_reserved(run_id):
+        raise ConfigError("run_id", f"{run_id!r} is not a safe folder name (letters, digits, "
+                          "'.', '_', '-'; not starting with '.')")
+    return run_id
+
+
+def prepare(manifest_uri: str, output_uri: str, model: str | None,
+            settings: RunSettings | dict | None = None, run_id: str | None = None) -> RunRequest:
+    """Check everything that needs no reading: refused here, nothing has been claimed or
+    written. The tiny model is used only when asked for by name."""
+    spec = require_model(model)
+    if spec == TINY_MODEL:
+        spec = tiny_model_folder()
+    if not isinstance(settings, RunSettings):
+        settings = RunSettings.build(settings)
+    if not manifest_uri:
+        raise ConfigError("manifest_uri", "a manifest is required")
+    if not output_uri:
+        raise ConfigError("output_uri", "an output location is required")
+    return RunRequest(manifest_uri=manifest_uri, output_uri=output_uri, model=spec,
+                      settings=settings, run_id=check_run_id(run_id) if run_id else None)
+
+
+# ---------------------------------------------------------------- planning
+def plan(request: RunRequest, manifest: Manifest | None = None,
+         run_uri: str | None = None) -> Plan:
+    """Read and check the manifest (unless given in memory), hash every input, key every job.
+    With `strict`, any bad row refuses the whole manifest before any model work."""
+    settings = request.settings
+    if manifest is None:
+        manifest_bytes = read_manifest_bytes(request.manifest_uri)
+        manifest = parse_manifest(manifest_bytes, request.manifest_uri)
+    else:
+        manifest_bytes = request.manifest_uri.encode()
+    if settings.strict:
+        manifest.raise_if_errors()
+    identity = model_identity(local_model_folder(request.model))
+    hashes = hash_inputs([u for row in manifest.rows for u in (row.source, row.reference)],
+                         storage.read_bytes)
+    run_id = request.run_id or default_run_id(
+        request.manifest_uri, manifest_bytes,
+        {"model": identity, "settings": settings.stage_dict()})
+    the_plan = plan_run(manifest, hashes, identity, settings,
+                        run_uri or storage.join(request.output_uri, run_id), run_id)
+    if settings.strict:  # rows whose inputs are missing or not images
+        raise_if_bad_rows(request.manifest_uri, the_plan.errors)
+    return the_plan
+
+
+def stage_weights(the_plan: Plan) -> dict[str, tuple[float, float]]:
+    """Each stage's share of a progress bar, (start, span) in percent, by UNet cost."""
+    costs = {"concept": sum(j.cost for j in the_plan.concept_jobs),
+             "content": sum(j.cost for j in the_plan.content_jobs),
+             "fusion": sum(4.0 * p.content.num_inference_steps for p in the_plan.pairs)}
+    total = sum(costs.values()) or 1.0
+    spans, start = {}, 0.0
+    for kind, cost in costs.items():
+        spans[kind] = (start, 99.0 * cost / total)
+        start += spans[kind][1]
+    return spans
+
+
+# ---------------------------------------------------------------- stages
+def run_stage(kind: str, jobs: list[Job], executor: ExecutorSettings,
+              on_fraction: Fraction | None = None,
+              progress: ProgressFactory | None = None) -> StageReport:
+    """Answer what the cache can (each entry verified once), run the rest on the executor."""
+    cache = StageCache(executor.cache_uri)
+    report_ = StageReport(kind)
+    todo = []
+    for job in jobs:
+        if load(cache, kind, job.key) is not None:
+            report_.cached.append(job.key)
+        else:
+            todo.append(job)
+    log.info("%s: %d cached, %d to compute", kind, len(report_.cached), len(todo))
+    done = [len(report_.cached)]
+
+    def moved(event: dict) -> None:
+        done[0] += 1
+        if on_fraction:
+            on_fraction(done[0] / max(1, len(jobs)))
+
+    if on_fraction:
+        on_fraction(done[0] / max(1, len(jobs)))
+    evals: Counter[str] = Counter()
+    ranks = set()
+    for outcome in run_jobs(todo, executor, on_progress=moved, progress=progress) if todo else []:
+        ranks.add(outcome.rank)
+        if outcome.ok:
+            report_.computed.append(outcome.key)
+            evals.update(outcome.unet_evals)
+        else:
+            report_.failed[outcome.key] = outcome.error or "failed"
+            log.error("%s job %s failed: %s", kind, outcome.key[:12], outcome.error)
+    report_.ranks = sorted(ranks)
+    report_.unet_evals = dict(evals)
+    return report_
+
+
+def _pair_result(pair: PairPlan, status: str, reason: str | None = None,
+                 timings: dict | None = None) -> PairResult:
+    written = status in ("ok", "skipped")
+    return PairResult(pair_id=pair.row.pair_id, line=pair.row.line, status=status,
+                      source_uri=pair.row.source, reference_uri=pair.row.reference,
+                      png_name=pair.png_name if written else None,
+                      sidecar_name=pair.sidecar_name if written else None,
+                      reason=reason, timings=timings or {})
+
+
+@dataclass
+class FusionOutcome:
+    """What :func:`fuse_and_write` returns: every planned pair's result and the fusion stage."""
+
+    pairs: dict[str, PairResult]
+    stage: StageReport
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def fuse_and_write(the_plan: Plan, stages: dict[str, StageReport], executor: ExecutorSettings,
+                   run_info: dict | None = None, on_fraction: Fraction | None = None,
+                   progress: ProgressFactory | None = None) -> FusionOutcome:
+    """Resume rule, fusion of what is left, then each pair's PNG and sidecar.
+
+    A pair fails when its concept or content failed, when its fusion failed, or when writing
+    its files failed; the others are unaffected. ``_SUCCESS`` is removed before the first file
+    is rewritten, so a folder killed mid-rewrite never claims success.
+    """
+    results: dict[str, PairResult] = {}
+    todo: list[PairPlan] = []
+    for pair in the_plan.pairs:
+        failed = (stages["concept"].failed.get(pair.concept_key)
+                  or stages["content"].failed.get(pair.content_key))
+        if failed:
+            results[pair.row.pair_id] = _pair_result(pair, "failed", failed)
+        elif (kept := outputs.finished_sidecar(pair.sidecar_uri, pair.png_uri,
+                                               pair.output_key)) is not None:
+            results[pair.row.pair_id] = _pair_result(pair, "skipped",
+                                                     timings=kept.get("timings", {}))
+        else:
+            todo.append(pair)
+    if todo:
+        storage.delete(storage.join(the_plan.run_uri, outputs.SUCCESS))
+    groups = fusion_groups(todo)
+    jobs = [fusion_job(group) for group in groups]
+    fusion = run_stage("fusion", jobs, executor, on_fraction, progress)
+    cache = StageCache(executor.cache_uri)
+    for group, job in zip(groups, jobs):
+        try:
+            if job.key in fusion.failed:
+                raise RuntimeError(fusion.failed[job.key])
+            fused = load(cache, "fusion", job.key)
+            if fused is None:
+                raise RuntimeError(f"fusion result {job.key[:12]} vanished from the cache")
+            for pair, timings in _write_group(group, fused, stages, fusion, job.key,
+                                              run_info or {}):
+                results[pair.row.pair_id] = _pair_result(pair, "ok", timings=timings)
+        except Exception as exc:  # noqa: BLE001 - one group's failure must not stop the run
+            text = str(exc).strip()
+            reason = text.splitlines()[0] if text else type(exc).__name__
+            log.error("fusion failed for %s: %s", [p.row.pair_id for p in group], reason)
+            for pair in group:
+                results[pair.row.pair_id] = _pair_result(pair, "failed", f"fusion: {reason}")
+    return FusionOutcome(pairs=results, stage=fusion)
+
+
+def _write_group(group: list[PairPlan], fused, stages: dict[str, StageReport],
+                 fusion: StageReport, fusion_key: str, run_info: dict):
+    """Each pair of a fused group: PNG, then its sidecar (identical pairs share a branch)."""
+    branches = branch_keys(group)
+    prov = fused.provenance
+    hits = {"concept": set(stages["concept"].cached), "content": set(stages["content"].cached),
+            "fusion": set(fusion.cached)}
+    for pair in group:
+        i = branches.index(pair.concept_key)
+        stage_meta = {"concept": prov["concepts"][i], "content": prov["content"],
+                      "fusion": {"seconds": prov["fusion_seconds"],
+                                 "unet_evals": prov["unet_evals"]}}
+        sidecar = build_sidecar(
+            source=pair.row.source, source_sha256=pair.source_sha256,
+            reference=pair.row.reference, reference_sha256=pair.reference_sha256,
+            model=prov["model"],
+            config={"concept": pair.concept.model_dump(mode="json"),
+                    "content": pair.content.model_dump(mode="json"),
+                    "fusion": pair.fusion.model_dump(mode="json")},
+            seed=pair.concept.seed, stage_meta=stage_meta,
+            extra={"pair_id": pair.row.pair_id, "line": pair.row.line,
+                   "output_key": pair.output_key, "png": pair.png_name,
+                   "cache": {kind: {"key": key, "hit": key in hits[kind]}
+                             for kind, key in (("concept", pair.concept_key),
+                                               ("content", pair.content_key),
+                                               ("fusion", fusion_key))},
+                   "shared_branch_with": [p.row.pair_id for p in group if p is not pair],
+                   **run_info})
+        outputs.write_pair(pair.png_uri, png_bytes(fused.result.images[i].numpy()),
+                           pair.sidecar_uri, sidecar)
+        yield pair, sidecar["timings"]
+
+
+# ---------------------------------------------------------------- the end of a run
+def summarize(the_plan: Plan, results: dict[str, PairResult],
+              stages: dict[str, StageReport], details: dict | None = None) -> RunSummary:
+    pairs = [results[p.row.pair_id] for p in the_plan.pairs]
+    pairs += [PairResult(pair_id=e.pair_id or "", line=e.line, status="bad", source_uri="",
+                         reference_uri="", reason=e.reason) for e in the_plan.errors]
+    pairs.sort(key=lambda p: p.line)
+    return RunSummary(run_id=the_plan.run_id, run_uri=the_plan.run_uri,
+                      manifest_uri=the_plan.manifest_uri, status=run_status(pairs),
+                      counts=counts(pairs, stages), pairs=pairs, stages=stages,
+                      details=dict(details or {}))
+
+
+def _read_optional(uri: str) -> bytes | None:
+    try:
+        return storage.read_bytes(uri)
+    except storage.StorageError:
+        return None
+
+
+def finish(summary: RunSummary, started_at: str, flow_run_id: str = "",
+           write_report: bool = True) -> dict:
+    """run.json, the report pages; `_SUCCESS` last and only for a complete run. Returns the
+    run.json content."""
+    run = summary.run_uri
+    outcomes = []
+    for p in summary.pairs:
+        if p.status == "bad":
+            continue
+        png_uri = storage.join(run, p.png_name) if p.png_name else None
+        outcomes.append(report.PairOutcome(
+            pair_id=p.pair_id, line=p.line, status=p.status, source_uri=p.source_uri,
+            reference_uri=p.reference_uri, output_uri=png_uri, reason=p.reason,
+            sidecar={"timings": p.timings},
+            source_png=_read_optional(p.source_uri) if write_report else None,
+            reference_png=_read_optional(p.reference_uri) if write_report else None,
+            output_png=_read_optional(png_uri) if png_uri and write_report else None))
+    bad = [{"line": p.line, "pair_id": p.pair_id, "reason": p.reason}
+           for p in summary.pairs if p.status == "bad"]
+    data = report.build_run_summary(
+        run_id=summary.run_id, flow_run_id=flow_run_id, manifest_uri=summary.manifest_uri,
+        output_uri=run, counts=summary.counts, outcomes=outcomes, row_errors=bad,
+        started_at=started_at, finished_at=datetime.now(UTC).isoformat(),
+        extra={**summary.details, "stages": {k: v.__dict__ for k, v in summary.stages.items()}})
+    data["status"] = summary.status
+    storage.write_bytes(storage.join(run, outputs.RUN_JSON), report.run_json_bytes(data),
+                        "application/json")
+    if write_report:
+        storage.write_bytes(storage.join(run, "contact_sheet.png"),
+                            report.contact_sheet(outcomes), "image/png")
+        storage.write_bytes(storage.join(run, "report.html"),
+                            report.report_html(data, outcomes).encode(), "text/html")
+    success = storage.join(run, outputs.SUCCESS)
+    if summary.status == "complete":
+        storage.write_bytes(success, (f'{{"run_id": "{summary.run_id}", '
+                                      f'"status": "complete"}}\n').encode())
+    else:
+        storage.delete(success)
+    return data
+
+
+# ---------------------------------------------------------------- all of it
+def run(request: RunRequest, *, manifest: Manifest | None = None, run_uri: str | None = None,
+        progress: ProgressFactory | None = None, write_report: bool = True,
+        run_info: dict | None = None) -> RunSummary:
+    """Every step in order, without Prefect: what `vct translate` and the tests call."""
+    started = datetime.now(UTC).isoformat()
+    the_plan = plan(request, manifest, run_uri)
+    executor = request.executor()
+    stages = {kind: run_stage(kind, the_plan.jobs(kind), executor, progress=progress)
+              for kind in ("concept", "content")}
+    fused = fuse_and_write(the_plan, stages, executor, run_info, progress=progress)
+    stages["fusion"] = fused.stage
+    summary = summarize(the_plan, fused.pairs, stages, details={"model": request.model})
+    finish(summary, started, write_report=write_report)
+    return summary

@@ -1,0 +1,70 @@
+"""In-process execution: the models loaded once per process, jobs biggest-first."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from vct.batch.exec import ExecutorSettings, ProgressCallback, notify
+from vct.batch.jobs import (
+    Job,
+    JobOutcome,
+    ProgressFactory,
+    biggest_first,
+    error_line,
+    failed,
+    run_in_order,
+)
+from vct.cache import StageCache
+from vct.models import VCTModels
+
+
+@dataclass
+class _Loaded:
+    models: VCTModels
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_MEMO_SIZE = 2
+_memo: dict[tuple[str, str, str], _Loaded] = {}
+_memo_lock = threading.Lock()
+
+
+def _loaded(settings: ExecutorSettings) -> _Loaded:
+    """The models for (model, device, dtype), loaded once per process: a flow runs one stage
+    per task, and reloading SD weights for each would cost more than small jobs do. At most two
+    combinations are kept so a long-lived process does not pile up GPU copies."""
+    from vct.models import load_models
+
+    ident = (settings.model, settings.device, settings.dtype)
+    with _memo_lock:
+        loaded = _memo.get(ident)
+        if loaded is None:
+            loaded = _Loaded(load_models(settings.model, settings.device, settings.dtype))
+            while len(_memo) >= _MEMO_SIZE:
+                _memo.pop(next(iter(_memo)))
+            _memo[ident] = loaded
+        return loaded
+
+
+def models_for(settings: ExecutorSettings) -> VCTModels:
+    """The memoised models this process uses for these settings (loads them if needed)."""
+    return _loaded(settings).models
+
+
+def run(jobs: list[Job], settings: ExecutorSettings, on_progress: ProgressCallback | None,
+        progress: ProgressFactory | None = None) -> list[JobOutcome]:
+    cache = StageCache(settings.cache_uri)
+    try:
+        loaded = _loaded(settings)
+    except Exception as exc:  # a bad model fails every job, with the model's own message
+        return [failed(job, 0, error_line(job, exc)) for job in jobs]
+    outcomes: list[JobOutcome | None] = [None] * len(jobs)
+    with loaded.lock:  # flow tasks in threads share the models; stages are not re-entrant
+        for done, (i, outcome) in enumerate(run_in_order(
+                loaded.models, jobs, biggest_first(jobs), cache, 0, settings.content_batch,
+                progress), start=1):
+            outcomes[i] = outcome
+            notify(on_progress, {"rank": 0, "done": done, "total": len(jobs),
+                                 "key": outcome.key, "kind": outcome.kind, "ok": outcome.ok})
+    return [o for o in outcomes if o is not None]

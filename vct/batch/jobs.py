@@ -1,0 +1,352 @@
+"""Stage jobs: what one unit of expensive work is, and its body (read, compute, store).
+
+A :class:`Job` carries its cache key, computed by the planner (:mod:`vct.batch.keys`); its body
+stores the result under exactly that key, with the provenance the math does not know (key, model,
+input hash, UNet evaluations counted by the model's counting wrapper). Every executor (in
+process, accelerate ranks) runs jobs through :func:`run_in_order`, so a result never depends on
+where it ran.
+
+Contracts: a job's failure is an outcome, never an exception (one line naming its input); a job
+never reads a result it did not ask for by key; results land only in the stage cache (atomic
+writes), so a crashed run loses nothing that finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from vct import storage
+from vct.artifacts import FusedImages, Stored, load_result, result_bytes
+from vct.cache import StageCache
+from vct.config import ConceptConfig, ContentConfig, FusionConfig, from_dict
+from vct.errors import UserError
+from vct.models import VCTModels
+from vct.sidecar import model_info
+
+log = logging.getLogger("vct.batch")
+
+KINDS = ("concept", "content", "fusion")
+# How the input is named in error messages (decode_image prefixes its errors with this name).
+ROLE = {"concept": "reference", "content": "source", "fusion": "source"}
+_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+
+Progress = Callable[[int, int], None]
+ProgressFactory = Callable[[str, int], Progress | None]
+"""(description, total) -> a per-step callback for one job, or None: progress bars of the CLI."""
+
+
+def from_fields(cls, d: dict):
+    """Rebuild a dataclass from its dict, ignoring keys it does not have (newer writers)."""
+    return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+@dataclass(frozen=True)
+class Job:
+    """One stage computation: ``kind`` on the image at ``input_uri`` with ``config``; fusion
+    jobs carry the keys of their content and concepts in ``config`` instead."""
+
+    kind: str
+    key: str
+    input_uri: str
+    config: dict
+    cost: float = 1.0
+
+    def __post_init__(self) -> None:
+        # Caller bugs, not job failures: refuse them when the job is built.
+        if self.kind not in KINDS:
+            raise ValueError(f"job kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if not _KEY_RE.match(self.key):
+            raise ValueError(f"job key {self.key!r} is not a 64-hex-digit cache key")
+        if not isinstance(self.cost, int | float) or not math.isfinite(self.cost):
+            raise ValueError(f"job cost must be a finite number, got {self.cost!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Job:
+        return from_fields(cls, d)
+
+
+@dataclass
+class JobOutcome:
+    """What happened to one job. ``rank`` is the accelerate rank that ran it (0 in process).
+    ``unet_evals`` are the counting wrapper's counts for this job."""
+
+    kind: str
+    key: str
+    ok: bool
+    rank: int
+    seconds: float
+    error: str | None = None
+    unet_evals: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> JobOutcome:
+        return from_fields(cls, d)
+
+
+def failed(job: Job, rank: int, error: str) -> JobOutcome:
+    return JobOutcome(job.kind, job.key, ok=False, rank=rank, seconds=0.0, error=error)
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def error_line(job: Job, exc: BaseException) -> str:
+    """One line that names the job's input: user errors keep their message, anything else
+    becomes ``Type: first line``; the input is prefixed when the message does not name it."""
+    detail = _first_line(str(exc))
+    if isinstance(exc, UserError):
+        message = detail or type(exc).__name__
+    else:
+        message = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    if job.input_uri not in message:
+        message = f"{ROLE[job.kind]} {job.input_uri}: {message}"
+    return message
+
+
+# ---------------------------------------------------------------- reading the cache
+def load(cache: StageCache, kind: str, key: str) -> Stored | None:
+    """The verified entry for (kind, key), or None when missing or failing verification (a
+    bad entry is never trusted; its recomputation overwrites it atomically)."""
+    return cache.get(kind, key, lambda data: load_result(kind, data, key=key))
+
+
+def require(cache: StageCache, kind: str, key: str) -> Stored:
+    stored = load(cache, kind, key)
+    if stored is None:
+        raise RuntimeError(f"{kind} result {key[:12]} is not in the cache; run its stage first")
+    return stored
+
+
+# ---------------------------------------------------------------- job bodies
+class _Counted:
+    """The UNet evaluations and seconds a block of work spent, from the counting wrapper."""
+
+    def __init__(self, models: VCTModels):
+        self.models = models
+
+    def __enter__(self) -> _Counted:
+        self.before = Counter(self.models.unet_evals)
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start
+        delta = Counter(self.models.unet_evals)
+        delta.subtract(self.before)
+        self.evals = {k: int(v) for k, v in delta.items() if v}
+
+
+def _provenance(models: VCTModels, job: Job, counted: _Counted, **extra: Any) -> dict:
+    return {"cache_key": job.key, "model": model_info(models), "input_uri": job.input_uri,
+            "unet_evals": counted.evals, "seconds": counted.seconds, **extra}
+
+
+def _decode_input(job: Job):
+    from vct.images import decode_image
+
+    data = storage.read_bytes(job.input_uri)
+    return data, decode_image(data, f"{ROLE[job.kind]} {job.input_uri}")
+
+
+def _concept(models: VCTModels, job: Job, progress: Progress | None) -> Stored:
+    from vct.batch.keys import sha256_bytes
+    from vct.concept import learn_concept
+
+    data, image = _decode_input(job)
+    with _Counted(models) as counted:
+        result = learn_concept(models, image, from_dict(ConceptConfig, job.config),
+                               progress=progress)
+    return Stored(result, _provenance(models, job, counted, reference_sha256=sha256_bytes(data)))
+
+
+def _contents(models: VCTModels, jobs: list[Job], progress: Progress | None) -> list[Stored]:
+    """Several sources of one content config in one batched fit. The batch's UNet evaluations
+    are counted once; each source is attributed its own gradient evaluations (its fit
+    iterations, one per evaluation) and an equal share of the batched no-grad ones."""
+    from vct.batch.keys import sha256_bytes
+    from vct.content import invert_contents
+
+    inputs = [_decode_input(job) for job in jobs]
+    with _Counted(models) as counted:
+        results = invert_contents(models, [image for _, image in inputs],
+                                  from_dict(ContentConfig, jobs[0].config), progress=progress)
+    out = []
+    n = len(jobs)
+    for job, (data, _), result in zip(jobs, inputs, results):
+        evals = {k: (result.stats.total_iterations if k == "content_grad" else v // n)
+                 for k, v in counted.evals.items()}
+        share = _Counted(models)
+        share.evals, share.seconds = evals, counted.seconds / n
+        out.append(Stored(result, _provenance(models, job, share,
+                                              source_sha256=sha256_bytes(data),
+                                              batch_size=n, batch_unet_evals=counted.evals)))
+    return out
+
+
+def _summary(stored: Stored) -> dict:
+    """What a sidecar reports of an input stage result: its key and costs, not its tensors."""
+    p = stored.provenance
+    out = {k: p[k] for k in ("cache_key", "unet_evals") if k in p}
+    stats = stored.result.stats
+    out["seconds"] = dict(stats.seconds)
+    out["job_seconds"] = p.get("seconds")
+    if hasattr(stats, "total_iterations"):
+        out["total_iterations"] = stats.total_iterations
+    return out
+
+
+def _fusion(models: VCTModels, job: Job, cache: StageCache, progress: Progress | None) -> Stored:
+    """Fuse from cached stage results; a missing input is this job's failure, not a crash."""
+    import torch
+
+    from vct.fusion import fuse
+
+    cfg = job.config
+    content = require(cache, "content", cfg["content_key"])
+    concepts = [require(cache, "concept", k) for k in cfg["concept_keys"]]
+    with _Counted(models) as counted:
+        result = fuse(models, content.result, [c.result for c in concepts],
+                      from_dict(FusionConfig, cfg["fusion"]), progress=progress)
+    images = FusedImages(images=torch.from_numpy(result.images.copy()))
+    return Stored(images, _provenance(models, job, counted,
+                                      fusion_seconds=result.stats.seconds,
+                                      content=_summary(content),
+                                      concepts=[_summary(c) for c in concepts]))
+
+
+def _release_accelerator_memory() -> None:
+    """After a failure (often an OOM) give the cached blocks back before the next job."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # best effort only
+        pass
+
+
+def _bar(progress: ProgressFactory | None, job: Job, total: int) -> Progress | None:
+    if progress is None:
+        return None
+    name = job.input_uri.rstrip("/").rsplit("/", 1)[-1]
+    return progress(f"{job.kind} {name}", total)
+
+
+def _steps(job: Job) -> int:
+    """Progress steps of a job: updates for a concept, 2T for a content, T for a fusion."""
+    if job.kind == "concept":
+        return int(job.config.get("max_train_steps", 1))
+    if job.kind == "content":
+        return 2 * int(job.config.get("num_inference_steps", 1))
+    return int(job.config.get("num_inference_steps", 1))
+
+
+def run_job(models: VCTModels, job: Job, cache: StageCache, rank: int = 0,
+            progress: ProgressFactory | None = None) -> JobOutcome:
+    """Compute one job into the cache; never raises for a job-level failure.
+
+    The models must not be used by another thread meanwhile (concept inversion routes the text
+    encoder's embedding while it runs); executors hold a per-model lock for that.
+    """
+    start = time.perf_counter()
+    try:
+        bar = _bar(progress, job, _steps(job))
+        if job.kind == "concept":
+            stored = _concept(models, job, bar)
+        elif job.kind == "content":
+            stored = _contents(models, [job], bar)[0]
+        else:
+            stored = _fusion(models, job, cache, bar)
+        cache.put(job.kind, job.key, result_bytes(job.kind, stored))
+    except Exception as exc:  # one job's failure must not end the batch
+        error = error_line(job, exc)
+        log.warning("job %s %s failed: %s", job.kind, job.key[:12], error)
+        _release_accelerator_memory()
+        return JobOutcome(job.kind, job.key, ok=False, rank=rank,
+                          seconds=time.perf_counter() - start, error=error)
+    return JobOutcome(job.kind, job.key, ok=True, rank=rank, seconds=time.perf_counter() - start,
+                      unet_evals=stored.provenance["unet_evals"])
+
+
+def run_content_batch(models: VCTModels, jobs: list[Job], cache: StageCache,
+                      rank: int = 0) -> list[JobOutcome]:
+    """Several content jobs as one batched fit. Unreadable inputs fail alone before the batch;
+    if the batch itself fails (say, out of memory) each job is retried on its own."""
+    from vct.images import decode_image
+
+    outcomes: dict[int, JobOutcome] = {}
+    ready: list[int] = []
+    for n, job in enumerate(jobs):
+        try:
+            decode_image(storage.read_bytes(job.input_uri), f"{ROLE[job.kind]} {job.input_uri}")
+            ready.append(n)
+        except Exception as exc:  # noqa: BLE001 - this input's failure only
+            outcomes[n] = failed(job, rank, error_line(job, exc))
+    if len(ready) == 1:
+        outcomes[ready[0]] = run_job(models, jobs[ready[0]], cache, rank)
+    elif ready:
+        start = time.perf_counter()
+        try:
+            stored = _contents(models, [jobs[n] for n in ready], None)
+            seconds = (time.perf_counter() - start) / len(ready)
+            for n, item in zip(ready, stored):
+                cache.put("content", jobs[n].key, result_bytes("content", item))
+                outcomes[n] = JobOutcome("content", jobs[n].key, ok=True, rank=rank,
+                                         seconds=seconds,
+                                         unet_evals=item.provenance["unet_evals"])
+        except Exception as exc:  # noqa: BLE001 - fall back to one at a time
+            log.warning("content batch of %d failed (%s); running each alone", len(ready), exc)
+            _release_accelerator_memory()
+            for n in ready:
+                outcomes[n] = run_job(models, jobs[n], cache, rank)
+    return [outcomes[n] for n in range(len(jobs))]
+
+
+def run_in_order(models: VCTModels, jobs: list[Job], order: list[int], cache: StageCache,
+                 rank: int = 0, content_batch: int = 1,
+                 progress: ProgressFactory | None = None) -> Iterator[tuple[int, JobOutcome]]:
+    """Run jobs[i] for i in `order`, yielding (i, outcome) as each finishes. Content jobs with
+    the same config are fitted `content_batch` at a time in one batch (the GPU stays busy with
+    small latents); the order is otherwise kept."""
+    pending = list(order)
+    while pending:
+        i = pending.pop(0)
+        job = jobs[i]
+        if job.kind != "content" or content_batch <= 1:
+            yield i, run_job(models, job, cache, rank, progress)
+            continue
+        group = [i] + [k for k in pending if jobs[k].kind == "content"
+                       and jobs[k].config == job.config][:content_batch - 1]
+        for k in group[1:]:
+            pending.remove(k)
+        yield from zip(group, run_content_batch(models, [jobs[k] for k in group], cache, rank))
+
+
+def biggest_first(jobs: list[Job]) -> list[int]:
+    """Indices of jobs by cost, largest first; ties keep input order (stable sort)."""
+    return sorted(range(len(jobs)), key=lambda i: -jobs[i].cost)
+
+
+def assign(jobs: list[Job], world: int) -> list[list[int]]:
+    """Each rank's job indices: biggest-first, dealt round-robin (``order[rank::world]``).
+
+    Parent and ranks both call this, so the parent knows which rank owed which job when a
+    rank dies, and can report per-rank progress totals.
+    """
+    order = biggest_first(jobs)
+    return [order[rank::world] for rank in range(world)]

@@ -1,0 +1,43 @@
+"""Every cache key of a run, computed here and nowhere else (spec §1).
+
+A key hashes exactly what its result depends on, by content, never by name: concept =
+(reference bytes, model, concept config incl. seed, format), content = (source bytes, model,
+content config, format), fusion = (content key, concept keys in branch order, fusion config,
+format), output = (content key, concept key, fusion config, format). So the same image under two
+names is computed once, and a changed byte, setting or seed is a different key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from vct.artifacts import FORMAT_VERSION
+from vct.cache import cache_key
+from vct.config import ConceptConfig, ContentConfig, FusionConfig, to_dict
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def concept_key(reference_sha256: str, model_identity: str, cfg: ConceptConfig) -> str:
+    """The seed is part of cfg, so it is part of the key."""
+    return cache_key("concept", {"reference": reference_sha256, "model": model_identity,
+                                 "config": to_dict(cfg), "format_version": FORMAT_VERSION})
+
+
+def content_key(source_sha256: str, model_identity: str, cfg: ContentConfig) -> str:
+    return cache_key("content", {"source": source_sha256, "model": model_identity,
+                                 "config": to_dict(cfg), "format_version": FORMAT_VERSION})
+
+
+def fusion_key(content_k: str, concept_keys: list[str], fusion: FusionConfig) -> str:
+    """One fused batch: a source's content, its concepts in branch order, the fusion settings."""
+    return cache_key("fusion", {"content": content_k, "concepts": list(concept_keys),
+                                "fusion": to_dict(fusion), "format_version": FORMAT_VERSION})
+
+
+def output_key(content_k: str, concept_k: str, fusion: FusionConfig) -> str:
+    """An output is a fact of (content, concept, fusion settings): same key, same image."""
+    return cache_key("output", {"content": content_k, "concept": concept_k,
+                                "fusion": to_dict(fusion), "format_version": FORMAT_VERSION})

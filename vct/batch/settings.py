@@ -1,0 +1,84 @@
+"""The typed settings of a run, defined once: the flows' parameter (a Prefect form), the CLI's
+flags and the planner's input.
+
+Every bound lives on a field, so a bad value is refused with its name when the settings are
+built (a flow parameter, a flag, a `--set`), before any manifest is read or model loaded.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vct.config import ConceptConfig, ConfigError, ContentConfig, FusionConfig, config_error
+
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:[0-9]{1,2})?)$")
+TINY_MODEL = "tiny"
+"""The name that asks for the offline random-weight test model; nothing else ever selects it."""
+
+
+class RunSettings(BaseModel):
+    """How one manifest is run: where stage results are cached, how jobs are executed, and the
+    run-wide stage configs (rows may still override the concept word, the seed and fusion)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    cache_uri: str | None = Field(None, description="stage cache prefix (a folder or s3:// "
+                                  "URI); empty = <output_uri>/_cache")
+    strict: bool = Field(False, description="refuse the whole manifest, before any model work, "
+                         "if any row is bad (default: bad rows are reported and skipped)")
+    executor: Literal["local", "accelerate"] = Field(
+        "local", description="run stage jobs in this process, or across every GPU of the node "
+        "with accelerate")
+    num_processes: int | None = Field(None, ge=1, le=64, description="accelerate processes "
+                                      "(default: one per GPU)")
+    device: str = Field("auto", pattern=DEVICE_RE.pattern, description="'auto' (CUDA when "
+                        "present), 'cpu', 'cuda' or 'cuda:N'")
+    dtype: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="UNet precision: fp32 "
+                                                   "(faithful) or, on CUDA, fp16/bf16")
+    content_batch: int = Field(1, ge=1, le=64, description="sources fitted together in one "
+                               "batch, each with its own early stop; 1 is bit-for-bit the "
+                               "one-source computation")
+    concept: ConceptConfig = Field(default_factory=ConceptConfig,
+                                   description="stage 3, concept inversion (per reference)")
+    content: ContentConfig = Field(default_factory=ContentConfig,
+                                   description="stages 1-2, content inversion (per source)")
+    fusion: FusionConfig = Field(default_factory=FusionConfig,
+                                 description="stage 4, fusion (per pair)")
+
+    @classmethod
+    def build(cls, values: dict[str, Any] | None = None) -> RunSettings:
+        """Settings from plain values (JSON, parsed flags), refused in one line naming the
+        field, e.g. ``concept.flip_p (--flip-p): ...``."""
+        try:
+            return cls.model_validate(values or {})
+        except ValidationError as exc:
+            raise config_error(exc) from None
+
+    def with_stage_overrides(self, overrides: dict[str, dict[str, Any]]) -> RunSettings:
+        """A copy with ``{"concept": {"max_train_steps": "100"}, ...}`` applied and checked."""
+        data = self.model_dump()
+        for stage, values in overrides.items():
+            if stage not in ("concept", "content", "fusion"):
+                raise ConfigError(stage, "unknown stage; use one of concept, content, fusion")
+            if not isinstance(values, dict):
+                raise ConfigError(stage, "overrides must map field names to values")
+            data[stage] = {**data[stage], **values}
+        return self.build(data)
+
+    def stage_dict(self) -> dict[str, dict]:
+        """The three stage configs as JSON: what a run's identity and sidecars record."""
+        return {name: getattr(self, name).model_dump(mode="json")
+                for name in ("concept", "content", "fusion")}
+
+
+def require_model(model: str | None) -> str:
+    """A run needs a model named explicitly: an empty value is an error, never a silent
+    fallback to the random test model (which would write noise to a real bucket)."""
+    if not model or not str(model).strip():
+        raise ConfigError("model", "a model is required: a diffusers SD 1.x folder, an s3:// "
+                          f"prefix holding one, or '{TINY_MODEL}' for the offline random-weight "
+                          "test model")
+    return str(model).strip()
