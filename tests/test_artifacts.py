@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vct.artifacts import ArtifactError, ConceptResult, ContentResult, textual_inversion_bytes
+from vct.artifacts import ArtifactError, Stored, load_result, result_bytes, textual_inversion_bytes
 from vct.concept import learn_concept
 from vct.config import ConceptConfig, ContentConfig
 from vct.content import invert_content
@@ -26,35 +26,68 @@ def concept(models, images):
                          ConceptConfig(max_train_steps=2, batch_microsteps=True))
 
 
+def _header(data: bytes) -> dict:
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(json.loads(data[8:8 + n])["__metadata__"]["vct"])
+
+
+def _rewrite_header(data: bytes, edit) -> bytes:
+    """The same file with its JSON header edited (the checksum left as it was)."""
+    n = int.from_bytes(data[:8], "little")
+    outer = json.loads(data[8:8 + n])
+    header = json.loads(outer["__metadata__"]["vct"])
+    edit(header)
+    outer["__metadata__"]["vct"] = json.dumps(header, sort_keys=True)
+    blob = json.dumps(outer).encode()
+    blob += b" " * (-len(blob) % 8)
+    return len(blob).to_bytes(8, "little") + blob + data[8 + n:]
+
+
 def test_results_round_trip_bit_exactly(content, concept):
-    for result in (content, concept):
-        data = result.to_bytes()
-        back = type(result).from_bytes(data)
-        assert back.meta == json.loads(json.dumps(result.meta))
-        for name, tensor in result.tensors().items():
-            assert torch.equal(getattr(back, name), tensor), name
-        assert back.to_bytes() == data
+    for kind, result in (("content", content), ("concept", concept)):
+        data = result_bytes(kind, Stored(result, {"cache_key": "k" * 64, "seconds": 1.5}))
+        back = load_result(kind, data, key="k" * 64)
+        assert back.provenance == {"cache_key": "k" * 64, "seconds": 1.5}
+        assert back.result.config == result.config and back.result.stats == result.stats
+        for name in ("vectors",) if kind == "concept" else ("x_T", "embeddings"):
+            assert torch.equal(getattr(back.result, name), getattr(result, name)), name
+        assert result_bytes(kind, back) == data
 
 
 def test_header_records_what_made_it(content):
-    meta = ContentResult.from_bytes(content.to_bytes()).meta
-    assert meta["config"]["guidance_scale"] == 7.5
-    assert meta["num_inference_steps"] == 6 and len(meta["timesteps"]) == 6
-    assert meta["inversion_prompt"] == ""
-    assert len(meta["model_identity"]) == 64
+    fields = _header(result_bytes("content", Stored(content, {"model": "m"})))["fields"]
+    assert fields["config"]["guidance_scale"] == 7.5
+    assert fields["config"]["num_inference_steps"] == 6 and len(fields["stats"]["timesteps"]) == 6
+    assert fields["config"]["inversion_prompt"] == ""
+    assert fields["provenance"] == {"model": "m"}
 
 
 def test_bad_files_are_refused(content, concept):
-    data = bytearray(content.to_bytes())
+    good = result_bytes("content", Stored(content, {}))
+    data = bytearray(good)
     data[-5] ^= 0xFF  # flip bits inside the tensor payload
     with pytest.raises(ArtifactError, match="checksum"):
-        ContentResult.from_bytes(bytes(data))
+        load_result("content", bytes(data))
     with pytest.raises(ArtifactError, match="expected a content result"):
-        ContentResult.from_bytes(concept.to_bytes())
+        load_result("content", result_bytes("concept", Stored(concept, {})))
     with pytest.raises(ArtifactError, match="not a vct result"):
-        ConceptResult.from_bytes(b"garbage")
+        load_result("concept", b"garbage")
     with pytest.raises(ArtifactError, match="cache_key"):
-        ConceptResult.from_bytes(concept.to_bytes(), expect={"cache_key": "other"})
+        load_result("concept", result_bytes("concept", Stored(concept, {"cache_key": "a"})),
+                    key="other")
+
+
+def test_an_edited_header_field_fails_the_checksum(content):
+    """The guidance scale drives fusion: editing it in a header must reject the entry."""
+    data = result_bytes("content", Stored(content, {}))
+    assert load_result("content", _rewrite_header(data, lambda h: None)).result.config \
+        .guidance_scale == 7.5
+
+    def edit(header):
+        header["fields"]["config"]["guidance_scale"] = 7.9
+
+    with pytest.raises(ArtifactError, match="checksum"):
+        load_result("content", _rewrite_header(data, edit))
 
 
 def test_exported_embedding_loads_into_a_diffusers_pipeline(tiny_model_dir, concept, tmp_path):

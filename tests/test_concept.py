@@ -37,7 +37,7 @@ def _eval_loss(models, reference, rows) -> float:
 def test_training_lowers_the_objective(models, reference, learned):
     init = word_rows(models, CFG.initializer_word, CFG.num_vectors)
     assert _eval_loss(models, reference, learned.vectors) < _eval_loss(models, reference, init)
-    assert len(learned.meta["losses"]) == CFG.max_train_steps
+    assert len(learned.stats.losses) == CFG.max_train_steps
 
 
 def test_only_the_new_rows_change(models, reference):
@@ -64,5 +64,4 @@ def test_same_seed_same_embedding_other_seed_differs(models, reference, learned)
 
 def test_sequential_accumulation_is_the_default_and_runs(models, reference):
     result = learn_concept(models, reference, ConceptConfig(max_train_steps=2))
-    assert result.meta["unet_evals"] == {"concept_grad": 8}
-    assert result.meta["effective_lr"] == pytest.approx(2e-3)  # 5e-4 x 4 accumulation
+    assert result.stats.effective_lr == pytest.approx(2e-3)  # 5e-4 x 4 accumulation

@@ -37,22 +37,20 @@ def test_fit_reconstructs_much_better_than_plain_ddim(models, source, fitted):
 
 
 def test_per_step_loss_never_ends_above_its_start_and_counts_are_recorded(fitted):
-    meta = fitted.meta
-    assert all(last <= first for first, last in zip(meta["first_losses"], meta["last_losses"]))
-    assert len(meta["iterations"]) == 20
-    assert 20 <= meta["total_iterations"] <= 20 * 10
-    assert meta["unet_evals"]["content_grad"] == meta["total_iterations"]
-    assert meta["unet_evals"]["content"] == 2 * 20  # eps_pos + advance; the original spent 3
+    stats = fitted.stats
+    assert all(last <= first for first, last in zip(stats.first_losses, stats.last_losses))
+    assert len(stats.iterations) == 20
+    assert 20 <= stats.total_iterations <= 20 * 10
 
 
 def test_early_stop_fires(models, source):
     loose = ContentConfig(num_inference_steps=10, num_inner_steps=20, early_stop_epsilon=1.0,
                           early_stop_slope=1.0)
     result = invert_content(models, source, loose)
-    assert result.meta["iterations"] == [1] * 10  # always one update, then stop
+    assert result.stats.iterations == [1] * 10  # always one update, then stop
     strict = ContentConfig(num_inference_steps=10, num_inner_steps=3, early_stop_epsilon=0.0,
                            early_stop_slope=0.0)
-    assert invert_content(models, source, strict).meta["iterations"] == [3] * 10
+    assert invert_content(models, source, strict).stats.iterations == [3] * 10
 
 
 def test_x0_target_runs_and_differs(models, source):
@@ -68,7 +66,7 @@ def test_x0_target_runs_and_differs(models, source):
 def test_shapes_and_determinism(models, source, fitted):
     assert fitted.x_T.shape == (1, 4, 8, 8)
     assert fitted.embeddings.shape == (20, 77, 32)
-    assert fitted.meta["timesteps"][0] == 950 and fitted.meta["timesteps"][-1] == 0  # dt = 50
+    assert fitted.stats.timesteps[0] == 950 and fitted.stats.timesteps[-1] == 0  # dt = 50
     again = invert_content(models, source, ContentConfig(num_inference_steps=20,
                                                          num_inner_steps=10))
     assert torch.equal(again.embeddings, fitted.embeddings)
@@ -96,11 +94,11 @@ def test_batched_sources_fit_as_they_would_alone(models, images):
     imgs = [Image.open(images[k]).convert("RGB") for k in ("src_a", "src_b")]
     alone = [invert_content(models, img, cfg) for img in imgs]
     before = models.unet_evals["content_grad"]
-    batched = invert_contents(models, imgs, cfg, source_sha256s=["a", "b"])
+    batched = invert_contents(models, imgs, cfg)
     assert models.unet_evals["content_grad"] - before == sum(
-        r.meta["total_iterations"] for r in batched)
+        r.stats.total_iterations for r in batched)
     for one, both in zip(alone, batched):
-        assert both.meta["iterations"] == one.meta["iterations"]
+        assert both.stats.iterations == one.stats.iterations
         # Adam divides by sqrt(v): elements with near-zero gradients amplify batching noise,
         # so embeddings agree in norm, and the reconstructions they produce agree closely.
         drift = (both.embeddings - one.embeddings).norm() / one.embeddings.norm()
@@ -108,7 +106,6 @@ def test_batched_sources_fit_as_they_would_alone(models, images):
         torch.testing.assert_close(both.reconstruction, one.reconstruction, atol=1e-3,
                                    rtol=1e-3)
         assert torch.equal(both.x_T, both.inversion_latents[-1:])
-    assert [r.meta["source_sha256"] for r in batched] == ["a", "b"]
     # the two sources stop after different iterations: early stop is per source
-    assert alone[0].meta["iterations"][0] != alone[1].meta["iterations"][0]
-    assert max(alone[0].meta["iterations"][0], alone[1].meta["iterations"][0]) < 6
+    assert alone[0].stats.iterations[0] != alone[1].stats.iterations[0]
+    assert max(alone[0].stats.iterations[0], alone[1].stats.iterations[0]) < 6

@@ -105,6 +105,12 @@ def _duration_s(started_at: str, finished_at: str) -> float | None:
         return None
 
 
+def _name(uri: str | None, suffix: str = ".png") -> str | None:
+    """The output's file name in the run folder (the PNG's, or its sidecar's)."""
+    name = (uri or "").rstrip("/").rsplit("/", 1)[-1]
+    return name[: -len(".png")] + suffix if name.endswith(".png") else None
+
+
 def _pair_entry(outcome: PairOutcome) -> dict[str, Any]:
     """One ``pairs`` entry: the outcome minus image bytes, plus the relative artifact names."""
     return {
@@ -115,8 +121,8 @@ def _pair_entry(outcome: PairOutcome) -> dict[str, Any]:
         "reference_uri": outcome.reference_uri,
         "output_uri": outcome.output_uri,
         "reason": outcome.reason,
-        "output_file": f"{outcome.pair_id}.png" if _has_output(outcome) else None,
-        "sidecar_file": f"{outcome.pair_id}.json" if _has_output(outcome) else None,
+        "output_file": _name(outcome.output_uri) if _has_output(outcome) else None,
+        "sidecar_file": _name(outcome.output_uri, ".json") if _has_output(outcome) else None,
         "sidecar": outcome.sidecar,
     }
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from vct import report, storage
 from vct.batch import outputs
 from vct.batch.exec import ExecutorSettings, run_jobs
-from vct.batch.jobs import Job, ProgressFactory, load
+from vct.batch.jobs import Job, JobOutcome, ProgressFactory, load
 from vct.batch.plan import (
     PairPlan,
     Plan,
@@ -50,13 +50,15 @@ from vct.manifest import (
     raise_if_bad_rows,
     read_manifest_bytes,
 )
-from vct.models import local_model_folder, model_identity
+from vct.models import check_layout, local_model_folder, model_identity
 from vct.sidecar import build_sidecar
 
 log = logging.getLogger("vct.batch")
 
 Fraction = Callable[[float], None]
 """Progress of one step as a fraction in [0, 1] (the flow moves its progress artifact)."""
+Runner = Callable[..., list[JobOutcome]]
+"""Runs jobs into the cache, one outcome per job: the executor, or a fake in unit tests."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,9 @@ def plan(request: RunRequest, manifest: Manifest | None = None,
         manifest_bytes = request.manifest_uri.encode()
     if settings.strict:
         manifest.raise_if_errors()
-    identity = model_identity(local_model_folder(request.model))
+    folder = local_model_folder(request.model)
+    check_layout(folder)  # one line for a wrong folder, before any hashing
+    identity = model_identity(folder)
     hashes = hash_inputs([u for row in manifest.rows for u in (row.source, row.reference)],
                          storage.read_bytes)
     run_id = request.run_id or default_run_id(
@@ -155,8 +159,8 @@ def stage_weights(the_plan: Plan) -> dict[str, tuple[float, float]]:
 
 # ---------------------------------------------------------------- stages
 def run_stage(kind: str, jobs: list[Job], executor: ExecutorSettings,
-              on_fraction: Fraction | None = None,
-              progress: ProgressFactory | None = None) -> StageReport:
+              on_fraction: Fraction | None = None, progress: ProgressFactory | None = None,
+              runner: Runner = run_jobs) -> StageReport:
     """Answer what the cache can (each entry verified once), run the rest on the executor."""
     cache = StageCache(executor.cache_uri)
     report_ = StageReport(kind)
@@ -178,7 +182,7 @@ def run_stage(kind: str, jobs: list[Job], executor: ExecutorSettings,
         on_fraction(done[0] / max(1, len(jobs)))
     evals: Counter[str] = Counter()
     ranks = set()
-    for outcome in run_jobs(todo, executor, on_progress=moved, progress=progress) if todo else []:
+    for outcome in runner(todo, executor, on_progress=moved, progress=progress) if todo else []:
         ranks.add(outcome.rank)
         if outcome.ok:
             report_.computed.append(outcome.key)
@@ -213,7 +217,8 @@ class FusionOutcome:
 
 def fuse_and_write(the_plan: Plan, stages: dict[str, StageReport], executor: ExecutorSettings,
                    run_info: dict | None = None, on_fraction: Fraction | None = None,
-                   progress: ProgressFactory | None = None) -> FusionOutcome:
+                   progress: ProgressFactory | None = None,
+                   runner: Runner = run_jobs) -> FusionOutcome:
     """Resume rule, fusion of what is left, then each pair's PNG and sidecar.
 
     A pair fails when its concept or content failed, when its fusion failed, or when writing
@@ -237,7 +242,7 @@ def fuse_and_write(the_plan: Plan, stages: dict[str, StageReport], executor: Exe
         storage.delete(storage.join(the_plan.run_uri, outputs.SUCCESS))
     groups = fusion_groups(todo)
     jobs = [fusion_job(group) for group in groups]
-    fusion = run_stage("fusion", jobs, executor, on_fraction, progress)
+    fusion = run_stage("fusion", jobs, executor, on_fraction, progress, runner)
     cache = StageCache(executor.cache_uri)
     for group, job in zip(groups, jobs):
         try:
@@ -355,14 +360,16 @@ def finish(summary: RunSummary, started_at: str, flow_run_id: str = "",
 # ---------------------------------------------------------------- all of it
 def run(request: RunRequest, *, manifest: Manifest | None = None, run_uri: str | None = None,
         progress: ProgressFactory | None = None, write_report: bool = True,
-        run_info: dict | None = None) -> RunSummary:
+        run_info: dict | None = None, runner: Runner = run_jobs) -> RunSummary:
     """Every step in order, without Prefect: what `vct translate` and the tests call."""
     started = datetime.now(UTC).isoformat()
     the_plan = plan(request, manifest, run_uri)
     executor = request.executor()
-    stages = {kind: run_stage(kind, the_plan.jobs(kind), executor, progress=progress)
+    stages = {kind: run_stage(kind, the_plan.jobs(kind), executor, progress=progress,
+                              runner=runner)
               for kind in ("concept", "content")}
-    fused = fuse_and_write(the_plan, stages, executor, run_info, progress=progress)
+    fused = fuse_and_write(the_plan, stages, executor, run_info, progress=progress,
+                           runner=runner)
     stages["fusion"] = fused.stage
     summary = summarize(the_plan, fused.pairs, stages, details={"model": request.model})
     finish(summary, started, write_report=write_report)

@@ -1,0 +1,249 @@
+"""The batch engine's rules without Prefect or a model: resume, skip, failure attribution,
+counts, run status, `_SUCCESS`, output names. A fake runner stands in for the executor and
+stores small, valid stage results, so each test takes milliseconds."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import make_image
+from vct import storage
+from vct.artifacts import FusedImages, Stored, result_bytes
+from vct.batch import engine
+from vct.batch.exec import ExecutorSettings
+from vct.batch.jobs import Job, JobOutcome
+from vct.batch.plan import hash_inputs, plan_run
+from vct.batch.settings import RunSettings
+from vct.cache import StageCache
+from vct.concept import ConceptResult, ConceptStats
+from vct.config import ConceptConfig, ConfigError, ContentConfig
+from vct.content import ContentResult, ContentStats
+from vct.manifest import parse_manifest
+
+T = 3
+
+
+class FakeRunner:
+    """Stores a valid entry for every job it is given, except the keys told to fail."""
+
+    def __init__(self, fail: set[str] | None = None):
+        self.fail = fail or set()
+        self.ran: Counter[str] = Counter()
+
+    def __call__(self, jobs: list[Job], settings: ExecutorSettings, **_: object):
+        cache = StageCache(settings.cache_uri)
+        out = []
+        for job in jobs:
+            self.ran[job.kind] += 1
+            if job.key in self.fail or job.input_uri in self.fail:
+                out.append(JobOutcome(job.kind, job.key, False, 0, 0.0, error=f"boom {job.kind}"))
+                continue
+            cache.put(job.kind, job.key, result_bytes(job.kind, _stored(job)))
+            out.append(JobOutcome(job.kind, job.key, True, 0, 0.01,
+                                  unet_evals={job.kind: 1}))
+        return out
+
+
+def _stored(job: Job) -> Stored:
+    prov = {"cache_key": job.key, "unet_evals": {job.kind: 1}, "seconds": 0.01,
+            "model": {"identity": "m" * 64, "source": "fake"}}
+    if job.kind == "concept":
+        return Stored(ConceptResult(torch.zeros(3, 4), ConceptConfig(**job.config),
+                                    ConceptStats([0.5], 2e-3, {"concept": 0.01})), prov)
+    if job.kind == "content":
+        z = torch.zeros(1, 4, 2, 2)
+        return Stored(ContentResult(z, torch.zeros(T, 2, 4), torch.zeros(T + 1, 4, 2, 2),
+                                    torch.zeros(T + 1, 4, 2, 2), ContentConfig(**job.config),
+                                    ContentStats([1] * T, [0.1] * T, [0.1] * T, [20, 10, 0], 16,
+                                                 seconds={"inversion": 0.01, "fit": 0.01})),
+                      prov)
+    k = len(job.config["concept_keys"])
+    images = torch.full((k, 8, 8, 3), int(job.key[:2], 16), dtype=torch.uint8)
+    summary = {"cache_key": "x", "seconds": {}, "unet_evals": {}}
+    return Stored(FusedImages(images), {**prov, "fusion_seconds": {"fusion": 0.01},
+                                        "content": summary, "concepts": [summary] * k})
+
+
+@pytest.fixture
+def inputs(tmp_path) -> dict[str, Path]:
+    paths = {}
+    for name, kind in (("a", 0), ("b", 2), ("ref1", 1), ("ref2", 3)):
+        paths[name] = tmp_path / f"{name}.png"
+        make_image(kind, (16, 16)).save(paths[name])
+    return paths
+
+
+def _manifest(tmp_path: Path, rows: list[str], prefix: str = "") -> Path:
+    """Rows of "source,reference,name": the name is the pair id (after `prefix`) and the
+    output name."""
+    path = tmp_path / "m.csv"
+    lines = [f"{r},{prefix}{r.rsplit(',', 1)[1]}" for r in rows]
+    path.write_text("source,reference,output_name,pair_id\n" + "\n".join(lines) + "\n")
+    return path
+
+
+def _run(tmp_path: Path, manifest: Path, runner: FakeRunner, **settings):
+    """One engine run with the fake runner: plan (fake model identity), stages, outputs."""
+    cfg = RunSettings.build({"content": {"num_inference_steps": T}, **settings})
+    parsed = parse_manifest(manifest.read_bytes(), str(manifest))
+    hashes = hash_inputs([u for r in parsed.rows for u in (r.source, r.reference)],
+                         storage.read_bytes)
+    plan = plan_run(parsed, hashes, "m" * 64, cfg, str(tmp_path / "out" / "run"), "run")
+    executor = ExecutorSettings(model="unused", cache_uri=str(tmp_path / "cache"))
+    stages = {kind: engine.run_stage(kind, plan.jobs(kind), executor, runner=runner)
+              for kind in ("concept", "content")}
+    fused = engine.fuse_and_write(plan, stages, executor, runner=runner)
+    summary = engine.summarize(plan, fused.pairs, {**stages, "fusion": fused.stage})
+    data = engine.finish(summary, "2026-01-01T00:00:00+00:00", write_report=False)
+    return summary, data
+
+
+def _status(summary) -> dict[str, str]:
+    return {p.pair_id: p.status for p in summary.pairs}
+
+
+def test_a_complete_run_writes_every_output_under_its_name_and_success(tmp_path, inputs):
+    m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},house",
+                             f"{inputs['b']},{inputs['ref1']},tree"], prefix="id-")
+    runner = FakeRunner()
+    summary, data = _run(tmp_path, m, runner)
+    assert _status(summary) == {"id-house": "ok", "id-tree": "ok"}
+    run = tmp_path / "out" / "run"
+    assert summary.status == "complete" == data["status"]
+    assert summary.counts["pairs_ok"] == 2 and summary.counts["concepts_computed"] == 1
+    assert runner.ran == {"concept": 1, "content": 2, "fusion": 2}
+    for name in ("house", "tree"):
+        sidecar = json.loads((run / f"{name}.json").read_text())
+        assert sidecar["png"] == f"{name}.png" and len(sidecar["png_sha256"]) == 64
+    assert (run / "_SUCCESS").exists()
+    # every link run.json gives resolves to a file (output_name, not pair_id)
+    for pair in data["pairs"]:
+        assert (run / pair["output_file"]).is_file() and (run / pair["sidecar_file"]).is_file()
+
+
+def test_a_rerun_computes_nothing_and_rewrites_nothing(tmp_path, inputs):
+    m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},house"])
+    _run(tmp_path, m, FakeRunner())
+    png = tmp_path / "out" / "run" / "house.png"
+    stamp = png.stat().st_mtime_ns
+    again = FakeRunner()
+    summary, _ = _run(tmp_path, m, again)
+    assert _status(summary) == {"house": "skipped"} and summary.status == "complete"
+    assert not again.ran and png.stat().st_mtime_ns == stamp
+    assert summary.counts["concepts_cached"] == 1 and summary.counts["contents_cached"] == 1
+
+
+def test_a_truncated_png_is_redone_not_kept(tmp_path, inputs):
+    m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},house"])
+    _run(tmp_path, m, FakeRunner())
+    png = tmp_path / "out" / "run" / "house.png"
+    good = png.read_bytes()
+    png.write_bytes(good[:20])
+    summary, _ = _run(tmp_path, m, FakeRunner())
+    assert _status(summary) == {"house": "ok"} and png.read_bytes() == good
+
+
+def test_a_failed_concept_fails_only_its_pairs(tmp_path, inputs):
+    m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},p1",
+                             f"{inputs['a']},{inputs['ref2']},p2",
+                             f"{inputs['b']},{inputs['ref2']},p3"])
+    summary, data = _run(tmp_path, m, FakeRunner(fail={str(inputs["ref2"])}))
+    assert _status(summary) == {"p1": "ok", "p2": "failed", "p3": "failed"}
+    assert summary.status == "partial" == data["status"]
+    assert summary.counts["concepts_failed"] == 1 and summary.counts["pairs_failed"] == 2
+    assert all(p.reason == "boom concept" for p in summary.pairs if p.status == "failed")
+    assert not (tmp_path / "out" / "run" / "_SUCCESS").exists()
+    assert "2 failed" in summary.message
+
+
+def test_a_failed_content_fails_only_its_pairs(tmp_path, inputs):
+    m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},p1",
+                             f"{inputs['b']},{inputs['ref1']},p2"])
+    summary, _ = _run(tmp_path, m, FakeRunner(fail={str(inputs["b"])}))
+    assert _status(summary) == {"p1": "ok", "p2": "failed"}
+    assert summary.counts["contents_failed"] == 1 and summary.counts["fusions_computed"] == 1
+
+
+def test_every_pair_failing_is_a_failed_run_without_success(tmp_path, inputs):
+    m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},p1"])
+    (tmp_path / "out" / "run").mkdir(parents=True)
+    (tmp_path / "out" / "run" / "_SUCCESS").write_text("stale")
+    summary, data = _run(tmp_path, m, FakeRunner(fail={str(inputs["ref1"])}))
+    assert summary.status == "failed" == data["status"]
+    assert not (tmp_path / "out" / "run" / "_SUCCESS").exists()
+
+
+def test_a_failed_fusion_fails_its_group_only(tmp_path, inputs):
+    m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},p1",
+                             f"{inputs['b']},{inputs['ref1']},p2"])
+
+    class FusionOfBFails(FakeRunner):
+        def __call__(self, jobs, settings, **kw):
+            self.fail = {str(inputs["b"])} if jobs[0].kind == "fusion" else set()
+            return super().__call__(jobs, settings, **kw)
+
+    summary, _ = _run(tmp_path, m, FusionOfBFails())
+    assert _status(summary) == {"p1": "ok", "p2": "failed"}
+    assert summary.counts["fusions_failed"] == 1 and summary.status == "partial"
+    assert next(p for p in summary.pairs if p.pair_id == "p2").reason == "fusion: boom fusion"
+
+
+def test_bad_rows_are_reported_and_do_not_fail_the_run(tmp_path, inputs):
+    m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},p1",
+                             f"{tmp_path / 'missing.png'},{inputs['ref1']},p2",
+                             f"{inputs['b']},{inputs['ref1']},run"])
+    summary, data = _run(tmp_path, m, FakeRunner())
+    assert _status(summary) == {"p1": "ok", "p2": "bad", "run": "bad"}
+    assert summary.status == "complete" and summary.counts["pairs_bad"] == 2
+    assert (tmp_path / "out" / "run" / "_SUCCESS").exists()
+    reasons = {f["line"]: f["reason"] for f in data["failures"]}
+    assert "not found" in reasons[3] and "a name the run itself writes" in reasons[4]
+
+
+def test_strict_refuses_the_manifest_with_a_bad_row(tmp_path, inputs, tiny_model_dir):
+    m = _manifest(tmp_path, [f"{tmp_path / 'missing.png'},{inputs['ref1']},p1"])
+    from vct.manifest import ManifestError
+
+    parsed = parse_manifest(m.read_bytes(), str(m))
+    assert parsed.rows  # the row parses; its input is what is missing
+    with pytest.raises(ManifestError, match="line 2"):
+        engine.plan(engine.prepare(str(m), str(tmp_path / "out"), str(tiny_model_dir),
+                                   {"strict": True}), manifest=parsed)
+    from vct.models import ModelError
+
+    with pytest.raises(ModelError, match="no such folder"):
+        engine.plan(engine.prepare(str(m), str(tmp_path / "out"), str(tmp_path / "nope")),
+                    manifest=parsed)
+
+
+def test_identical_rows_share_one_branch_and_each_get_an_output(tmp_path, inputs):
+    m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},one",
+                             f"{inputs['a']},{inputs['ref1']},two"])
+    runner = FakeRunner()
+    summary, _ = _run(tmp_path, m, runner)
+    run = tmp_path / "out" / "run"
+    assert runner.ran["fusion"] == 1 and summary.status == "complete"
+    assert (run / "one.png").read_bytes() == (run / "two.png").read_bytes()
+
+
+def test_prepare_refuses_what_needs_no_reading(tmp_path):
+    for model in ("", None, "   "):
+        with pytest.raises(ConfigError, match="model .*a model is required"):
+            engine.prepare("m.csv", str(tmp_path), model)
+    for run_id in ("../escaped", "/abs", ".hidden", "a/b", "run"):
+        with pytest.raises(ConfigError, match="run_id"):
+            engine.prepare("m.csv", str(tmp_path), "some/model", run_id=run_id)
+    with pytest.raises(ConfigError, match="content_batch"):
+        engine.prepare("m.csv", str(tmp_path), "some/model", {"content_batch": 0})
+    with pytest.raises(ConfigError, match="device"):
+        engine.prepare("m.csv", str(tmp_path), "some/model", {"device": "gpu"})
+    with pytest.raises(ConfigError, match="fusion.reweight_value"):
+        engine.prepare("m.csv", str(tmp_path), "some/model", {"fusion": {"reweight_value": -1}})
+    with pytest.raises(ConfigError, match="content.inversion_prompt"):
+        engine.prepare("m.csv", str(tmp_path), "some/model",
+                       {"content": {"inversion_prompt": "hello"}})
