@@ -56,7 +56,7 @@ def s3_run(prefect_harness, tiny_model_dir, bucket):
     storage.write_bytes(f"{bucket}/manifests/m1.csv", b"\xef\xbb\xbf" + manifest.encode())
     out = f"{bucket}/out"
     kwargs = {"manifest_uri": f"{bucket}/manifests/m1.csv", "output_uri": out,
-              "model": str(tiny_model_dir), "overrides": FAST}
+              "model": str(tiny_model_dir), "settings": FAST}
     first = restyle(**kwargs)
     before = _objects(first["output_uri"])
     second = restyle(**kwargs)
@@ -95,7 +95,8 @@ def test_run_json_counts_and_failures(s3_run):
     on_disk = json.loads(storage.read_bytes(f"{summary['output_uri']}/run.json"))
     assert on_disk["counts"] == s3_run["second"]["counts"]  # the latest run of this folder
     counts = summary["counts"]
-    assert counts["pairs_ok"] == 4 and counts["pairs_failed"] == 3
+    assert counts["pairs_ok"] == 4 and counts["pairs_bad"] == 3 and counts["pairs_failed"] == 0
+    assert summary["status"] == on_disk["status"] == "complete"  # bad rows do not fail a run
     assert counts["pairs_skipped"] == 0
     # ref1 and ref2 learned once each although ref1 serves three rows
     assert counts["concepts_computed"] == 2 and counts["concepts_cached"] == 0
@@ -148,7 +149,7 @@ def test_strict_fails_before_model_work(prefect_harness, tiny_model_dir, bucket)
     storage.write_bytes(f"{bucket}/strict/m.csv", b"source,reference\nx.png,\n")
     with pytest.raises(ManifestError, match="line 2"):
         restyle(manifest_uri=f"{bucket}/strict/m.csv", output_uri=f"{bucket}/strict-out",
-                model=str(tiny_model_dir), strict=True, overrides=FAST)
+                model=str(tiny_model_dir), settings={**FAST, "strict": True})
     assert storage.list_uris(f"{bucket}/strict-out") == []
 
 
@@ -161,7 +162,7 @@ def test_incoming_prefix_processes_each_manifest_once(prefect_harness, tiny_mode
                         f"source,reference\n{bucket}/inc-img/s.png,{bucket}/inc-img/r.png\n"
                         .encode())
     kwargs = {"incoming_uri": f"{bucket}/incoming/", "output_uri": f"{bucket}/inc-out",
-              "model": str(tiny_model_dir), "overrides": FAST}
+              "model": str(tiny_model_dir), "settings": FAST}
     first = restyle_incoming(**kwargs)
     assert [r["status"] for r in first] == ["done"]
     marker = json.loads(storage.read_bytes(f"{bucket}/incoming/new.csv.processed"))
@@ -183,20 +184,19 @@ def test_accelerate_fan_out_gives_the_same_outputs_as_in_process(prefect_harness
         (tmp_path / name).write_bytes(_png(kind))
     (tmp_path / "m.csv").write_text("source,reference\ns1.png,r1.png\ns2.png,r2.png\n"
                                     "s1.png,r2.png\n")
-    common = {"manifest_uri": str(tmp_path / "m.csv"), "model": str(tiny_model_dir),
-              "overrides": FAST}
+    common = {"manifest_uri": str(tmp_path / "m.csv"), "model": str(tiny_model_dir)}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # fusion runs in this process in both modes
     try:
-        local = restyle(output_uri=str(tmp_path / "local"), **common)
-        fanned = restyle(output_uri=str(tmp_path / "acc"), executor="accelerate",
-                         num_processes=2, **common)
+        local = restyle(output_uri=str(tmp_path / "local"), settings=FAST, **common)
+        fanned = restyle(output_uri=str(tmp_path / "acc"), **common, settings={
+            **FAST, "executor": "accelerate", "num_processes": 2})
     finally:
         torch.set_num_threads(threads)
     assert fanned["counts"]["concepts_computed"] == 2 and fanned["counts"]["pairs_ok"] == 3
-    assert sorted(fanned["details"]["ranks"]["concept"]) == [0, 1]
+    assert sorted(fanned["details"]["stages"]["concept"]["ranks"]) == [0, 1]
     for pair in local["pairs"]:
-        name = pair["pair_id"] + ".png"
+        name = pair["output_file"]
         assert (tmp_path / "local" / local["run_id"] / name).read_bytes() == \
             (tmp_path / "acc" / fanned["run_id"] / name).read_bytes(), name
 
@@ -221,7 +221,7 @@ def test_transient_storage_errors_are_retried_by_the_task(prefect_harness, tiny_
 
     monkeypatch.setattr(storage, "read_bytes", flaky_read)
     result = restyle(manifest_uri=str(tmp_path / "m.csv"), output_uri=str(tmp_path / "out"),
-                     model=str(tiny_model_dir), overrides=FAST)
+                     model=str(tiny_model_dir), settings=FAST)
     assert result["counts"]["pairs_ok"] == 1 and calls["n"] > 1
 
 
@@ -258,11 +258,77 @@ def test_progress_moves_while_the_run_goes(prefect_harness, tiny_model_dir, tmp_
     (tmp_path / "m.csv").write_text("source,reference\ns1.png,r.png\ns2.png,r.png\n")
     summary = module.restyle(manifest_uri=str(tmp_path / "m.csv"),
                              output_uri=str(tmp_path / "out"), model=str(tiny_model_dir),
-                             overrides=FAST, content_batch=2)  # both sources in one fit
+                             settings={**FAST, "content_batch": 2})  # both in one fit
     assert summary["counts"]["contents_computed"] == 2 and summary["counts"]["pairs_ok"] == 2
-    from vct.artifacts import ContentResult
+    from vct.artifacts import load_result
 
     entries = sorted((tmp_path / "out" / "_cache" / "content").rglob("*.safetensors"))
-    assert [ContentResult.from_bytes(e.read_bytes()).meta["batch_size"] for e in entries] == [2, 2]
+    assert [load_result("content", e.read_bytes()).provenance["batch_size"]
+            for e in entries] == [2, 2]
     assert seen == sorted(seen) and seen[-1] == 100.0
     assert len({round(v, 3) for v in seen if 0 < v < 100}) >= 3  # concept, contents, fusion
+
+
+def test_a_run_whose_pairs_all_fail_is_failed_and_leaves_no_success(prefect_harness,
+                                                                    tiny_model_dir, tmp_path):
+    """Every concept job fails (a reference size that is not a multiple of the VAE factor is
+    found only when the job runs): the flow run is Failed, its message gives the counts,
+    run.json says failed, and there is no _SUCCESS."""
+    from flows.restyle import RunFailed, restyle
+
+    for name, kind in (("s.png", 0), ("r.png", 1)):
+        (tmp_path / name).write_bytes(_png(kind))
+    (tmp_path / "m.csv").write_text("source,reference\ns.png,r.png\n")
+    bad = {**FAST, "concept": {**FAST["concept"], "reference_resolution": 12}}
+    state = restyle(manifest_uri=str(tmp_path / "m.csv"), output_uri=str(tmp_path / "out"),
+                    model=str(tiny_model_dir), settings=bad, return_state=True)
+    assert state.is_failed() and "0 ok, 0 skipped, 1 failed" in state.message
+    outcome = state.result(raise_on_failure=False)
+    assert isinstance(outcome, RunFailed) and outcome.summary["status"] == "failed"
+    run = tmp_path / "out" / outcome.summary["run_id"]
+    assert json.loads((run / "run.json").read_text())["status"] == "failed"
+    assert not (run / "_SUCCESS").exists()
+    with pytest.raises(RunFailed, match="1 failed"):  # a plain call raises with the counts
+        restyle(manifest_uri=str(tmp_path / "m.csv"), output_uri=str(tmp_path / "out"),
+                model=str(tiny_model_dir), settings=bad)
+
+
+def test_the_flows_refuse_a_missing_model_and_bad_settings_before_any_write(
+        prefect_harness, bucket, tmp_path):
+    from flows.restyle import restyle, restyle_incoming
+    from vct.config import ConfigError
+
+    storage.write_bytes(f"{bucket}/nomodel/in/m.csv", b"source,reference\na.png,b.png\n")
+    with pytest.raises(ConfigError, match="model .*a model is required"):
+        restyle(manifest_uri=f"{bucket}/nomodel/in/m.csv", output_uri=f"{bucket}/nomodel/out",
+                model="")
+    with pytest.raises(ConfigError, match="model .*a model is required"):
+        restyle_incoming(incoming_uri=f"{bucket}/nomodel/in/", output_uri=f"{bucket}/nomodel/out",
+                         model="")
+    assert storage.list_uris(f"{bucket}/nomodel/") == [f"{bucket}/nomodel/in/m.csv"]  # no claim
+    for settings, field in (({"content_batch": 0}, "content_batch"),
+                            ({"device": "gpu"}, "device"),
+                            ({"fusion": {"self_attention_injection_ratio": 2}},
+                             "self_attention_injection_ratio")):
+        with pytest.raises(Exception, match=field):
+            restyle(manifest_uri=str(tmp_path / "m.csv"), output_uri=str(tmp_path / "out"),
+                    model="some/model", settings=settings)
+    assert not (tmp_path / "out").exists()
+
+
+def test_incoming_records_a_failed_child_and_fails_itself(prefect_harness, tiny_model_dir,
+                                                          bucket):
+    from flows.restyle import RunFailed, restyle_incoming
+
+    storage.write_bytes(f"{bucket}/inc2-img/s.png", _png(0))
+    storage.write_bytes(f"{bucket}/inc2-img/r.png", _png(1))
+    storage.write_bytes(f"{bucket}/incoming2/bad.csv",
+                        f"source,reference\n{bucket}/inc2-img/s.png,{bucket}/inc2-img/r.png\n"
+                        .encode())
+    bad = {**FAST, "concept": {**FAST["concept"], "reference_resolution": 12}}
+    state = restyle_incoming(incoming_uri=f"{bucket}/incoming2/", output_uri=f"{bucket}/inc2-out",
+                             model=str(tiny_model_dir), settings=bad, return_state=True)
+    assert state.is_failed() and "1 of 1 manifest(s) did not complete" in state.message
+    assert isinstance(state.result(raise_on_failure=False), RunFailed)
+    marker = json.loads(storage.read_bytes(f"{bucket}/incoming2/bad.csv.processed"))
+    assert marker["status"] == "failed" and marker["counts"]["pairs_failed"] == 1
