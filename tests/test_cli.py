@@ -56,9 +56,9 @@ def bad_inputs(tmp_path, images):
     ("not_image", "notes.png: not a readable image"),
     ("wrong_model", "not a Stable Diffusion 1.x diffusers folder"),
     ("missing_model", "no such folder"),
-    ("range", "flip_p (--flip-p): must be <= 1.0"),
-    ("type", "num_inner_steps (--num-inner-steps): expected int"),
-    ("choice", "content_target (--content-target): must be one of pivot, x0"),
+    ("range", "flip_p (--flip-p): must be <= 1.0, got '3'"),
+    ("type", "num_inner_steps (--num-inner-steps): expected int, got '2.5'"),
+    ("choice", "content_target (--content-target): must be one of pivot or x0"),
 ])
 def test_bad_input_gets_one_line_and_nonzero_exit(case, needle, tiny_model_dir, images,
                                                  bad_inputs, tmp_path, capsys):
@@ -103,19 +103,60 @@ def test_tiny_model_command(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["missing.csv", "--output", "OUT"], "manifest not found: missing.csv"),
-    (["MANIFEST", "--output", "OUT", "--set", "concept.bogus=1"], "bogus (--bogus): unknown"),
-    (["MANIFEST", "--output", "OUT", "--set", "nodot=1"], "is not STAGE.FIELD=VALUE"),
+    (["missing.csv", "--output", "OUT", "--model", "MODEL"], "manifest not found: missing.csv"),
+    (["MANIFEST", "--output", "OUT", "--model", "MODEL", "--set", "concept.bogus=1"],
+     "concept.bogus (--bogus): unknown"),
+    (["MANIFEST", "--output", "OUT", "--model", "MODEL", "--set", "nodot=1"],
+     "is not STAGE.FIELD=VALUE"),
     (["MANIFEST", "--output", "OUT", "--model", "NOMODEL"], "no such folder"),
-    (["BADMANIFEST", "--output", "OUT", "--strict"], "line 2"),
+    (["MANIFEST", "--output", "OUT", "--model", ""], "model (--model): a model is required"),
+    (["MANIFEST", "--output", "OUT", "--model", "MODEL", "--content-batch", "0"],
+     "content_batch (--content-batch): must be >= 1"),
+    (["MANIFEST", "--output", "OUT", "--model", "MODEL", "--device", "gpu"], "device (--device)"),
+    (["MANIFEST", "--output", "OUT", "--model", "MODEL", "--run-id", "../x"], "run_id"),
+    (["MANIFEST", "--output", "OUT", "--model", "MODEL", "--set",
+      "content.inversion_prompt=hello"], "content.inversion_prompt"),
+    (["BADMANIFEST", "--output", "OUT", "--model", "MODEL", "--strict"], "line 2"),
 ])
-def test_run_refuses_bad_input_before_starting_prefect(args, needle, tmp_path, capsys):
+def test_run_refuses_bad_input_before_starting_prefect(args, needle, tiny_model_dir, tmp_path,
+                                                      capsys):
     (tmp_path / "m.csv").write_text("source,reference\na.png,b.png\n")
     (tmp_path / "bad.csv").write_text("source,reference\na.png,\n")
     subs = {"MANIFEST": str(tmp_path / "m.csv"), "BADMANIFEST": str(tmp_path / "bad.csv"),
             "OUT": str(tmp_path / "out"), "NOMODEL": str(tmp_path / "nomodel"),
-            "missing.csv": "missing.csv"}
+            "MODEL": str(tiny_model_dir), "missing.csv": "missing.csv"}
     code = main(["run", *[subs.get(a, a) for a in args]])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("vct: error:") and needle in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_run_without_a_model_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", str(tmp_path / "m.csv"), "--output", str(tmp_path / "out")])
+    assert exit_.value.code == 2 and "--model" in capsys.readouterr().err
+
+
+def test_translate_and_run_write_bit_identical_pngs(prefect_harness, tiny_model_dir, images,
+                                                    tmp_path):
+    """One engine behind both commands: the same inputs and seed give the same bytes.
+    (No capsys with flow runs: Prefect's console handler would keep its closed stream.)"""
+    assert _translate(tiny_model_dir, images, tmp_path / "tr", "--seed", "3") == 0
+    (tmp_path / "m.csv").write_text(f"source,reference,output_name\n{images['src_a']},"
+                                    f"{images['ref']},a\n{images['src_b']},{images['ref']},b\n")
+    code = main(["run", str(tmp_path / "m.csv"), "--output", str(tmp_path / "runs"),
+                 "--model", str(tiny_model_dir), "--seed", "3", "--run-id", "r", *FAST[:-1]])
+    assert code == 0
+    assert json.loads((tmp_path / "runs" / "r" / "run.json").read_text())["status"] == "complete"
+    for stem, name in (("src_a", "a"), ("src_b", "b")):
+        assert (tmp_path / "tr" / f"{stem}.png").read_bytes() == \
+            (tmp_path / "runs" / "r" / f"{name}.png").read_bytes(), stem
+
+
+def test_run_exits_1_when_pairs_failed(prefect_harness, tiny_model_dir, images, tmp_path):
+    (tmp_path / "m.csv").write_text(f"source,reference\n{images['src_a']},{images['ref']}\n")
+    code = main(["run", str(tmp_path / "m.csv"), "--output", str(tmp_path / "runs"),
+                 "--model", str(tiny_model_dir), *FAST[:-1], "--reference-resolution", "12",
+                 "--run-id", "r"])
+    summary = json.loads((tmp_path / "runs" / "r" / "run.json").read_text())
+    assert code == 1 and summary["status"] == "failed" and summary["counts"]["pairs_failed"] == 1

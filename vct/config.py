@@ -157,12 +157,23 @@ def config_error(exc: ValidationError, prefix: str = "") -> ConfigError:
     """The first problem of a pydantic error as one line naming the field and its flag."""
     err = exc.errors(include_url=False)[0]
     name = ".".join(str(p) for p in err["loc"]) or "settings"
-    message = err["msg"].removeprefix("Value error, ")
-    if err["type"] not in ("missing", "extra_forbidden"):
-        message += f", got {err['input']!r}"
-    elif err["type"] == "extra_forbidden":
-        message = "unknown setting"
-    return ConfigError(prefix + name, message)
+    kind, ctx = err["type"], err.get("ctx") or {}
+    short = {"less_than_equal": "must be <= {le}", "greater_than_equal": "must be >= {ge}",
+             "greater_than": "must be > {gt}", "less_than": "must be < {lt}",
+             "int_parsing": "expected int", "int_from_float": "expected int",
+             "float_parsing": "expected float", "bool_parsing": "expected true or false",
+             "string_pattern_mismatch": "must match {pattern}"}
+    if kind == "extra_forbidden":
+        return ConfigError(prefix + name, "unknown setting")
+    if kind == "missing":
+        return ConfigError(prefix + name, "a value is required")
+    if kind == "literal_error":
+        message = "must be one of " + ctx.get("expected", "").replace("'", "")
+    elif kind in short:
+        message = short[kind].format(**ctx)
+    else:
+        message = err["msg"].removeprefix("Value error, ")
+    return ConfigError(prefix + name, f"{message}, got {err['input']!r}")
 
 
 def with_overrides(cfg: C, overrides: dict[str, Any], prefix: str = "") -> C:

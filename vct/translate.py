@@ -21,7 +21,7 @@ from vct.batch.settings import RunSettings
 from vct.batch.summary import RunSummary
 from vct.cache import StageCache
 from vct.errors import UserError
-from vct.manifest import Manifest, PairRow
+from vct.manifest import Manifest, ManifestError, PairRow
 
 
 class InputError(UserError, ValueError):
@@ -62,8 +62,13 @@ def translate(model: str, reference: Path, sources: list[Path], out_dir: Path,
     try:
         request = engine.prepare(manifest.manifest_uri, str(out_dir), model,
                                  settings.model_copy(update={"cache_uri": cache_uri}))
-        summary = engine.run(request, manifest=manifest, run_uri=str(out_dir),
-                             progress=progress, write_report=False)
+        try:
+            summary = engine.run(request, manifest=manifest, run_uri=str(out_dir),
+                                 progress=progress, write_report=False)
+        except ManifestError as exc:  # an unreadable input: one line naming the file
+            if not exc.errors:
+                raise
+            raise InputError("; ".join(e.reason for e in exc.errors)) from None
         plan_key = summary.stages["concept"].computed + summary.stages["concept"].cached
         concept = load(StageCache(cache_uri), "concept", plan_key[0]) if plan_key else None
         if concept is not None:
