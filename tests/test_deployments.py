@@ -71,6 +71,7 @@ def test_prefect_yaml_declares_the_three_deployments():
 
     on_demand = deps["on-demand"]
     assert on_demand["entrypoint"] == "flows/restyle.py:restyle"
+    assert on_demand["parameters"] == {"model": ""}
     assert not on_demand.get("schedules")
     assert not on_demand.get("schedule")
 
@@ -78,7 +79,9 @@ def test_prefect_yaml_declares_the_three_deployments():
         dep = deps[name]
         assert dep["entrypoint"] == "flows/restyle.py:restyle_incoming"
         params = dep["parameters"]
-        assert set(params) == {"incoming_uri", "output_uri"}
+        assert set(params) == {"incoming_uri", "output_uri", "model"}
+        assert params["model"] == ""  # refuses to run until a platform engineer sets it
+        assert all(not sched["active"] for sched in dep["schedules"])  # shipped inactive
         assert params["incoming_uri"].startswith("s3://") and params["incoming_uri"].endswith("/")
         assert params["output_uri"].startswith("s3://")
 
@@ -276,6 +279,21 @@ def test_on_demand_deployment_is_created_and_a_run_completes(prefect_env, tmp_pa
     frequent = deployments["restyle-incoming/frequent"]
     assert [s["schedule"]["interval"] for s in frequent["schedules"]] == [300.0]
     assert frequent["global_concurrency_limit"]["limit"] == 1
+    for name, dep in deployments.items():
+        if dep["schedules"]:
+            assert not any(s["active"] for s in dep["schedules"]), name
+        # typed, described parameters, the nested stage settings included (a Prefect form)
+        schema = dep["parameter_openapi_schema"]
+        assert schema["properties"]["model"]["type"] == "string"
+        assert "model" in schema["required"] or dep["parameters"].get("model") == ""
+        described = {k: v for k, v in schema["definitions"].items()
+                     if k in ("RunSettings", "ConceptConfig", "ContentConfig", "FusionConfig")}
+        assert len(described) == 4, sorted(schema["definitions"])
+        for defn in described.values():
+            assert all(p.get("description") for p in defn["properties"].values()), defn
+        assert described["FusionConfig"]["properties"]["reweight_positions"]["enum"] == [
+            "original", "concept_tokens"]
+        assert described["RunSettings"]["properties"]["content_batch"]["minimum"] == 1
 
     manifest = _write_manifest(tmp_path / "job")
     output = tmp_path / "out"
@@ -284,8 +302,8 @@ def test_on_demand_deployment_is_created_and_a_run_completes(prefect_env, tmp_pa
         "--param", f"manifest_uri={manifest}",
         "--param", f"output_uri={output}",
         "--param", f"model={tiny_model_dir}",  # the session's tiny model (conftest)
-        "--param", f"cache_uri={tmp_path / 'cache'}",
-        "--param", f"overrides={json.dumps(FAST_OVERRIDES)}",
+        "--param", "settings=" + json.dumps({**FAST_OVERRIDES,
+                                             "cache_uri": str(tmp_path / "cache")}),
     )
     match = re.search(r"UUID:\s*([0-9a-f-]{36})", ran)
     assert match, ran
