@@ -99,17 +99,15 @@ def test_local_list_exists_delete(tmp_path: Path) -> None:
     assert not storage.exists(storage.join(root, "b.txt"))
 
 
-def test_local_write_and_download_file(tmp_path: Path) -> None:
+def test_local_write_file_copies_atomically(tmp_path: Path) -> None:
     src = tmp_path / "src.bin"
     src.write_bytes(b"payload")
     dest = str(tmp_path / "d" / "copy.bin")
     storage.write_file(dest, src)
-    back = tmp_path / "e" / "back.bin"
-    storage.download_file(dest, back)
-    assert back.read_bytes() == b"payload"
+    assert storage.read_bytes(dest) == b"payload"
     assert _tmp_files(tmp_path) == []
     with pytest.raises(storage.StorageNotFound):
-        storage.download_file(str(tmp_path / "none"), tmp_path / "x")
+        storage.write_file(dest, tmp_path / "none")
 
 
 def test_local_etag_or_mtime_changes_with_content(tmp_path: Path) -> None:
@@ -207,21 +205,17 @@ def test_s3_list_is_folder_scoped_and_sorted(s3_bucket: str) -> None:
     assert len(storage.list_uris(s3_bucket)) == 4
 
 
-def test_s3_files_and_etag(s3_bucket: str, tmp_path: Path) -> None:
+def test_s3_write_file_and_etag(s3_bucket: str, tmp_path: Path) -> None:
     src = tmp_path / "src.bin"
     src.write_bytes(b"abc" * 100)
     uri = storage.join(s3_bucket, "f.bin")
     storage.write_file(uri, src)
-    dest = tmp_path / "out" / "f.bin"
-    storage.download_file(uri, dest)
-    assert dest.read_bytes() == src.read_bytes()
-    assert _tmp_files(tmp_path) == []
+    assert storage.read_bytes(uri) == src.read_bytes()
     etag = storage.etag_or_mtime(uri)
     storage.write_bytes(uri, b"changed")
     assert storage.etag_or_mtime(uri) != etag
     with pytest.raises(storage.StorageNotFound):
-        storage.download_file(storage.join(s3_bucket, "nope"), tmp_path / "nope")
-    assert not (tmp_path / "nope").exists() and _tmp_files(tmp_path) == []
+        storage.etag_or_mtime(storage.join(s3_bucket, "nope"))
 
 
 def test_s3_create_if_absent(s3_bucket: str) -> None:

@@ -351,28 +351,6 @@ def write_file(uri: str, local_path: str | os.PathLike[str],
     _atomic_local_write(_local_path(uri), _copy_from(src))
 
 
-def download_file(uri: str, local_path: str | os.PathLike[str]) -> None:
-    """Fetch uri into local_path atomically: a crash never leaves a truncated file behind that a
-    later "exists, skip" check would trust."""
-    target = Path(local_path)
-    if not is_s3(uri):
-        src = _local_path(uri)
-        if not src.is_file():
-            raise StorageNotFound(uri)
-        _atomic_local_write(target, _copy_from(src))
-        return
-    bucket, key = _require_key(uri)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(target)
-    try:
-        with _s3_errors(uri):
-            s3_client().download_file(bucket, key, str(tmp), Config=_TRANSFER_CONFIG)
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
 # ---------------------------------------------------------------- metadata
 def exists(uri: str) -> bool:
     """True if an object (a file, not a folder or bare prefix) exists at uri."""
