@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import errno
 import os
 from pathlib import Path
 
@@ -29,6 +31,13 @@ def _count_calls(operation: str) -> list[str]:
     return calls
 
 
+@pytest.fixture(autouse=True)
+def _fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Job-level retries keep their default count but wait about a millisecond."""
+    monkeypatch.setenv(storage.ENV_RETRY_BASE, "0.001")
+    monkeypatch.setenv(storage.ENV_RETRY_MAX, "0.002")
+
+
 # ---------------------------------------------------------------- local
 def test_local_round_trip_creates_parents_and_leaves_no_temp(tmp_path: Path) -> None:
     uri = str(tmp_path / "a" / "b" / "x.bin")
@@ -48,14 +57,30 @@ def test_local_failed_write_leaves_no_target_and_no_temp(tmp_path: Path,
         # The data is in the temp file now; a reader must still not see the target.
         seen_during_write.append(target.exists())
         assert len(_tmp_files(tmp_path)) == 1
-        raise OSError("disk on fire")
+        raise OSError(errno.EIO, "disk on fire")
 
     monkeypatch.setattr(storage.os, "fsync", failing_fsync)
-    with pytest.raises(OSError, match="disk on fire"):
+    with pytest.raises(storage.StorageUnavailable, match="disk on fire.*gave up after 4 tries"):
         storage.write_bytes(str(target), b"x" * 1000)
-    assert seen_during_write == [False]
+    assert seen_during_write == [False] * 4  # EIO is transient: retried, each from a new temp
     assert not target.exists()
     assert _tmp_files(tmp_path) == []
+
+
+def test_local_full_disk_is_permanent_and_not_retried(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+
+    def full(fd: int) -> None:
+        calls.append(fd)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage.os, "fsync", full)
+    target = tmp_path / "result.bin"
+    with pytest.raises(storage.StorageFailed, match=r"storage failed: .*result\.bin \(write: .*"
+                                                    r"No space left"):
+        storage.write_bytes(str(target), b"x")
+    assert len(calls) == 1 and _tmp_files(tmp_path) == []
 
 
 def test_local_failed_overwrite_keeps_old_content(tmp_path: Path,
@@ -169,6 +194,15 @@ def test_is_transient() -> None:
     assert not storage.is_transient(PermissionError())
     assert not storage.is_transient(storage.StorageNotFound("s3://b/k"))
     assert not storage.is_transient(ValueError("bug"))
+    assert not storage.is_transient(_client_error("AccessDenied", 403))
+    assert not storage.is_transient(_client_error("NotImplemented", 501))
+    assert storage.is_transient(_client_error("TooManyRequests", 429))
+    assert not storage.is_transient(OSError(errno.ENOSPC, "full"))
+    assert storage.is_transient(OSError(errno.EIO, "io"))
+    assert storage.is_transient(storage.StorageUnavailable("s3://b/k", "HTTP 503 SlowDown"))
+    for permanent in (storage.StorageAccessDenied, storage.InputTooLarge,
+                      storage.NotARegularFile, storage.StorageFailed):
+        assert not storage.is_transient(permanent("s3://b/k"))
     wrapped = storage.StorageError("wrapped")
     wrapped.__cause__ = _client_error("SlowDown", 503)
     assert storage.is_transient(wrapped)
@@ -312,3 +346,64 @@ def test_is_transient_sees_through_upload_failure() -> None:
             raise boto3.exceptions.S3UploadFailedError("Failed to upload")  # noqa: B904
     except boto3.exceptions.S3UploadFailedError as exc:
         assert storage.is_transient(exc)
+
+
+# ---------------------------------------------------------------- errors and retrying
+def test_errors_are_one_line_name_the_uri_and_survive_copying() -> None:
+    exc = storage.StorageAccessDenied("s3://b/k.png", "read: HTTP 403 AccessDenied", status=403,
+                                      code="AccessDenied")
+    assert str(exc) == "permission denied: s3://b/k.png (read: HTTP 403 AccessDenied)"
+    assert isinstance(exc, storage.StorageError)
+    again = copy.deepcopy(exc)  # what pickling (Prefect moving a task's error) goes through
+    assert type(again) is type(exc) and str(again) == str(exc)
+    assert (again.uri, again.status, again.code) == ("s3://b/k.png", 403, "AccessDenied")
+    assert str(copy.copy(storage.StorageNotFound("/x"))) == "not found: /x"
+
+
+def test_retrying_retries_transient_then_succeeds_and_leaves_bugs_alone() -> None:
+    calls: list[int] = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError(errno.EIO, "flaky")
+        return "ok"
+
+    policy = storage.RetryPolicy(attempts=3, base_delay_s=0.001, max_delay_s=0.001)
+    assert storage.retrying(flaky, uri="/x", action="read", policy=policy) == "ok"
+    assert len(calls) == 3
+
+    def bug() -> None:
+        calls.append(1)
+        raise TypeError("a bug, not storage")
+
+    calls.clear()
+    with pytest.raises(TypeError):
+        storage.retrying(bug, uri="/x", action="read", policy=policy)
+    assert len(calls) == 1
+
+
+def test_retry_policy_backoff_is_exponential_jittered_and_capped() -> None:
+    policy = storage.RetryPolicy(attempts=9, base_delay_s=1.0, max_delay_s=4.0)
+    for failed, ceiling in ((1, 1.0), (2, 2.0), (3, 4.0), (6, 4.0)):
+        delays = {policy.delay(failed) for _ in range(50)}
+        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+        assert len(delays) > 1  # jitter
+
+
+def test_config_env_vars_are_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(storage.ENV_STORAGE_ATTEMPTS, "0")
+    with pytest.raises(ValueError, match="VCT_STORAGE_ATTEMPTS must be at least 1"):
+        storage.RetryPolicy.from_env()
+    monkeypatch.setenv(storage.ENV_STORAGE_ATTEMPTS, "7")
+    monkeypatch.setenv(storage.ENV_RETRY_DEADLINE, "2.5")
+    assert storage.RetryPolicy.from_env().attempts == 7
+    assert storage.RetryPolicy.from_env().deadline_s == 2.5
+    monkeypatch.setenv(storage.ENV_S3_READ_TIMEOUT, "nan")
+    with pytest.raises(ValueError, match="VCT_S3_READ_TIMEOUT"):
+        storage.s3_config()
+    monkeypatch.setenv(storage.ENV_S3_READ_TIMEOUT, "7")
+    monkeypatch.setenv(storage.ENV_S3_MAX_ATTEMPTS, "9")
+    config = storage.s3_config()
+    assert config.read_timeout == 7.0
+    assert config.retries == {"mode": "standard", "total_max_attempts": 9}
