@@ -5,12 +5,20 @@ from __future__ import annotations
 import copy
 import errno
 import os
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import boto3
 import botocore.exceptions
 import pytest
 
 from vct import storage
+
+if TYPE_CHECKING:
+    from tests.fault_proxy import FaultProxy
+
+pytest_plugins = ("tests.fault_proxy",)  # the fault_proxy fixture (imported by pytest itself)
 
 
 def _tmp_files(folder: Path) -> list[Path]:
@@ -407,3 +415,166 @@ def test_config_env_vars_are_validated(monkeypatch: pytest.MonkeyPatch) -> None:
     config = storage.s3_config()
     assert config.read_timeout == 7.0
     assert config.retries == {"mode": "standard", "total_max_attempts": 9}
+
+
+# ---------------------------------------------------------------- S3 faults through the proxy
+def _put_direct(s3_server: str, uri: str, data: bytes) -> None:
+    """Write straight to moto, bypassing the proxy (and its faults)."""
+    bucket, key = uri[len("s3://"):].split("/", 1)
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").put_object(
+        Bucket=bucket, Key=key, Body=data)
+
+
+def _get_direct(s3_server: str, uri: str) -> bytes:
+    bucket, key = uri[len("s3://"):].split("/", 1)
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def test_s3_burst_of_seven_slowdowns_on_a_get_is_survived(fault_proxy: FaultProxy,
+                                                          s3_server: str, s3_bucket: str) -> None:
+    uri = storage.join(s3_bucket, "img.png")
+    _put_direct(s3_server, uri, b"pixels")
+    fault_proxy.fail("img.png", 503, "SlowDown", times=7, method="GET")
+    assert storage.read_bytes(uri) == b"pixels"
+    # botocore's 5 attempts were not enough; the job-level retry made the other 3.
+    assert fault_proxy.count("img.png", "GET") == 8
+
+
+def test_s3_max_attempts_reach_botocore(fault_proxy: FaultProxy, s3_server: str, s3_bucket: str,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    uri = storage.join(s3_bucket, "img.png")
+    _put_direct(s3_server, uri, b"pixels")
+    fault_proxy.fail("img.png", 503, "SlowDown", method="GET")
+    monkeypatch.setenv(storage.ENV_STORAGE_ATTEMPTS, "1")
+    with pytest.raises(storage.StorageUnavailable, match="HTTP 503 SlowDown"):
+        storage.read_bytes(uri)
+    assert fault_proxy.count("img.png") == storage.DEFAULT_S3_MAX_ATTEMPTS
+    monkeypatch.setenv(storage.ENV_S3_MAX_ATTEMPTS, "2")  # a new client: part of its cache key
+    with pytest.raises(storage.StorageUnavailable):
+        storage.read_bytes(uri)
+    assert fault_proxy.count("img.png") == storage.DEFAULT_S3_MAX_ATTEMPTS + 2
+
+
+def test_s3_dropped_connections_are_recovered(fault_proxy: FaultProxy, s3_server: str,
+                                              s3_bucket: str) -> None:
+    uri = storage.join(s3_bucket, "img.png")
+    _put_direct(s3_server, uri, b"pixels")
+    fault_proxy.drop("img.png", times=6, method="GET")
+    assert storage.read_bytes(uri) == b"pixels"
+    assert fault_proxy.count("img.png", "GET") == 7
+
+
+def test_s3_slow_responses_within_and_beyond_the_read_timeout(
+        fault_proxy: FaultProxy, s3_server: str, s3_bucket: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(storage.ENV_S3_READ_TIMEOUT, "0.5")
+    uri = storage.join(s3_bucket, "img.png")
+    _put_direct(s3_server, uri, b"pixels")
+    fault_proxy.delay("img.png", 0.2, times=2, method="GET")
+    assert storage.read_bytes(uri) == b"pixels"  # slow but within the timeout: one request
+    assert storage.read_bytes(uri) == b"pixels"
+    assert fault_proxy.count("img.png", "GET") == 2
+    fault_proxy.clear()
+    fault_proxy.delay("img.png", 1.5, times=1, method="GET")
+    start = time.monotonic()
+    assert storage.read_bytes(uri) == b"pixels"  # timed out once, retried
+    assert time.monotonic() - start < 1.4
+    assert fault_proxy.count("img.png", "GET") == 4
+
+
+def test_s3_permanent_403_fails_fast_and_is_not_retried(fault_proxy: FaultProxy,
+                                                        s3_server: str, s3_bucket: str) -> None:
+    uri = storage.join(s3_bucket, "secret.png")
+    _put_direct(s3_server, uri, b"pixels")
+    fault_proxy.fail("secret.png", 403, "AccessDenied")
+    start = time.monotonic()
+    with pytest.raises(storage.StorageAccessDenied) as caught:
+        storage.read_bytes(uri)
+    assert str(caught.value) == f"permission denied: {uri} (read: HTTP 403 AccessDenied)"
+    assert caught.value.status == 403 and not storage.is_transient(caught.value)
+    assert fault_proxy.count("secret.png") == 1
+    with pytest.raises(storage.StorageAccessDenied, match="HTTP 403"):
+        storage.exists(uri)  # a HEAD: no error body, still a clear 403
+    assert fault_proxy.count("secret.png") == 2
+    assert time.monotonic() - start < 1.0
+
+
+def test_s3_permanent_500_fails_after_bounded_retries(fault_proxy: FaultProxy, s3_server: str,
+                                                      s3_bucket: str) -> None:
+    uri = storage.join(s3_bucket, "broken.png")
+    _put_direct(s3_server, uri, b"pixels")
+    fault_proxy.fail("broken.png", 500, "InternalError")
+    with pytest.raises(storage.StorageUnavailable) as caught:
+        storage.read_bytes(uri)
+    message = str(caught.value)
+    assert message.startswith(f"storage unavailable: {uri} (read: HTTP 500 InternalError; "
+                              "gave up after 4 tries in ")
+    assert "\n" not in message and caught.value.status == 500
+    assert fault_proxy.count("broken.png") == 4 * storage.DEFAULT_S3_MAX_ATTEMPTS
+
+
+def test_s3_retry_deadline_bounds_the_time(fault_proxy: FaultProxy, s3_server: str,
+                                           s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(storage.ENV_RETRY_BASE, "2")
+    monkeypatch.setenv(storage.ENV_RETRY_MAX, "2")
+    monkeypatch.setenv(storage.ENV_RETRY_DEADLINE, "0.5")  # the first backoff (>= 1 s) exceeds it
+    uri = storage.join(s3_bucket, "broken.png")
+    _put_direct(s3_server, uri, b"pixels")
+    fault_proxy.fail("broken.png", 500, "InternalError")
+    start = time.monotonic()
+    with pytest.raises(storage.StorageUnavailable):
+        storage.read_bytes(uri)
+    assert time.monotonic() - start < 0.9
+    assert fault_proxy.count("broken.png") == storage.DEFAULT_S3_MAX_ATTEMPTS
+
+
+def test_s3_missing_and_bad_requests_are_not_retried(fault_proxy: FaultProxy,
+                                                     s3_bucket: str) -> None:
+    with pytest.raises(storage.StorageNotFound, match="nope.png"):
+        storage.read_bytes(storage.join(s3_bucket, "nope.png"))
+    assert fault_proxy.count("nope.png") == 1
+    fault_proxy.fail("odd.png", 400, "InvalidRequest")
+    with pytest.raises(storage.StorageFailed, match=r"odd\.png \(read: HTTP 400 InvalidRequest"):
+        storage.read_bytes(storage.join(s3_bucket, "odd.png"))
+    assert fault_proxy.count("odd.png") == 1
+
+
+def test_s3_put_under_a_burst_of_slowdowns_succeeds(fault_proxy: FaultProxy, s3_server: str,
+                                                    s3_bucket: str) -> None:
+    uri = storage.join(s3_bucket, "out", "result.png")
+    fault_proxy.fail("result.png", 503, "SlowDown", times=7, method="PUT")
+    storage.write_bytes(uri, b"restyled", "image/png")
+    assert _get_direct(s3_server, uri) == b"restyled"
+    assert fault_proxy.count("result.png", "PUT") == 8
+
+
+def test_s3_exists_list_create_delete_survive_throttling(fault_proxy: FaultProxy,
+                                                         s3_server: str, s3_bucket: str) -> None:
+    uri = storage.join(s3_bucket, "run", "a.png")
+    _put_direct(s3_server, uri, b"a")
+    fault_proxy.fail("a.png", 503, "SlowDown", times=7, method="HEAD")
+    assert storage.exists(uri)
+    fault_proxy.fail("list-type=2", 503, "SlowDown", times=7)
+    assert storage.list_uris(storage.join(s3_bucket, "run")) == [uri]
+    claim = storage.join(s3_bucket, "run", "claim")
+    fault_proxy.fail("claim", 503, "SlowDown", times=7, method="PUT")
+    assert storage.create_if_absent(claim, b"mine") is True
+    assert storage.create_if_absent(claim, b"theirs") is False
+    fault_proxy.fail("a.png", 503, "SlowDown", times=7, method="DELETE")
+    storage.delete(uri)
+    assert not storage.exists(uri)
+    assert fault_proxy.count("list-type=2") == 8 and fault_proxy.count("claim", "PUT") == 9
+
+
+def test_s3_create_if_absent_whose_response_was_lost(fault_proxy: FaultProxy, s3_server: str,
+                                                     s3_bucket: str) -> None:
+    ours = storage.join(s3_bucket, "claims", "ours")
+    fault_proxy.drop_after("claims/ours", times=1, method="PUT")  # created, answer lost
+    assert storage.create_if_absent(ours, b"claim by run 1") is True
+    assert fault_proxy.count("claims/ours", "PUT") == 2  # the retry met its own object
+    theirs = storage.join(s3_bucket, "claims", "theirs")
+    _put_direct(s3_server, theirs, b"claim by run 2")
+    fault_proxy.drop_after("claims/theirs", times=1, method="PUT")
+    assert storage.create_if_absent(theirs, b"claim by run 1") is False
+    assert _get_direct(s3_server, theirs) == b"claim by run 2"
