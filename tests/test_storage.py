@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import copy
 import errno
+import io
 import os
+import socket
+import stat
+import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import boto3
 import botocore.exceptions
@@ -578,3 +582,163 @@ def test_s3_create_if_absent_whose_response_was_lost(fault_proxy: FaultProxy, s3
     fault_proxy.drop_after("claims/theirs", times=1, method="PUT")
     assert storage.create_if_absent(theirs, b"claim by run 1") is False
     assert _get_direct(s3_server, theirs) == b"claim by run 2"
+
+
+# ---------------------------------------------------------------- bounded reads (local and S3)
+def _read_in_thread(uri: str, fifo: Path | None = None) -> dict[str, Any]:
+    """read_bytes in a thread that must finish within 5 s; a FIFO is unblocked if it hangs."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["value"] = storage.read_bytes(uri)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(5)
+    if thread.is_alive() and fifo is not None:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # a writer that closes: EOF
+        thread.join(5)
+        result["hung"] = True
+    return result
+
+
+def test_local_read_refuses_what_is_not_a_regular_file(tmp_path: Path) -> None:
+    with pytest.raises(storage.NotARegularFile,
+                       match=r"not a regular file: /dev/zero \(character device\)"):
+        storage.read_bytes("/dev/zero")
+    with pytest.raises(storage.NotARegularFile, match="directory"):
+        storage.read_bytes(str(tmp_path))
+    sock_path = tmp_path / "s.sock"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(sock_path))
+        with pytest.raises(storage.NotARegularFile, match="socket"):
+            storage.read_bytes(str(sock_path))
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    result = _read_in_thread(str(fifo), fifo)
+    assert "hung" not in result
+    assert isinstance(result.get("error"), storage.NotARegularFile)
+    assert "FIFO" in str(result["error"])
+
+
+def test_fifo_swapped_in_after_the_stat_cannot_block_the_open(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    # As if the path was a regular file when stat'ed and a FIFO by the time it is opened.
+    monkeypatch.setattr(storage, "_path_mode", lambda path: stat.S_IFREG | 0o644)
+    result = _read_in_thread(str(fifo), fifo)
+    assert "hung" not in result  # O_NONBLOCK: the open returned at once
+    assert isinstance(result.get("error"), storage.NotARegularFile)
+    assert "FIFO" in str(result["error"])
+
+
+def test_local_read_cap_refuses_from_the_size(tmp_path: Path) -> None:
+    path = tmp_path / "big.png"
+    path.write_bytes(b"x" * 2000)
+    with pytest.raises(storage.InputTooLarge, match=r"big\.png \(2000 bytes, limit 1000 bytes"):
+        storage.read_bytes(str(path), max_bytes=1000)
+    assert storage.read_bytes(str(path), max_bytes=2000) == b"x" * 2000
+    assert storage.read_bytes(str(path)) == b"x" * 2000  # no cap by default
+
+
+def test_local_read_cap_is_enforced_while_reading() -> None:
+    proc = "/proc/self/status"  # a regular file that reports size 0 but holds ~1 KB
+    assert stat.S_ISREG(os.stat(proc).st_mode) and os.stat(proc).st_size == 0
+    with pytest.raises(storage.InputTooLarge, match="more bytes arrived, limit 100 bytes"):
+        storage.read_bytes(proc, max_bytes=100)
+    assert len(storage.read_bytes(proc, max_bytes=1_000_000)) > 100
+
+
+class _Endless(io.RawIOBase):
+    """An endless stream of zeros that fails the test once it served far more than asked."""
+
+    def __init__(self, limit: int):
+        self.served, self.limit = 0, limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        assert self.served <= self.limit, f"read {self.served} bytes, far past the cap"
+        n = len(buffer)
+        buffer[:n] = bytes(n)
+        self.served += n
+        return n
+
+
+def test_local_read_stops_at_the_cap_on_an_endless_regular_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "growing.log"
+    path.write_bytes(b"")  # a regular file whose size says 0 (like /proc), but never ends
+    endless = _Endless(limit=4 * 1024 * 1024)
+    real_fdopen = os.fdopen
+
+    def fdopen(fd: int, *args: Any, **kwargs: Any) -> Any:
+        if args[:1] == ("rb",):
+            os.close(fd)
+            return io.BufferedReader(endless)
+        return real_fdopen(fd, *args, **kwargs)
+
+    monkeypatch.setattr(storage.os, "fdopen", fdopen)
+    with pytest.raises(storage.InputTooLarge, match="more bytes arrived, limit 1000 bytes"):
+        storage.read_bytes(str(path), max_bytes=1000)
+    assert endless.served <= 64 * 1024  # one buffer's worth, not the stream
+
+
+def test_read_input_cap_defaults_to_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "row.png"
+    path.write_bytes(b"y" * 11)
+    monkeypatch.delenv(storage.ENV_MAX_INPUT_BYTES, raising=False)
+    assert storage.max_input_bytes() == storage.MAX_INPUT_BYTES == 64 * 1024 * 1024
+    assert storage.read_input(str(path)) == b"y" * 11
+    monkeypatch.setenv(storage.ENV_MAX_INPUT_BYTES, "10")
+    with pytest.raises(storage.InputTooLarge, match="raise VCT_MAX_INPUT_BYTES"):
+        storage.read_input(str(path))
+    assert storage.read_input(str(path), max_bytes=11) == b"y" * 11
+    assert storage.read_bytes(str(path)) == b"y" * 11
+    monkeypatch.setenv(storage.ENV_MAX_INPUT_BYTES, "ten")
+    with pytest.raises(ValueError, match="VCT_MAX_INPUT_BYTES must be an integer"):
+        storage.read_input(str(path))
+
+
+def test_local_permission_denied_is_permanent(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "secret.png"
+    path.write_bytes(b"z")
+    calls: list[str] = []
+    real_open = os.open
+
+    def denied(file: Any, flags: int, *args: Any) -> int:
+        if str(file) == str(path):
+            calls.append(str(file))
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, flags, *args)
+
+    monkeypatch.setattr(storage.os, "open", denied)  # tests run as root: chmod cannot deny
+    with pytest.raises(storage.StorageAccessDenied, match=r"permission denied: .*secret\.png"):
+        storage.read_bytes(str(path))
+    assert len(calls) == 1
+
+
+def test_s3_read_cap_refuses_from_content_length(s3_bucket: str) -> None:
+    uri = storage.join(s3_bucket, "big.png")
+    storage.write_bytes(uri, b"x" * 2000)
+    with pytest.raises(storage.InputTooLarge, match=r"big\.png \(2000 bytes, limit 1000"):
+        storage.read_bytes(uri, max_bytes=1000)
+    assert storage.read_bytes(uri, max_bytes=2000) == b"x" * 2000
+
+
+def test_s3_read_cap_is_enforced_while_streaming(fault_proxy: FaultProxy, s3_server: str,
+                                                 s3_bucket: str) -> None:
+    uri = storage.join(s3_bucket, "chunked.png")
+    data = os.urandom(300_000)
+    _put_direct(s3_server, uri, data)
+    fault_proxy.chunked("chunked.png")  # no Content-Length: only the stream can tell
+    with pytest.raises(storage.InputTooLarge, match="more bytes arrived, limit 100000"):
+        storage.read_bytes(uri, max_bytes=100_000)
+    assert storage.read_bytes(uri, max_bytes=300_000) == data
+    assert fault_proxy.count("chunked.png", "GET") == 2  # too large is permanent: no retry

@@ -10,6 +10,12 @@ Guarantees the callers rely on:
   Locally that is a temp file in the same folder (``.name.<random>.tmp``), fsync, ``os.replace``;
   on S3 a single PUT (or the transfer manager's multipart upload, which also only makes the
   object visible once complete).
+- Reads only ever read a regular file or an object, and never more than a cap when one is given:
+  :func:`read_bytes` (``max_bytes``: none by default, for the pipeline's own objects) and
+  :func:`read_input` (for bytes a user pointed us at: capped at ``VCT_MAX_INPUT_BYTES``, default
+  :data:`MAX_INPUT_BYTES`). A FIFO, a device such as ``/dev/zero``, a socket or a folder is
+  refused before a single byte is read, and the cap is enforced while reading, so neither a
+  huge object nor an endless stream can exhaust memory or hang a run.
 - Every failure of an operation on one object is a :class:`StorageError` whose one-line message
   names the URI and what happened: :class:`StorageNotFound`, :class:`StorageAccessDenied`
   (HTTP 403, local EACCES), :class:`NotARegularFile`, :class:`InputTooLarge`,
@@ -32,6 +38,7 @@ Guarantees the callers rely on:
 Environment variables (read at each call, so a changed value takes effect at once; a bad value is
 a ValueError naming the variable). Defaults in parentheses:
 
+- ``VCT_MAX_INPUT_BYTES`` (64 MiB): the cap of :func:`read_input`.
 - ``VCT_S3_MAX_ATTEMPTS`` (5): HTTP requests botocore makes per S3 call (standard retry mode).
 - ``VCT_S3_CONNECT_TIMEOUT`` (10 s), ``VCT_S3_READ_TIMEOUT`` (60 s): per request.
 - ``VCT_STORAGE_ATTEMPTS`` (4): tries of one storage operation (each with botocore's retries).
@@ -53,6 +60,7 @@ import posixpath
 import random
 import secrets
 import shutil
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -82,7 +90,12 @@ MULTIPART_THRESHOLD = 64 * 1024 * 1024
 _TRANSFER_CONFIG = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD,
                                   multipart_chunksize=MULTIPART_THRESHOLD)
 _COPY_CHUNK = 8 * 1024 * 1024
+_READ_CHUNK = 1024 * 1024
 
+# The default cap of read_input: far above any photo the model can use (a 64 MP PNG is the
+# pixel cap of vct.images), far below what would hurt a worker's memory.
+MAX_INPUT_BYTES = 64 * 1024 * 1024
+ENV_MAX_INPUT_BYTES = "VCT_MAX_INPUT_BYTES"
 # botocore, per S3 call: its default (3 attempts) gives up inside one short burst of SlowDown.
 DEFAULT_S3_MAX_ATTEMPTS = 5
 DEFAULT_S3_CONNECT_TIMEOUT_S = 10.0
@@ -205,6 +218,15 @@ class StorageChanged(StorageError):
     transient = True
 
 
+def _too_large(uri: str, limit: int, size: int | None) -> InputTooLarge:
+    """The error for more than ``limit`` bytes; ``size`` when the header or stat told us."""
+    amount = f"{size} bytes" if size is not None else "more bytes arrived"
+    exc = InputTooLarge(uri, f"{amount}, limit {limit} bytes; raise {ENV_MAX_INPUT_BYTES} "
+                             "to allow larger inputs")
+    exc.limit, exc.size = limit, size
+    return exc
+
+
 # ---------------------------------------------------------------- configuration
 def _env_int(name: str, default: int, minimum: int) -> int:
     raw = os.environ.get(name, "").strip()
@@ -230,6 +252,11 @@ def _env_float(name: str, default: float, minimum: float) -> float:
     if not minimum <= value < float("inf"):  # also refuses nan
         raise ValueError(f"{name} must be a finite number >= {minimum}, got {raw!r}")
     return value
+
+
+def max_input_bytes() -> int:
+    """The cap :func:`read_input` applies: ``VCT_MAX_INPUT_BYTES`` or :data:`MAX_INPUT_BYTES`."""
+    return _env_int(ENV_MAX_INPUT_BYTES, MAX_INPUT_BYTES, minimum=1)
 
 
 @dataclass(frozen=True)
@@ -555,16 +582,103 @@ def _copy_from(src: Path) -> Callable[[BinaryIO], None]:
 
 
 # ---------------------------------------------------------------- read / write
-def read_bytes(uri: str) -> bytes:
-    """The whole object. Raises (all :class:`StorageError`, one line naming the URI):
-    StorageNotFound, StorageAccessDenied, StorageUnavailable (transient errors that outlasted
-    :func:`retrying`), StorageFailed."""
+def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    """The whole object, read only from a regular file or an S3 object.
+
+    ``max_bytes`` caps what may arrive (None: no cap, for the pipeline's own objects: cache
+    entries, sidecars, its own manifests; use :func:`read_input` for what a user named). The
+    cap is checked against the size known up front (``st_size``, ``ContentLength``) and again
+    while reading, which stops at ``max_bytes + 1`` bytes: a file that grows, a /proc file that
+    reports size 0 or a response without a length can never deliver more.
+
+    Locally a folder, FIFO, device (``/dev/zero``) or socket is refused with
+    :class:`NotARegularFile` before anything is read: the path is stat'ed first so a device is
+    never even opened, then opened with ``O_NONBLOCK`` (a FIFO swapped in meanwhile cannot block
+    the open) and checked again with ``fstat`` on what was actually opened.
+
+    Raises (all :class:`StorageError`, one line naming the URI): StorageNotFound,
+    StorageAccessDenied, NotARegularFile, InputTooLarge, StorageUnavailable (transient errors
+    that outlasted :func:`retrying`), StorageFailed.
+    """
+    if max_bytes is not None and max_bytes < 0:
+        raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
     if is_s3(uri):
         bucket, key = _require_key(uri)
-        return retrying(lambda: s3_client().get_object(Bucket=bucket, Key=key)["Body"].read(),
-                        uri=uri, action="read")
+        return retrying(lambda: _read_s3(uri, bucket, key, max_bytes), uri=uri, action="read")
     path = _local_path(uri)
-    return retrying(path.read_bytes, uri=uri, action="read")
+    return retrying(lambda: _read_local(uri, path, max_bytes), uri=uri, action="read")
+
+
+def read_input(uri: str, max_bytes: int | None = None) -> bytes:
+    """:func:`read_bytes` for bytes a user pointed us at (manifest rows, manifests): capped at
+    ``max_bytes`` or, by default, :func:`max_input_bytes` (``VCT_MAX_INPUT_BYTES``, 64 MiB), so
+    one hostile or mistaken row fails alone instead of exhausting a worker's memory."""
+    return read_bytes(uri, max_input_bytes() if max_bytes is None else max_bytes)
+
+
+def _path_mode(path: Path) -> int:
+    """``st_mode`` of what path points to (a seam for tests that swap a file after the stat)."""
+    return os.stat(path).st_mode
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return f"file type {stat.S_IFMT(mode):o}"
+
+
+def _require_regular(uri: str, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        raise NotARegularFile(uri, _file_kind(mode))
+
+
+_OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+               | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+
+
+def _read_local(uri: str, path: Path, max_bytes: int | None) -> bytes:
+    _require_regular(uri, _path_mode(path))
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        st = os.fstat(fd)
+        _require_regular(uri, st.st_mode)
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise _too_large(uri, max_bytes, st.st_size)
+        os.set_blocking(fd, True)
+        fh = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with fh:
+        # A buffered read(n) loops until n bytes or EOF; n = cap + 1 tells "over" from "exactly".
+        data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise _too_large(uri, max_bytes, None)
+    return data
+
+
+def _read_s3(uri: str, bucket: str, key: str, max_bytes: int | None) -> bytes:
+    response = s3_client().get_object(Bucket=bucket, Key=key)
+    body = response["Body"]
+    try:
+        size = response.get("ContentLength")
+        if max_bytes is None:
+            return body.read()
+        if size is not None and size > max_bytes:
+            raise _too_large(uri, max_bytes, size)  # before reading any of the body
+        chunks: list[bytes] = []
+        received = 0
+        while chunk := body.read(min(_READ_CHUNK, max_bytes + 1 - received)):
+            received += len(chunk)
+            chunks.append(chunk)
+            if received > max_bytes:
+                raise _too_large(uri, max_bytes, None)
+        return b"".join(chunks)
+    finally:
+        body.close()
 
 
 def write_bytes(uri: str, data: bytes, content_type: str | None = None) -> None:
