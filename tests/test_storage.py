@@ -742,3 +742,73 @@ def test_s3_read_cap_is_enforced_while_streaming(fault_proxy: FaultProxy, s3_ser
         storage.read_bytes(uri, max_bytes=100_000)
     assert storage.read_bytes(uri, max_bytes=300_000) == data
     assert fault_proxy.count("chunked.png", "GET") == 2  # too large is permanent: no retry
+
+
+# ---------------------------------------------------------------- stale temp files
+def _age(path: Path, seconds: float) -> None:
+    old = time.time() - seconds
+    os.utime(path, (old, old), follow_symlinks=False)
+
+
+def test_sweep_local_removes_only_old_writer_temp_files(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    (root / "sub").mkdir(parents=True)
+    old_tmp = storage._tmp_name(root / "result.png")  # exactly what a writer names its temp
+    new_tmp = storage._tmp_name(root / "other.png")
+    nested_old = storage._tmp_name(root / "sub" / "x.safetensors")
+    for path in (old_tmp, new_tmp, nested_old):
+        path.write_bytes(b"partial")
+    keep = [root / "result.png", root / ".notes.tmp", root / "data.tmp", root / "sub" / "a.png"]
+    for path in keep:
+        path.write_bytes(b"user's")
+    old_dir = root / f".{'ab' * 32}.{'0123456789abcdef'}.tmp"  # sync_prefix's temp folder
+    (old_dir / "unet").mkdir(parents=True)
+    (old_dir / "unet" / "w.bin").write_bytes(b"w")
+    busy_dir = root / f".{'cd' * 32}.{'fedcba9876543210'}.tmp"
+    busy_dir.mkdir()
+    (busy_dir / "w.bin").write_bytes(b"still downloading")
+    link = root / f".link.{'1' * 16}.tmp"
+    link.symlink_to(root / "result.png")
+    for path in [old_tmp, nested_old, *keep, old_dir / "unet" / "w.bin", old_dir / "unet",
+                 old_dir, busy_dir, link]:
+        _age(path, 7200)
+    assert storage.sweep_temp_files(str(root), older_than_s=3600) == 3
+    assert not old_tmp.exists() and not nested_old.exists() and not old_dir.exists()
+    assert new_tmp.exists() and busy_dir.exists() and link.is_symlink()
+    assert all(path.read_bytes() == b"user's" for path in keep)
+    assert storage.sweep_temp_files(str(root), older_than_s=3600) == 0
+    assert storage.sweep_temp_files(str(tmp_path / "missing"), older_than_s=0) == 0
+
+
+def test_sweep_age_defaults_to_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp = storage._tmp_name(tmp_path / "x.png")
+    tmp.write_bytes(b"partial")
+    _age(tmp, 120)
+    assert storage.sweep_temp_files(str(tmp_path)) == 0  # a day by default
+    monkeypatch.setenv(storage.ENV_TEMP_MAX_AGE, "60")
+    assert storage.sweep_temp_files(str(tmp_path)) == 1
+
+
+def test_sweep_s3_removes_old_temp_objects_and_abandoned_uploads(s3_server: str,
+                                                                 s3_bucket: str) -> None:
+    prefix = storage.join(s3_bucket, "cache")
+    tmp_key = storage._tmp_name(Path("content/ab/key.safetensors")).as_posix()
+    storage.write_bytes(storage.join(prefix, tmp_key), b"partial")
+    storage.write_bytes(storage.join(prefix, "content/ab/key.safetensors"), b"entry")
+    storage.write_bytes(storage.join(prefix, ".notes.tmp"), b"user's")
+    storage.write_bytes(storage.join(s3_bucket, "elsewhere", tmp_key), b"not under prefix")
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    bucket = s3_bucket[len("s3://"):]
+    client.create_multipart_upload(Bucket=bucket, Key="cache/big.safetensors")
+    client.create_multipart_upload(Bucket=bucket, Key="elsewhere/big.safetensors")
+    # moto reports every upload as initiated at one fixed instant; a clock a minute after it
+    # makes the upload fresh (and the objects, written later, fresher still).
+    initiated = client.list_multipart_uploads(Bucket=bucket)["Uploads"][0]["Initiated"]
+    assert storage.sweep_temp_files(prefix, older_than_s=3600,
+                                    now=initiated.timestamp() + 60) == 0
+    assert storage.sweep_temp_files(prefix, older_than_s=3600, now=time.time() + 7200) == 2
+    assert storage.list_uris(prefix) == [storage.join(prefix, ".notes.tmp"),
+                                         storage.join(prefix, "content/ab/key.safetensors")]
+    left = [u["Key"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
+    assert left == ["elsewhere/big.safetensors"]
+    assert storage.exists(storage.join(s3_bucket, "elsewhere", tmp_key))
