@@ -3,7 +3,7 @@
 Why a proxy and not mocks: the faults then reach the real client stack (botocore's retry
 handler, urllib3's connection pool, the streaming body, our own retries) exactly as a throttled
 or flaky S3 would deliver them: a 503 with S3's XML error body, a connection closed without a
-response, a slow first byte, a body without a Content-Length. Tests point boto3 at it with
+response or reset, a slow first byte, a body cut short or without a Content-Length. Tests point boto3 at it with
 ``AWS_ENDPOINT_URL`` (the :func:`fault_proxy` fixture) and arm faults per test::
 
     fault_proxy.fail("img.png", 503, "SlowDown", times=7)   # then the real answer
@@ -19,6 +19,8 @@ fixture stops the server at teardown.
 from __future__ import annotations
 
 import http.client
+import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -43,8 +45,10 @@ _MESSAGES = {"SlowDown": "Please reduce your request rate.", "AccessDenied": "Ac
 @dataclass
 class Fault:
     """One armed fault. kind: "status" (answer status/code), "drop" (close without a response),
+    "reset" (abort the connection: TCP RST, "connection reset by peer"),
     "drop_after" (forward, then close instead of answering: the server did the work),
-    "delay" (wait delay_s, then forward), "chunked" (forward the body chunked, no length)."""
+    "delay" (wait delay_s, then forward), "chunked" (forward the body chunked, no length),
+    "truncate" (forward the headers and half the body, then close: a body cut mid-stream)."""
 
     kind: str
     match: str
@@ -108,6 +112,10 @@ class FaultProxy:
         """Read the request, then close the connection without any response."""
         return self._arm(Fault("drop", match, method, times))
 
+    def reset(self, match: str, *, times: int | None = None, method: str | None = None) -> Fault:
+        """Read the request, then abort the connection with a TCP reset (SO_LINGER 0)."""
+        return self._arm(Fault("reset", match, method, times))
+
     def drop_after(self, match: str, *, times: int | None = None,
                    method: str | None = None) -> Fault:
         """Forward the request (the server acts on it), then close instead of answering."""
@@ -122,6 +130,11 @@ class FaultProxy:
                 method: str | None = None) -> Fault:
         """Send the real response body with chunked encoding and no Content-Length."""
         return self._arm(Fault("chunked", match, method, times))
+
+    def truncate(self, match: str, *, times: int | None = None,
+                 method: str | None = None) -> Fault:
+        """Send the real status and headers (full Content-Length) but only half the body."""
+        return self._arm(Fault("truncate", match, method, times))
 
     def clear(self) -> None:
         with self.lock:
@@ -182,6 +195,11 @@ class _Handler(BaseHTTPRequestHandler):
             if fault is not None and fault.kind == "drop":
                 self.close_connection = True
                 return
+            if fault is not None and fault.kind == "reset":
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                           struct.pack("ii", 1, 0))
+                self.close_connection = True
+                return
             if fault is not None and fault.kind == "status":
                 self._error(fault)
                 return
@@ -191,8 +209,9 @@ class _Handler(BaseHTTPRequestHandler):
             if fault is not None and fault.kind == "drop_after":
                 self.close_connection = True
                 return
-            self._respond(status, reason, headers, data,
-                          chunked=fault is not None and fault.kind == "chunked")
+            kind = fault.kind if fault is not None else ""
+            self._respond(status, reason, headers, data, chunked=kind == "chunked",
+                          truncate=kind == "truncate")
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (a read timeout)
             self.close_connection = True
 
@@ -212,7 +231,7 @@ class _Handler(BaseHTTPRequestHandler):
             conn.close()
 
     def _respond(self, status: int, reason: str, headers: list[tuple[str, str]], data: bytes,
-                 *, chunked: bool = False) -> None:
+                 *, chunked: bool = False, truncate: bool = False) -> None:
         self.send_response_only(status, reason)
         length = None
         for name, value in headers:
@@ -234,6 +253,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
+        if truncate:
+            self.wfile.write(data[:len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
         self.wfile.write(data)
 
     def _error(self, fault: Fault) -> None:

@@ -460,13 +460,28 @@ def test_s3_max_attempts_reach_botocore(fault_proxy: FaultProxy, s3_server: str,
     assert fault_proxy.count("img.png") == storage.DEFAULT_S3_MAX_ATTEMPTS + 2
 
 
-def test_s3_dropped_connections_are_recovered(fault_proxy: FaultProxy, s3_server: str,
-                                              s3_bucket: str) -> None:
+def test_s3_dropped_and_reset_connections_are_recovered(fault_proxy: FaultProxy,
+                                                        s3_server: str, s3_bucket: str) -> None:
     uri = storage.join(s3_bucket, "img.png")
     _put_direct(s3_server, uri, b"pixels")
-    fault_proxy.drop("img.png", times=6, method="GET")
+    fault_proxy.drop("img.png", times=3, method="GET")  # closed without a response
+    fault_proxy.reset("img.png", times=3, method="GET")  # then "connection reset by peer"
     assert storage.read_bytes(uri) == b"pixels"
-    assert fault_proxy.count("img.png", "GET") == 7
+    assert fault_proxy.count("img.png", "GET") == 7  # more than botocore's 5 alone
+
+
+def test_s3_body_cut_mid_stream_is_retried_by_the_job_level(fault_proxy: FaultProxy,
+                                                              s3_server: str,
+                                                              s3_bucket: str) -> None:
+    uri = storage.join(s3_bucket, "img.png")
+    data = os.urandom(50_000)
+    _put_direct(s3_server, uri, data)
+    fault_proxy.truncate("img.png", times=1, method="GET")  # botocore never retries a body
+    assert storage.read_bytes(uri) == data
+    assert fault_proxy.count("img.png", "GET") == 2
+    fault_proxy.truncate("img.png", times=1, method="GET")
+    assert storage.read_bytes(uri, max_bytes=50_000) == data  # the capped, chunked read too
+    assert fault_proxy.count("img.png", "GET") == 4
 
 
 def test_s3_slow_responses_within_and_beyond_the_read_timeout(
