@@ -213,11 +213,11 @@ def test_transient_storage_errors_are_retried_by_the_task(prefect_harness, tiny_
     real_read = storage.read_bytes
     calls = {"n": 0}
 
-    def flaky_read(uri: str) -> bytes:
+    def flaky_read(uri: str, max_bytes: int | None = None) -> bytes:
         calls["n"] += 1
         if calls["n"] == 1:
             raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
-        return real_read(uri)
+        return real_read(uri, max_bytes)
 
     monkeypatch.setattr(storage, "read_bytes", flaky_read)
     result = restyle(manifest_uri=str(tmp_path / "m.csv"), output_uri=str(tmp_path / "out"),

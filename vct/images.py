@@ -1,14 +1,34 @@
 """Image decoding and the two preprocessings of the original (spec §2).
 
 The source is center-cropped then resized (`ptp_inversion.load_512`); the reference is squashed to
-a square (`main.py InversionDataset`, no crop by default). Both drop alpha without compositing and
-ignore EXIF orientation, as the original does.
+a square (`main.py InversionDataset`, no crop by default). Both drop alpha without compositing, as
+the original does.
+
+Two deliberate departures from the original's ``Image.open(...).convert("RGB")``, both because it
+silently computed on the wrong pixels:
+
+- EXIF orientation is applied by default (``decode_image(..., apply_exif=True)``): a phone photo
+  stores its pixels sideways plus an orientation tag, so the original restyled it sideways while
+  every viewer (and our report's thumbnail) shows it upright. ``apply_exif=False`` reproduces the
+  original exactly.
+- High bit depths are scaled to 8 bits instead of clipped: Pillow's conversion of 16-bit
+  grayscale (modes ``I;16*``, ``I``) clips every value above 255 (almost all white) and of 32-bit
+  float (``F``) truncates 0..1 to 0 (black). 16-bit values are mapped ``round(v / 257)``
+  (0..65535 onto 0..255 exactly; ``I`` is clipped to 0..65535 first). Float images are taken as
+  0..1 when their largest finite value is <= 1 (``round(v * 255)``), else as 0..255 (rounded);
+  both are clipped to 0..255, NaN becomes 0 and +inf 255. (Only grayscale has such modes in
+  Pillow; a 48-bit RGB PNG already arrives as 8-bit RGB, taken from each sample's high byte.)
+
+Every decode is bounded: the pixel count is checked from the header before any pixel is
+decoded (:data:`MAX_PIXELS`), and :func:`probe_image` validates a file from its header alone.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -18,32 +38,110 @@ from vct.errors import UserError
 
 MAX_PIXELS = 64_000_000  # refuse decompression bombs with a clear error, not an OOM
 
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_EXIF_ORIENTATION = 0x0112
+# EXIF orientation -> the transposition that makes the pixels upright (ImageOps.exif_transpose's
+# table; applied here from one reading of the tag so probe_image and decode_image agree).
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+            6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+_SWAPS_AXES = frozenset({5, 6, 7, 8})  # orientations that rotate by 90 degrees
+# What Pillow raises on broken or hostile files while parsing or decoding.
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
+                  Image.DecompressionBombWarning, Image.DecompressionBombError)
+
 
 class ImageError(UserError, ValueError):
     """The bytes are not a usable image; the message names the file."""
 
 
-def decode_image(data: bytes, name: str) -> Image.Image:
-    """Open image bytes as RGB, or raise ImageError naming `name`."""
+@contextmanager
+def _opened(data: bytes, name: str) -> Iterator[Image.Image]:
+    """The lazily opened image (header parsed, no pixels decoded), size-checked against the
+    pixel cap; Pillow's own bomb warning counts as an error, not a log line."""
     if not data:
         raise ImageError(f"{name}: empty file, not an image")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
             img = Image.open(io.BytesIO(data))
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+            raise ImageError(f"{name}: larger than the {MAX_PIXELS} pixel cap") from None
+        except _DECODE_ERRORS as exc:
+            raise ImageError(f"{name}: not a readable image ({type(exc).__name__})") from None
+        with img:
             if img.width * img.height > MAX_PIXELS:
                 raise ImageError(f"{name}: {img.width}x{img.height} is larger than the "
                                  f"{MAX_PIXELS} pixel cap")
-            img.load()
-    except ImageError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
-            Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-        raise ImageError(f"{name}: not a readable image ({type(exc).__name__})") from None
-    if img.width < 1 or img.height < 1:
-        raise ImageError(f"{name}: image has no pixels")
+            if img.width < 1 or img.height < 1:
+                raise ImageError(f"{name}: image has no pixels")
+            yield img
+
+
+def _orientation(img: Image.Image, *, header_only: bool = False) -> int:
+    """The EXIF orientation tag (1 = as stored). A missing, out-of-range or unreadable tag
+    counts as 1: broken metadata must not make good pixels unusable.
+
+    ``header_only``: never decode pixels to find it. Pillow's PNG ``getexif()`` loads the whole
+    image to look for an eXIf chunk after the pixel data; so the probe only sees an eXIf chunk
+    that precedes it (where PNG 3 requires it), and decode_image asks after loading.
+    """
+    if header_only and img.format == "PNG" and "exif" not in img.info:
+        return 1
+    try:
+        value = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - Pillow's EXIF parser raises many types on junk
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def probe_image(data: bytes, name: str, *, apply_exif: bool = True) -> tuple[str, int, int, str]:
+    """``(format, width, height, mode)`` from the header alone, without decoding pixels.
+
+    For plan time: it refuses what is not an image, has no pixels or exceeds the pixel cap in
+    milliseconds and without memory, whatever the file's size. Width and height are those
+    :func:`decode_image` will return (swapped for a 90-degree EXIF orientation unless
+    ``apply_exif`` is false). A file whose pixel data is broken passes the probe; only decoding
+    can find that.
+    """
+    with _opened(data, name) as img:
+        width, height = img.size
+        if apply_exif and _orientation(img, header_only=True) in _SWAPS_AXES:
+            width, height = height, width
+        return str(img.format or "unknown"), width, height, img.mode
+
+
+def decode_image(data: bytes, name: str, *, apply_exif: bool = True) -> Image.Image:
+    """Open image bytes as 8-bit RGB, or raise ImageError naming ``name``.
+
+    ``apply_exif`` (default True) turns the pixels upright as the EXIF orientation tag says, so
+    what is restyled is what the user sees (and what the report's thumbnail shows); False keeps
+    the stored pixel order, as the original implementation did. High bit depths are scaled, not
+    clipped (see the module docstring); alpha is dropped without compositing.
+    """
+    with _opened(data, name) as img:
+        try:
+            orientation = _orientation(img) if apply_exif else 1  # may load (see there)
+            rgb = _to_rgb8(img)
+        except _DECODE_ERRORS as exc:
+            raise ImageError(f"{name}: not a readable image ({type(exc).__name__})") from None
+    return rgb.transpose(_UPRIGHT[orientation]) if orientation in _UPRIGHT else rgb
+
+
+def _to_rgb8(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode Pillow opens (high bit depths scaled, see module docstring)."""
+    if img.mode in _SIXTEEN_BIT_MODES:
+        wide = np.clip(np.asarray(img), 0, 65535).astype(np.uint32)
+        img = Image.fromarray(((wide + 128) // 257).astype(np.uint8))
+    elif img.mode == "F":
+        values = np.asarray(img, dtype=np.float32)
+        finite = values[np.isfinite(values)]
+        scale = 255.0 if finite.size == 0 or float(finite.max()) <= 1.0 else 1.0
+        scaled = np.nan_to_num(values * scale, nan=0.0, posinf=255.0, neginf=0.0)
+        img = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
     # convert("RGB") drops alpha without compositing (as the original's [:, :, :3]) and also
-    # accepts grayscale and palette images, on which the original crashed.
+    # accepts grayscale, palette and CMYK images, on which the original crashed.
     return img.convert("RGB")
 
 

@@ -107,7 +107,7 @@ def load_manifest(uri: str) -> Manifest:
 def read_manifest_bytes(uri: str) -> bytes:
     """The manifest's bytes (they also name the run); a missing file is a ManifestError."""
     try:
-        return storage.read_bytes(uri)
+        return storage.read_input(uri)
     except storage.StorageNotFound as exc:
         raise ManifestError(f"manifest not found: {uri}") from exc
 

@@ -9,12 +9,43 @@ Guarantees the callers rely on:
 - Writes are atomic: a reader sees the old object, or the whole new one, never a partial file.
   Locally that is a temp file in the same folder (``.name.<random>.tmp``), fsync, ``os.replace``;
   on S3 a single PUT (or the transfer manager's multipart upload, which also only makes the
-  object visible once complete).
-- A missing object raises :class:`StorageNotFound` naming the URI, so "not there" is easy to tell
-  apart from "the network broke" (see :func:`is_transient`, used for retry conditions).
+  object visible once complete). :func:`sweep_temp_files` removes what killed writers left.
+- Reads only ever read a regular file or an object, and never more than a cap when one is given:
+  :func:`read_bytes` (``max_bytes``: none by default, for the pipeline's own objects) and
+  :func:`read_input` (for bytes a user pointed us at: capped at ``VCT_MAX_INPUT_BYTES``, default
+  :data:`MAX_INPUT_BYTES`). A FIFO, a device such as ``/dev/zero``, a socket or a folder is
+  refused before a single byte is read, and the cap is enforced while reading, so neither a
+  huge object nor an endless stream can exhaust memory or hang a run.
+- Every failure of an operation on one object is a :class:`StorageError` whose one-line message
+  names the URI and what happened: :class:`StorageNotFound`, :class:`StorageAccessDenied`
+  (HTTP 403, local EACCES), :class:`NotARegularFile`, :class:`InputTooLarge`,
+  :class:`StorageUnavailable` (throttling, 5xx, connection errors, timeouts: still failing after
+  the retries), :class:`StorageFailed` (anything else, e.g. HTTP 400, a full disk). Programming
+  errors (TypeError, ValueError from our own code) are not wrapped. The original error is the
+  ``__cause__``; :func:`is_transient` says whether retrying later could help.
+- Transient failures are retried at two levels: botocore's "standard" retry mode inside each S3
+  call (``VCT_S3_MAX_ATTEMPTS`` requests, with connect/read timeouts ``VCT_S3_CONNECT_TIMEOUT``
+  and ``VCT_S3_READ_TIMEOUT``), and :func:`retrying` around each storage operation (bounded by
+  ``VCT_STORAGE_ATTEMPTS`` tries and ``VCT_STORAGE_RETRY_DEADLINE_S`` seconds, exponential
+  backoff with jitter from ``VCT_STORAGE_RETRY_BASE_S`` up to ``VCT_STORAGE_RETRY_MAX_S``).
+  The outer level also covers what botocore does not retry (an error while streaming a body)
+  and a burst of throttling longer than one call's attempts. Permanent errors (403, 404, 400)
+  are never retried.
 - The S3 client honours the standard AWS configuration (``AWS_ENDPOINT_URL``,
   ``AWS_ENDPOINT_URL_S3``, profiles, credentials); it is created lazily and cached per process and
   endpoint environment, so env vars set late (tests, CLIs) take effect.
+
+Environment variables (read at each call, so a changed value takes effect at once; a bad value is
+a ValueError naming the variable). Defaults in parentheses:
+
+- ``VCT_MAX_INPUT_BYTES`` (64 MiB): the cap of :func:`read_input`.
+- ``VCT_S3_MAX_ATTEMPTS`` (5): HTTP requests botocore makes per S3 call (standard retry mode).
+- ``VCT_S3_CONNECT_TIMEOUT`` (10 s), ``VCT_S3_READ_TIMEOUT`` (60 s): per request.
+- ``VCT_STORAGE_ATTEMPTS`` (4): tries of one storage operation (each with botocore's retries).
+- ``VCT_STORAGE_RETRY_BASE_S`` (0.5), ``VCT_STORAGE_RETRY_MAX_S`` (8): backoff before try n is
+  ``min(max, base * 2**(n-2))`` with equal jitter (half fixed, half random).
+- ``VCT_STORAGE_RETRY_DEADLINE_S`` (60): no new try starts once it would begin later than this.
+- ``VCT_TEMP_MAX_AGE_S`` (86400): the default age of :func:`sweep_temp_files`.
 """
 
 from __future__ import annotations
@@ -24,24 +55,33 @@ import errno
 import hashlib
 import io
 import json
+import logging
 import os
 import posixpath
+import random
+import re
 import secrets
 import shutil
+import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import unquote
 
 import boto3
 import boto3.exceptions
 import botocore.config
 import botocore.exceptions
+import s3transfer.exceptions
 from boto3.s3.transfer import TransferConfig
 
 from vct.errors import UserError
+
+T = TypeVar("T")
+log = logging.getLogger("vct.storage")
 
 S3_SCHEME = "s3://"
 FILE_SCHEME = "file://"
@@ -54,14 +94,40 @@ MULTIPART_THRESHOLD = 64 * 1024 * 1024
 _TRANSFER_CONFIG = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD,
                                   multipart_chunksize=MULTIPART_THRESHOLD)
 _COPY_CHUNK = 8 * 1024 * 1024
+_READ_CHUNK = 1024 * 1024
 
-# Env vars that change which endpoint/credentials/region a new client gets: part of the cache key.
+# The default cap of read_input: far above any photo the model can use (a 64 MP PNG is the
+# pixel cap of vct.images), far below what would hurt a worker's memory.
+MAX_INPUT_BYTES = 64 * 1024 * 1024
+ENV_MAX_INPUT_BYTES = "VCT_MAX_INPUT_BYTES"
+# botocore, per S3 call: its default (3 attempts) gives up inside one short burst of SlowDown.
+DEFAULT_S3_MAX_ATTEMPTS = 5
+DEFAULT_S3_CONNECT_TIMEOUT_S = 10.0
+DEFAULT_S3_READ_TIMEOUT_S = 60.0
+ENV_S3_MAX_ATTEMPTS = "VCT_S3_MAX_ATTEMPTS"
+ENV_S3_CONNECT_TIMEOUT = "VCT_S3_CONNECT_TIMEOUT"
+ENV_S3_READ_TIMEOUT = "VCT_S3_READ_TIMEOUT"
+# Job level, around each operation (see RetryPolicy).
+ENV_STORAGE_ATTEMPTS = "VCT_STORAGE_ATTEMPTS"
+ENV_RETRY_BASE = "VCT_STORAGE_RETRY_BASE_S"
+ENV_RETRY_MAX = "VCT_STORAGE_RETRY_MAX_S"
+ENV_RETRY_DEADLINE = "VCT_STORAGE_RETRY_DEADLINE_S"
+# sweep_temp_files: a day is far longer than any single write takes.
+DEFAULT_TEMP_MAX_AGE_S = 24 * 3600.0
+ENV_TEMP_MAX_AGE = "VCT_TEMP_MAX_AGE_S"
+
+# Env vars that change which endpoint/credentials/region/retries a new client gets: part of the
+# client cache key.
 _CLIENT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
                "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_CONFIG_FILE",
-               "AWS_SHARED_CREDENTIALS_FILE", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS")
+               "AWS_SHARED_CREDENTIALS_FILE", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",
+               ENV_S3_MAX_ATTEMPTS, ENV_S3_CONNECT_TIMEOUT, ENV_S3_READ_TIMEOUT)
 DEFAULT_REGION = "us-east-1"
 
-_NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "404", "NotFound"})
+_NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NoSuchUpload", "404", "NotFound"})
+_DENIED_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "AccountProblem", "Forbidden",
+                           "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+                           "InvalidToken", "TokenRefreshRequired", "403"})
 _TRANSIENT_CODES = frozenset({
     "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
     "RequestThrottledException", "TooManyRequestsException", "RequestLimitExceeded",
@@ -73,22 +139,169 @@ _TRANSIENT_CODES = frozenset({
 # Local OSErrors that will not go away by retrying.
 _PERMANENT_OSERRORS = (FileNotFoundError, PermissionError, IsADirectoryError,
                        NotADirectoryError, FileExistsError)
+_PERMANENT_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "ENOSPC", "EDQUOT", "EROFS", "ENAMETOOLONG", "ELOOP", "EINVAL", "EXDEV", "ENXIO", "ENODEV",
+    "EBADF", "EFBIG", "EMLINK", "ENOTSUP", "EOPNOTSUPP", "ENOTDIR", "EISDIR", "EEXIST", "ENOENT",
+    "EACCES", "EPERM") if hasattr(errno, name))
+# The names _tmp_name (and sync_prefix's temp folders) produce: .<name>.<16 hex>.tmp. Stricter
+# than _is_tmp so the sweep can never delete a user's own ".notes.tmp".
+_WRITER_TMP_RE = re.compile(r"^\..+\.[0-9a-f]{16}\.tmp$")
 
 
 class StorageError(UserError):
-    """A storage operation failed; the message names the URI."""
+    """A storage operation failed; the message (one line) names the URI.
+
+    ``transient`` is this class's verdict for :func:`is_transient` (None: decided by the cause).
+    """
+
+    transient: bool | None = None
+    uri: str | None = None
+    status: int | None = None
+    code: str | None = None
 
 
-class StorageNotFound(StorageError):
+class _UriError(StorageError):
+    """A failure of one object: message ``<what>: <uri> (<detail>)``, with the HTTP status and
+    error code as attributes when there were any. Copyable/serialisable (``__reduce__``) even
+    though the constructor is not ``(message,)``: Prefect ships task exceptions between threads
+    and processes."""
+
+    what = "storage error"
+
+    def __init__(self, uri: str, detail: str = "", *, status: int | None = None,
+                 code: str | None = None):
+        self.uri, self.detail, self.status, self.code = uri, detail, status, code
+        super().__init__(f"{self.what}: {uri}" + (f" ({detail})" if detail else ""))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.uri, self.detail), self.__dict__)
+
+
+class StorageNotFound(_UriError):
     """The object at a URI does not exist (a missing file, key or bucket)."""
 
-    def __init__(self, uri: str, detail: str = ""):
-        self.uri = uri
-        super().__init__(f"not found: {uri}" + (f" ({detail})" if detail else ""))
+    what = "not found"
+    transient = False
+
+
+class StorageAccessDenied(_UriError):
+    """HTTP 401/403, bad credentials, or a local EACCES/EPERM: retrying will not help."""
+
+    what = "permission denied"
+    transient = False
+
+
+class NotARegularFile(_UriError):
+    """The path is a folder, FIFO, device or socket; only regular files are read."""
+
+    what = "not a regular file"
+    transient = False
+
+
+class InputTooLarge(_UriError):
+    """More than the allowed bytes: refused from the size when known, else while streaming."""
+
+    what = "input too large"
+    transient = False
+    limit: int | None = None
+    size: int | None = None
+
+
+class StorageUnavailable(_UriError):
+    """A transient failure (throttling, 5xx, connection error, timeout) that outlasted every
+    retry. Still transient: a later run, or a caller with its own retries, may succeed."""
+
+    what = "storage unavailable"
+    transient = True
+
+
+class StorageFailed(_UriError):
+    """Any other failure of one object: an HTTP 4xx other than 403/404, a full disk, ..."""
+
+    what = "storage failed"
+    transient = False
 
 
 class StorageChanged(StorageError):
     """Objects changed while being copied; the copy was discarded. Transient: retry."""
+
+    transient = True
+
+
+def _too_large(uri: str, limit: int, size: int | None) -> InputTooLarge:
+    """The error for more than ``limit`` bytes; ``size`` when the header or stat told us."""
+    amount = f"{size} bytes" if size is not None else "more bytes arrived"
+    exc = InputTooLarge(uri, f"{amount}, limit {limit} bytes; raise {ENV_MAX_INPUT_BYTES} "
+                             "to allow larger inputs")
+    exc.limit, exc.size = limit, size
+    return exc
+
+
+# ---------------------------------------------------------------- configuration
+def _env_int(name: str, default: int, minimum: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {raw!r}")
+    return value
+
+
+def _env_float(name: str, default: float, minimum: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+    if not minimum <= value < float("inf"):  # also refuses nan
+        raise ValueError(f"{name} must be a finite number >= {minimum}, got {raw!r}")
+    return value
+
+
+def max_input_bytes() -> int:
+    """The cap :func:`read_input` applies: ``VCT_MAX_INPUT_BYTES`` or :data:`MAX_INPUT_BYTES`."""
+    return _env_int(ENV_MAX_INPUT_BYTES, MAX_INPUT_BYTES, minimum=1)
+
+
+def temp_max_age_s() -> float:
+    """The default age of :func:`sweep_temp_files`: ``VCT_TEMP_MAX_AGE_S`` or a day."""
+    return _env_float(ENV_TEMP_MAX_AGE, DEFAULT_TEMP_MAX_AGE_S, minimum=0.0)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How :func:`retrying` retries a transient failure of one storage operation.
+
+    At most ``attempts`` tries; before try n (n >= 2) it sleeps ``d/2 + uniform(0, d/2)`` with
+    ``d = min(max_delay_s, base_delay_s * 2**(n-2))`` (exponential, with jitter so that many
+    workers throttled together do not come back together, but never ~0 so throttling is
+    actually relieved); no try starts after ``deadline_s`` from the first.
+    """
+
+    attempts: int = 4
+    base_delay_s: float = 0.5
+    max_delay_s: float = 8.0
+    deadline_s: float = 60.0
+
+    @classmethod
+    def from_env(cls) -> RetryPolicy:
+        """The policy the ``VCT_STORAGE_*`` variables describe (defaults as above)."""
+        d = cls()
+        return cls(attempts=_env_int(ENV_STORAGE_ATTEMPTS, d.attempts, minimum=1),
+                   base_delay_s=_env_float(ENV_RETRY_BASE, d.base_delay_s, minimum=0.0),
+                   max_delay_s=_env_float(ENV_RETRY_MAX, d.max_delay_s, minimum=0.0),
+                   deadline_s=_env_float(ENV_RETRY_DEADLINE, d.deadline_s, minimum=0.0))
+
+    def delay(self, failed_tries: int) -> float:
+        """Seconds to wait after ``failed_tries`` failures, before the next try."""
+        ceiling = min(self.max_delay_s, self.base_delay_s * 2 ** (failed_tries - 1))
+        return ceiling / 2 + random.uniform(0.0, ceiling / 2)
 
 
 # ---------------------------------------------------------------- URI helpers
@@ -185,8 +398,11 @@ def s3_client() -> Any:
 
     Endpoint, credentials and profile come from boto3's standard resolution
     (``AWS_ENDPOINT_URL[_S3]``, ``AWS_PROFILE``, config files); only the region gets a default
-    (``us-east-1``) because a client without one cannot sign requests. Retries use botocore's
-    "standard" mode (5 attempts, backoff) so throttling and 5xx are absorbed below us.
+    (``us-east-1``) because a client without one cannot sign requests. Retries and timeouts are
+    set explicitly (not left to ``AWS_MAX_ATTEMPTS``/``AWS_RETRY_MODE`` or botocore's defaults of
+    3 attempts and 60 s), from ``VCT_S3_MAX_ATTEMPTS``, ``VCT_S3_CONNECT_TIMEOUT`` and
+    ``VCT_S3_READ_TIMEOUT``: botocore's "standard" mode retries throttling, 5xx and connection
+    errors with backoff; :func:`retrying` adds the job-level retries on top.
     """
     key = _client_key()
     client = _clients.get(key)
@@ -196,11 +412,19 @@ def s3_client() -> Any:
         client = _clients.get(key)
         if client is None:
             session = boto3.session.Session()
-            config = botocore.config.Config(retries={"mode": "standard", "max_attempts": 5})
             client = session.client("s3", region_name=session.region_name or DEFAULT_REGION,
-                                    config=config)
+                                    config=s3_config())
             _clients[key] = client
     return client
+
+
+def s3_config() -> botocore.config.Config:
+    """The botocore retry mode, attempts and timeouts the ``VCT_S3_*`` variables describe."""
+    attempts = _env_int(ENV_S3_MAX_ATTEMPTS, DEFAULT_S3_MAX_ATTEMPTS, minimum=1)
+    return botocore.config.Config(
+        retries={"mode": "standard", "total_max_attempts": attempts},
+        connect_timeout=_env_float(ENV_S3_CONNECT_TIMEOUT, DEFAULT_S3_CONNECT_TIMEOUT_S, 0.001),
+        read_timeout=_env_float(ENV_S3_READ_TIMEOUT, DEFAULT_S3_READ_TIMEOUT_S, 0.001))
 
 
 def reset_clients() -> None:
@@ -225,16 +449,90 @@ def _is_not_found(exc: BaseException) -> bool:
     return _error_code(exc) in _NOT_FOUND_CODES or _http_status(exc) == 404
 
 
-@contextlib.contextmanager
-def _s3_errors(uri: str) -> Iterator[None]:
-    """Turn "no such key/bucket" into StorageNotFound; let everything else through unchanged
-    so retry logic still sees the original botocore exception."""
-    try:
-        yield
-    except botocore.exceptions.ClientError as exc:
+def _one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line, bounded: error messages end up in one-line reports."""
+    text = " ".join(str(exc).split())
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# What retrying translates into StorageError; anything else (a TypeError from a bug, a
+# RuntimeError from a caller's writer) propagates unchanged.
+_STORAGE_FAILURES: tuple[type[BaseException], ...] = (
+    StorageError, OSError, botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError,
+    boto3.exceptions.Boto3Error, s3transfer.exceptions.RetriesExceededError)
+
+
+def _storage_error(exc: BaseException, uri: str, action: str, tries: int,
+                   elapsed: float) -> StorageError:
+    """The one-line StorageError for a failure of ``action`` (read, write, ...) on ``uri``."""
+    if isinstance(exc, StorageError):
+        return exc
+    inner = _underlying(exc)
+    if not isinstance(exc, (botocore.exceptions.ClientError, OSError,
+                            botocore.exceptions.BotoCoreError)) and \
+            isinstance(inner, _STORAGE_FAILURES):
+        return _storage_error(inner, uri, action, tries, elapsed)  # boto3/s3transfer wrappers
+    gave_up = f"; gave up after {tries} tries in {elapsed:.1f} s" if tries > 1 else ""
+    transient = is_transient(exc)
+    if isinstance(exc, botocore.exceptions.ClientError):
+        code, status = _error_code(exc), _http_status(exc)
+        http = " ".join(p for p in (f"HTTP {status}" if status else "",
+                                    "" if code == str(status) else code) if p)
+        info = {"status": status or None, "code": code or None}
         if _is_not_found(exc):
-            raise StorageNotFound(uri, _error_code(exc)) from exc
-        raise
+            return StorageNotFound(uri, http, **info)
+        if status in (401, 403) or code in _DENIED_CODES:
+            return StorageAccessDenied(uri, f"{action}: {http}", **info)
+        if transient:
+            return StorageUnavailable(uri, f"{action}: {http}{gave_up}", **info)
+        message = exc.response.get("Error", {}).get("Message") or ""
+        return StorageFailed(uri, f"{action}: {http}" + (f": {message}" if message else ""),
+                             **info)
+    if isinstance(exc, FileNotFoundError):
+        return StorageNotFound(uri)
+    if isinstance(exc, IsADirectoryError):
+        return NotARegularFile(uri, "directory")
+    if isinstance(exc, PermissionError | botocore.exceptions.NoCredentialsError):
+        return StorageAccessDenied(uri, f"{action}: {_one_line(exc)}")
+    if transient:
+        return StorageUnavailable(uri, f"{action}: {_one_line(exc)}{gave_up}")
+    return StorageFailed(uri, f"{action}: {_one_line(exc)}")
+
+
+def retrying(fn: Callable[[], T], *, uri: str, action: str,
+             policy: RetryPolicy | None = None) -> T:
+    """Call ``fn`` (one whole storage operation on ``uri``), retrying transient failures.
+
+    Why a second level above botocore's own retries: botocore retries one HTTP request a fixed
+    number of times within a few seconds, so a longer burst of throttling fails the job, and it
+    does not retry at all a failure while a response body streams in, or local I/O errors. Here
+    the whole operation is repeated (a GET and the read of its body; a listing from the first
+    page), bounded by the policy's attempts and deadline (``RetryPolicy.from_env()`` unless
+    given). Permanent failures (:func:`is_transient` false: 403, 404, a full disk, too large)
+    are raised at once. Every storage failure leaves as a one-line :class:`StorageError` (the
+    original as ``__cause__``); other exceptions (bugs) propagate unchanged and untried.
+    """
+    policy = policy or RetryPolicy.from_env()
+    start = time.monotonic()
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            return fn()
+        except _STORAGE_FAILURES as exc:
+            elapsed = time.monotonic() - start
+            if is_transient(exc) and tries < policy.attempts:
+                pause = policy.delay(tries)
+                if elapsed + pause <= policy.deadline_s:
+                    log.info("%s %s failed (%s); try %d of %d in %.2f s", action, uri,
+                             _one_line(exc), tries + 1, policy.attempts, pause)
+                    time.sleep(pause)
+                    continue
+            error = _storage_error(exc, uri, action, tries, elapsed)
+            if error is exc:
+                raise
+            raise error from exc
 
 
 # ---------------------------------------------------------------- local atomic writes
@@ -299,35 +597,125 @@ def _copy_from(src: Path) -> Callable[[BinaryIO], None]:
 
 
 # ---------------------------------------------------------------- read / write
-def read_bytes(uri: str) -> bytes:
-    """The whole object; StorageNotFound if it does not exist."""
+def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    """The whole object, read only from a regular file or an S3 object.
+
+    ``max_bytes`` caps what may arrive (None: no cap, for the pipeline's own objects: cache
+    entries, sidecars, its own manifests; use :func:`read_input` for what a user named). The
+    cap is checked against the size known up front (``st_size``, ``ContentLength``) and again
+    while reading, which stops at ``max_bytes + 1`` bytes: a file that grows, a /proc file that
+    reports size 0 or a response without a length can never deliver more.
+
+    Locally a folder, FIFO, device (``/dev/zero``) or socket is refused with
+    :class:`NotARegularFile` before anything is read: the path is stat'ed first so a device is
+    never even opened, then opened with ``O_NONBLOCK`` (a FIFO swapped in meanwhile cannot block
+    the open) and checked again with ``fstat`` on what was actually opened.
+
+    Raises (all :class:`StorageError`, one line naming the URI): StorageNotFound,
+    StorageAccessDenied, NotARegularFile, InputTooLarge, StorageUnavailable (transient errors
+    that outlasted :func:`retrying`), StorageFailed.
+    """
+    if max_bytes is not None and max_bytes < 0:
+        raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
     if is_s3(uri):
         bucket, key = _require_key(uri)
-        with _s3_errors(uri):
-            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        return retrying(lambda: _read_s3(uri, bucket, key, max_bytes), uri=uri, action="read")
     path = _local_path(uri)
+    return retrying(lambda: _read_local(uri, path, max_bytes), uri=uri, action="read")
+
+
+def read_input(uri: str, max_bytes: int | None = None) -> bytes:
+    """:func:`read_bytes` for bytes a user pointed us at (manifest rows, manifests): capped at
+    ``max_bytes`` or, by default, :func:`max_input_bytes` (``VCT_MAX_INPUT_BYTES``, 64 MiB), so
+    one hostile or mistaken row fails alone instead of exhausting a worker's memory."""
+    return read_bytes(uri, max_input_bytes() if max_bytes is None else max_bytes)
+
+
+def _path_mode(path: Path) -> int:
+    """``st_mode`` of what path points to (a seam for tests that swap a file after the stat)."""
+    return os.stat(path).st_mode
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return f"file type {stat.S_IFMT(mode):o}"
+
+
+def _require_regular(uri: str, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        raise NotARegularFile(uri, _file_kind(mode))
+
+
+_OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+               | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+
+
+def _read_local(uri: str, path: Path, max_bytes: int | None) -> bytes:
+    _require_regular(uri, _path_mode(path))
+    fd = os.open(path, _OPEN_FLAGS)
     try:
-        return path.read_bytes()
-    except FileNotFoundError as exc:
-        raise StorageNotFound(uri) from exc
-    except IsADirectoryError as exc:
-        raise StorageError(f"is a directory, not a file: {uri}") from exc
+        st = os.fstat(fd)
+        _require_regular(uri, st.st_mode)
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise _too_large(uri, max_bytes, st.st_size)
+        os.set_blocking(fd, True)
+        fh = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with fh:
+        # A buffered read(n) loops until n bytes or EOF; n = cap + 1 tells "over" from "exactly".
+        data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise _too_large(uri, max_bytes, None)
+    return data
+
+
+def _read_s3(uri: str, bucket: str, key: str, max_bytes: int | None) -> bytes:
+    response = s3_client().get_object(Bucket=bucket, Key=key)
+    body = response["Body"]
+    try:
+        size = response.get("ContentLength")
+        if max_bytes is None:
+            return body.read()
+        if size is not None and size > max_bytes:
+            raise _too_large(uri, max_bytes, size)  # before reading any of the body
+        chunks: list[bytes] = []
+        received = 0
+        while chunk := body.read(min(_READ_CHUNK, max_bytes + 1 - received)):
+            received += len(chunk)
+            chunks.append(chunk)
+            if received > max_bytes:
+                raise _too_large(uri, max_bytes, None)
+        return b"".join(chunks)
+    finally:
+        body.close()
 
 
 def write_bytes(uri: str, data: bytes, content_type: str | None = None) -> None:
-    """Write an object atomically (see module docstring); creates parent folders locally."""
+    """Write an object atomically (see module docstring); creates parent folders locally.
+    Transient failures are retried (:func:`retrying`); a retried local write starts from a new
+    temp file, a retried S3 write repeats the whole PUT or multipart upload."""
     if is_s3(uri):
         bucket, key = _require_key(uri)
         extra = {"ContentType": content_type} if content_type else {}
-        client = s3_client()
-        with _s3_errors(uri):
+
+        def put() -> None:
+            client = s3_client()
             if len(data) > MULTIPART_THRESHOLD:
                 client.upload_fileobj(io.BytesIO(data), bucket, key, ExtraArgs=extra or None,
                                       Config=_TRANSFER_CONFIG)
             else:
                 client.put_object(Bucket=bucket, Key=key, Body=data, **extra)
+        retrying(put, uri=uri, action="write")
         return
-    _atomic_local_write(_local_path(uri), lambda fh: _write_all(fh, data))
+    target = _local_path(uri)
+    retrying(lambda: _atomic_local_write(target, lambda fh: _write_all(fh, data)), uri=uri,
+             action="write")
 
 
 def _write_all(fh: BinaryIO, data: bytes) -> None:
@@ -346,49 +734,32 @@ def write_file(uri: str, local_path: str | os.PathLike[str],
     if is_s3(uri):
         bucket, key = _require_key(uri)
         extra = {"ContentType": content_type} if content_type else None
-        with _s3_errors(uri):
-            s3_client().upload_file(str(src), bucket, key, ExtraArgs=extra,
-                                    Config=_TRANSFER_CONFIG)
+        retrying(lambda: s3_client().upload_file(str(src), bucket, key, ExtraArgs=extra,
+                                                 Config=_TRANSFER_CONFIG),
+                 uri=uri, action="write")
         return
-    _atomic_local_write(_local_path(uri), _copy_from(src))
-
-
-def download_file(uri: str, local_path: str | os.PathLike[str]) -> None:
-    """Fetch uri into local_path atomically: a crash never leaves a truncated file behind that a
-    later "exists, skip" check would trust."""
-    target = Path(local_path)
-    if not is_s3(uri):
-        src = _local_path(uri)
-        if not src.is_file():
-            raise StorageNotFound(uri)
-        _atomic_local_write(target, _copy_from(src))
-        return
-    bucket, key = _require_key(uri)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(target)
-    try:
-        with _s3_errors(uri):
-            s3_client().download_file(bucket, key, str(tmp), Config=_TRANSFER_CONFIG)
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    target = _local_path(uri)
+    retrying(lambda: _atomic_local_write(target, _copy_from(src)), uri=uri, action="write")
 
 
 # ---------------------------------------------------------------- metadata
 def exists(uri: str) -> bool:
-    """True if an object (a file, not a folder or bare prefix) exists at uri."""
+    """True if an object (a file, not a folder or bare prefix) exists at uri. "Not there" is
+    False; any other failure (403, still throttled after the retries) is a StorageError."""
     if is_s3(uri):
         bucket, key = _split_s3(uri)
         if not key or key.endswith("/"):
             return False
-        try:
-            s3_client().head_object(Bucket=bucket, Key=key)
-        except botocore.exceptions.ClientError as exc:
-            if _is_not_found(exc):
-                return False
-            raise
-        return True
+
+        def head() -> bool:
+            try:
+                s3_client().head_object(Bucket=bucket, Key=key)
+            except botocore.exceptions.ClientError as exc:
+                if _is_not_found(exc):
+                    return False
+                raise
+            return True
+        return retrying(head, uri=uri, action="check")
     return _local_path(uri).is_file()
 
 
@@ -396,25 +767,33 @@ def delete(uri: str) -> None:
     """Remove an object; deleting a missing one is not an error (S3 semantics, idempotent)."""
     if is_s3(uri):
         bucket, key = _require_key(uri)
-        with _s3_errors(uri):
-            s3_client().delete_object(Bucket=bucket, Key=key)
+        retrying(lambda: s3_client().delete_object(Bucket=bucket, Key=key), uri=uri,
+                 action="delete")
         return
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(_local_path(uri))
+    path = _local_path(uri)
+
+    def unlink() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    retrying(unlink, uri=uri, action="delete")
 
 
 def _s3_objects(prefix_uri: str) -> tuple[str, str, list[dict[str, Any]]]:
     """(bucket, folder prefix, objects) under an S3 "folder"; the prefix gets a trailing '/'
-    so ``s3://b/model`` never picks up ``s3://b/model-old/...`` (same as a local folder)."""
+    so ``s3://b/model`` never picks up ``s3://b/model-old/...`` (same as a local folder).
+    A failure on any page restarts the listing (retrying): a listing is never half a listing."""
     bucket, prefix = _split_s3(prefix_uri)
     if prefix and not prefix.endswith("/"):
         prefix += "/"
-    objects: list[dict[str, Any]] = []
-    with _s3_errors(prefix_uri):
+
+    def listing() -> list[dict[str, Any]]:
+        objects: list[dict[str, Any]] = []
         pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket,
                                                                      Prefix=prefix)
         for page in pages:
             objects.extend(o for o in page.get("Contents", []) if not o["Key"].endswith("/"))
+        return objects
+    objects = retrying(listing, uri=prefix_uri, action="list")
     objects.sort(key=lambda o: o["Key"])
     return bucket, prefix, objects
 
@@ -447,13 +826,15 @@ def etag_or_mtime(uri: str) -> str:
     downloads (a model folder) without hashing gigabytes."""
     if is_s3(uri):
         bucket, key = _require_key(uri)
-        with _s3_errors(uri):
-            return s3_client().head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
-    try:
-        st = _local_path(uri).stat()
-    except FileNotFoundError as exc:
-        raise StorageNotFound(uri) from exc
-    return f"{st.st_size}-{st.st_mtime_ns}"
+        return retrying(
+            lambda: str(s3_client().head_object(Bucket=bucket, Key=key)["ETag"]).strip('"'),
+            uri=uri, action="stat")
+    path = _local_path(uri)
+
+    def stamp() -> str:
+        st = path.stat()
+        return f"{st.st_size}-{st.st_mtime_ns}"
+    return retrying(stamp, uri=uri, action="stat")
 
 
 # ---------------------------------------------------------------- exclusive create
@@ -465,11 +846,21 @@ def create_if_absent(uri: str, data: bytes) -> bool:
     target: ``link`` fails if the target exists, and readers only ever see complete content.
     On S3 it is a conditional PUT (``If-None-Match: *``, supported by S3 since 2024 and by
     moto >= 5.0.14); 412 PreconditionFailed means someone else created it. A 409
-    ConditionalRequestConflict (a concurrent conditional write in flight) is retried briefly.
+    ConditionalRequestConflict (a concurrent conditional write in flight), throttling and
+    connection errors are retried (:func:`retrying`).
+
+    A retried PUT may meet its own earlier attempt: the first PUT succeeded but its response was
+    lost, and the retry gets 412. So after a retry a 412 reads the object back and counts as
+    created if it holds exactly ``data``: callers must put something unique in ``data`` (the
+    flows' claim holds the flow run id and a timestamp) for "first writer wins" to stay exact.
     """
     if is_s3(uri):
         return _s3_create_if_absent(uri, data)
     target = _local_path(uri)
+    return retrying(lambda: _local_create_if_absent(target, data), uri=uri, action="create")
+
+
+def _local_create_if_absent(target: Path, data: bytes) -> bool:
     tmp = _write_tmp(target, lambda fh: _write_all(fh, data))
     try:
         os.link(tmp, target)
@@ -499,24 +890,126 @@ def _create_exclusive_nolink(target: Path, data: bytes) -> bool:
     return True
 
 
-def _s3_create_if_absent(uri: str, data: bytes, attempts: int = 5) -> bool:
+def _s3_create_if_absent(uri: str, data: bytes) -> bool:
     bucket, key = _require_key(uri)
-    for attempt in range(attempts):
+    tries = 0
+
+    def put() -> bool:
+        nonlocal tries
+        tries += 1
         try:
             s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
             return True
         except botocore.exceptions.ClientError as exc:
-            code, status = _error_code(exc), _http_status(exc)
-            if code == "PreconditionFailed" or status == 412:
+            if _error_code(exc) != "PreconditionFailed" and _http_status(exc) != 412:
+                raise
+            retried = tries > 1 or exc.response.get("ResponseMetadata", {}).get("RetryAttempts")
+            if not retried:
                 return False
-            if (code == "ConditionalRequestConflict" or status == 409) and \
-                    attempt < attempts - 1:
-                time.sleep(0.1 * 2 ** attempt)
+            # Maybe our own lost PUT: ours if the object is byte-for-byte what we sent.
+            body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+            with contextlib.closing(body):
+                return bool(body.read(len(data) + 1) == data)
+    return retrying(put, uri=uri, action="create")
+
+
+# ---------------------------------------------------------------- stale temp files
+def _is_writer_tmp(name: str) -> bool:
+    """A name our writers give temp files and folders (``_tmp_name``, sync_prefix)."""
+    return bool(_WRITER_TMP_RE.match(name))
+
+
+def sweep_temp_files(prefix_uri: str, older_than_s: float | None = None, *,
+                     now: float | None = None) -> int:
+    """Remove what killed writers left under a folder or S3 prefix; returns how many.
+
+    Locally: files named like :func:`_tmp_name`'s ``.name.<16 hex>.tmp`` (atomic writes, claims)
+    and folders named like sync_prefix's ``.<digest>.<16 hex>.tmp``, not modified for more than
+    ``older_than_s`` seconds (a folder counts as modified when anything inside it was). A writer
+    still running keeps touching its temp file, so an age far longer than any write
+    (``VCT_TEMP_MAX_AGE_S``, default a day) only takes the dead ones. Other files, symlinks and
+    anything inside a non-temp name are never touched.
+
+    On S3 our writers leave no temp objects (a PUT is atomic); what a killed multipart upload
+    leaves is an incomplete upload (invisible, but billed): those initiated before the cutoff
+    are aborted, and objects with a temp name (a local folder copied up) are deleted. ``now``
+    (seconds since the epoch) replaces the clock, for tests.
+    """
+    age = temp_max_age_s() if older_than_s is None else float(older_than_s)
+    if not age >= 0:
+        raise ValueError(f"older_than_s must be >= 0, got {older_than_s}")
+    cutoff = (time.time() if now is None else now) - age
+    if is_s3(prefix_uri):
+        return _sweep_s3(prefix_uri, cutoff)
+    return _sweep_local(_local_path(prefix_uri), cutoff)
+
+
+def _newest_mtime(folder: Path) -> float:
+    newest = os.lstat(folder).st_mtime
+    for sub, _dirs, files in os.walk(folder):
+        for name in [*_dirs, *files]:
+            with contextlib.suppress(FileNotFoundError):
+                newest = max(newest, os.lstat(os.path.join(sub, name)).st_mtime)
+    return newest
+
+
+def _sweep_local(root: Path, cutoff: float) -> int:
+    if not root.is_dir():
+        return 0
+    removed = 0
+    for folder, dirs, files in os.walk(root):
+        for name in [d for d in dirs if _is_writer_tmp(d)]:
+            dirs.remove(name)  # swept as a whole or left alone, never entered
+            path = Path(folder, name)
+            try:
+                if path.is_symlink() or _newest_mtime(path) >= cutoff:
+                    continue
+            except FileNotFoundError:
                 continue
-            if _is_not_found(exc):
-                raise StorageNotFound(uri, code) from exc
-            raise
-    raise AssertionError("unreachable")  # pragma: no cover
+            shutil.rmtree(path, ignore_errors=True)
+            removed += not path.exists()
+        for name in files:
+            if not _is_writer_tmp(name):
+                continue
+            path = Path(folder, name)
+            try:
+                st = os.lstat(path)
+                if stat.S_ISREG(st.st_mode) and st.st_mtime < cutoff:
+                    os.unlink(path)
+                    removed += 1
+            except FileNotFoundError:
+                continue  # its writer finished (renamed it) or another sweep got it
+    if removed:
+        log.info("removed %d stale temp file(s) under %s", removed, root)
+    return removed
+
+
+def _sweep_s3(prefix_uri: str, cutoff: float) -> int:
+    bucket, prefix, objects = _s3_objects(prefix_uri)
+    removed = 0
+    for obj in objects:
+        if _is_writer_tmp(posixpath.basename(obj["Key"])) and \
+                obj["LastModified"].timestamp() < cutoff:
+            delete(_s3_uri(bucket, obj["Key"]))
+            removed += 1
+
+    def uploads() -> list[dict[str, Any]]:
+        pages = s3_client().get_paginator("list_multipart_uploads").paginate(Bucket=bucket,
+                                                                            Prefix=prefix)
+        return [u for page in pages for u in page.get("Uploads", [])]
+    for upload in retrying(uploads, uri=prefix_uri, action="list uploads"):
+        if upload["Initiated"].timestamp() >= cutoff:
+            continue
+        uri = _s3_uri(bucket, upload["Key"])
+        try:
+            retrying(lambda u=upload: s3_client().abort_multipart_upload(
+                Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"]), uri=uri, action="abort")
+        except StorageNotFound:
+            continue  # completed or aborted meanwhile
+        removed += 1
+    if removed:
+        log.info("removed %d stale temp object(s)/upload(s) under %s", removed, prefix_uri)
+    return removed
 
 
 # ---------------------------------------------------------------- prefix sync (model cache)
@@ -573,13 +1066,12 @@ def sync_prefix(prefix_uri: str, cache_root: Path) -> Path:
 def _download_objects(bucket: str, prefix: str, objects: list[dict[str, Any]],
                       dest: Path) -> None:
     dest.mkdir(parents=True)
-    client = s3_client()
     for obj in objects:
         uri = _s3_uri(bucket, obj["Key"])
         target = dest / _safe_relative(obj["Key"], prefix, uri)
         target.parent.mkdir(parents=True, exist_ok=True)
-        with _s3_errors(uri):
-            client.download_file(bucket, obj["Key"], str(target), Config=_TRANSFER_CONFIG)
+        retrying(lambda key=obj["Key"], target=target: s3_client().download_file(
+            bucket, key, str(target), Config=_TRANSFER_CONFIG), uri=uri, action="download")
 
 
 def _publish_folder(tmp: Path, final: Path) -> None:
@@ -628,13 +1120,13 @@ def _underlying(exc: BaseException) -> BaseException | None:
 
 def _classify(exc: BaseException) -> bool | None:
     """True/False when exc itself decides; None to look at its cause."""
-    if isinstance(exc, StorageNotFound):
-        return False
-    if isinstance(exc, StorageChanged):
-        return True
+    if isinstance(exc, StorageError):
+        return exc.transient
     if isinstance(exc, botocore.exceptions.ClientError):
         code, status = _error_code(exc), _http_status(exc)
-        return code in _TRANSIENT_CODES or status >= 500 or status == 429
+        if code in _DENIED_CODES or _is_not_found(exc):
+            return False
+        return code in _TRANSIENT_CODES or (status >= 500 and status != 501) or status == 429
     if isinstance(exc, (botocore.exceptions.ConnectionError,
                         botocore.exceptions.HTTPClientError,
                         botocore.exceptions.IncompleteReadError)):
@@ -644,5 +1136,5 @@ def _classify(exc: BaseException) -> bool | None:
     if isinstance(exc, _PERMANENT_OSERRORS):
         return False
     if isinstance(exc, OSError):
-        return True
+        return exc.errno not in _PERMANENT_ERRNOS  # EIO, EAGAIN, ESTALE, ...: worth a retry
     return None

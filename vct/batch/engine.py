@@ -133,7 +133,7 @@ def plan(request: RunRequest, manifest: Manifest | None = None,
     check_layout(folder)  # one line for a wrong folder, before any hashing
     identity = model_identity(folder)
     hashes = hash_inputs([u for row in manifest.rows for u in (row.source, row.reference)],
-                         storage.read_bytes)
+                         storage.read_input)
     run_id = request.run_id or default_run_id(
         request.manifest_uri, manifest_bytes,
         {"model": identity, "settings": settings.stage_dict()})
@@ -141,6 +141,8 @@ def plan(request: RunRequest, manifest: Manifest | None = None,
                         run_uri or storage.join(request.output_uri, run_id), run_id)
     if settings.strict:  # rows whose inputs are missing or not images
         raise_if_bad_rows(request.manifest_uri, the_plan.errors)
+    for prefix in (the_plan.run_uri, request.cache_uri):  # what killed writers left behind
+        storage.sweep_temp_files(prefix)
     return the_plan
 
 

@@ -159,7 +159,7 @@ def _provenance(models: VCTModels, job: Job, counted: _Counted, **extra: Any) ->
 def _decode_input(job: Job):
     from vct.images import decode_image
 
-    data = storage.read_bytes(job.input_uri)
+    data = storage.read_input(job.input_uri)
     return data, decode_image(data, f"{ROLE[job.kind]} {job.input_uri}")
 
 
@@ -293,7 +293,7 @@ def run_content_batch(models: VCTModels, jobs: list[Job], cache: StageCache,
     ready: list[int] = []
     for n, job in enumerate(jobs):
         try:
-            decode_image(storage.read_bytes(job.input_uri), f"{ROLE[job.kind]} {job.input_uri}")
+            decode_image(storage.read_input(job.input_uri), f"{ROLE[job.kind]} {job.input_uri}")
             ready.append(n)
         except Exception as exc:  # noqa: BLE001 - this input's failure only
             outcomes[n] = failed(job, rank, error_line(job, exc))
