@@ -6,16 +6,22 @@ its calls, so tests can check what was read, how often, and that every link reso
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import io
 import json
 import math
+import os
 import re
+import select
+import shutil
+import subprocess
 import time
 import weakref
 from collections import Counter
 from html.parser import HTMLParser
-from urllib.parse import unquote
+from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import pytest
 from PIL import Image, ImageFont
@@ -700,3 +706,203 @@ def test_table_rows_bounded_failures_first(store: Store) -> None:
     assert set(rows[0]) == {"pair_id", "line", "status", "output_file", "reason"}
     assert rows[0]["output_file"] == "p0.png"
     assert len(table_rows(outcomes[:3])) == 3
+
+
+# ---------------------------------------------------------------- a real browser
+
+class _Chromium:
+    """Headless Chromium driven over the DevTools protocol on ``--remote-debugging-pipe``.
+
+    Stdlib only: Chromium reads NUL-terminated JSON commands on fd 3 and answers on fd 4.
+    Real-time deadlines instead of ``--dump-dom --virtual-time-budget``: virtual time does not
+    wait for image decoding, so on a loaded machine the DOM was dumped before the check ran.
+    """
+
+    def __init__(self, chromium: str, profile: Path, log: Path) -> None:
+        r_cmd, self._w = os.pipe()
+        self._r, w_evt = os.pipe()
+
+        def child() -> None:  # fds 3 and 4 in Chromium; via high fds so the dup2s cannot clash
+            a = fcntl.fcntl(r_cmd, fcntl.F_DUPFD, 10)
+            b = fcntl.fcntl(w_evt, fcntl.F_DUPFD, 10)
+            os.dup2(a, 3)
+            os.dup2(b, 4)
+
+        self._log = log.open("wb")
+        self.proc = subprocess.Popen(
+            [chromium, "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run",
+             "--remote-debugging-pipe", f"--user-data-dir={profile}", "about:blank"],
+            preexec_fn=child, close_fds=False, stdin=subprocess.DEVNULL,
+            stdout=self._log, stderr=self._log)
+        os.close(r_cmd)
+        os.close(w_evt)
+        self._buf = b""
+        self._id = 0
+        self.events: list[dict] = []
+
+    def _message(self, deadline: float) -> dict:
+        while b"\0" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._r], [], [], left)[0]:
+                raise TimeoutError("Chromium did not answer in time")
+            chunk = os.read(self._r, 1 << 16)
+            if not chunk:
+                raise EOFError("Chromium exited")
+            self._buf += chunk
+        raw, self._buf = self._buf.split(b"\0", 1)
+        return json.loads(raw)
+
+    def call(self, method: str, params: dict | None = None, session: str | None = None,
+             timeout: float = 30) -> dict:
+        self._id += 1
+        msg: dict = {"id": self._id, "method": method, "params": params or {}}
+        if session:
+            msg["sessionId"] = session
+        os.write(self._w, json.dumps(msg).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self._message(deadline)
+            if reply.get("id") == self._id:
+                assert "error" not in reply, f"{method}: {reply['error']}"
+                return reply["result"]
+            self.events.append(reply)
+
+    def wait_event(self, method: str, timeout: float = 30) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, event in enumerate(self.events):
+                if event.get("method") == method:
+                    return self.events.pop(i)
+            self.events.append(self._message(deadline))
+
+    def close(self) -> None:
+        try:
+            self.call("Browser.close", timeout=10)
+            self.proc.wait(timeout=10)
+        except (AssertionError, OSError, TimeoutError, EOFError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        finally:
+            os.close(self._w)
+            os.close(self._r)
+            self._log.close()
+
+
+# Runs in a report page once it has loaded: forces its lazy thumbnails to load, then records
+# every image's natural size (0 = not loaded), every link, and whether any script exists.
+_PAGE_CHECK = """(async () => {
+  const imgs = Array.from(document.images);
+  for (const im of imgs) im.loading = "eager";
+  const errs = await Promise.all(imgs.map(im => im.decode().then(() => "", e => String(e))));
+  return {url: location.href, scripts: document.scripts.length,
+          imgs: imgs.map((im, i) => ({src: im.src, w: im.naturalWidth, h: im.naturalHeight,
+                                      err: errs[i]})),
+          links: Array.from(document.querySelectorAll("a[href]"), a => a.href)};
+})()"""
+
+
+def _browse(chromium: str, start: Path, scratch: Path) -> tuple[dict[str, dict], list[str]]:
+    """Open ``start`` and every ``.html`` page reachable by its links; return what each page
+    showed (by URL) and the URL of every request the pages made."""
+    browser = _Chromium(chromium, scratch / "profile", scratch / "chromium.log")
+    try:
+        target = browser.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = browser.call("Target.attachToTarget",
+                               {"targetId": target, "flatten": True})["sessionId"]
+        browser.call("Page.enable", session=session)
+        browser.call("Network.enable", session=session)
+        pages: dict[str, dict] = {}
+        queue = [start.as_uri()]
+        while queue:
+            url = queue.pop(0)
+            browser.call("Page.navigate", {"url": url}, session=session)
+            browser.wait_event("Page.loadEventFired")
+            result = browser.call("Runtime.evaluate", {
+                "expression": _PAGE_CHECK, "awaitPromise": True, "returnByValue": True,
+            }, session=session)["result"]["value"]
+            assert result["url"] == url
+            pages[url] = result
+            for link in result["links"]:
+                if link.endswith(".html") and link not in pages and link not in queue:
+                    queue.append(link)
+        requests = [e["params"]["request"]["url"] for e in browser.events
+                    if e.get("method") == "Network.requestWillBeSent"]
+        return pages, requests
+    finally:
+        browser.close()
+
+
+def _chromium() -> str:
+    """Path of a headless-capable Chromium; the test fails (never skips) without one."""
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.fail("Chromium is not installed: the browser test needs Debian's `chromium` "
+                "(apt-get install -y chromium)")
+
+
+def _write_run(folder: Path, files: dict[str, tuple[bytes, str]], store: Store,
+               outcomes: list[PairOutcome], summary: dict, out: str) -> None:
+    """A downloaded run folder: the report files, run.json, and the outputs at their names."""
+    for name, (data, _) in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    (folder / "run.json").write_bytes(run_json_bytes(summary))
+    for o in outcomes:
+        if o.png_name and _out(o.png_name, out) in store.data:
+            (folder / o.png_name).write_bytes(store.data[_out(o.png_name, out)])
+        if o.sidecar_name:
+            (folder / o.sidecar_name).write_text(json.dumps({"pair_id": o.pair_id}))
+
+
+def test_report_in_headless_chromium(tmp_path: Path) -> None:
+    chromium = _chromium()
+    store = Store()
+    store.data["in/shared.png"] = _img((300, 200), (255, 0, 0))
+    store.data["in/wide.png"] = _img((5000, 1))
+    store.data["in/garbage.png"] = b"garbage"
+    run = tmp_path / "run"
+    run.mkdir()
+    out = str(run)  # a local run folder: outputs are read from where they are written
+    outcomes = [_pair(f"p{i}", i + 2, store, source="in/shared.png",
+                      reference=f"in/r{i % 7}.png", output_name=f"out-{i:03d}", run=out)
+                for i in range(230)]
+    outcomes += [
+        _pair("wide", 300, store, source="in/wide.png", output_name="wide-out", run=out),
+        _pair("broken", 301, store, source="in/garbage.png", run=out),
+        _pair("failed", 302, store, status="failed", reason=HOSTILE, run=out),
+        _pair('evil"><b>id', 303, store, output_name="evil-out", run=out),
+    ]
+    summary = _summary(outcomes, output_uri=out)
+    files = _build(summary, outcomes, store)
+    _write_run(run, files, store, outcomes, summary, out)
+    pages, requests = _browse(chromium, run / "report.html", tmp_path)
+
+    visited = {Path(unquote(urlparse(u).path)).relative_to(run).as_posix() for u in pages}
+    assert visited == set(_pages(files)), "every page is reachable by following the links"
+    for url in requests:  # nothing fetched from outside the run folder
+        assert url.startswith(run.as_uri() + "/"), url
+    thumb_sizes = {n: _open(d).size for n, d in _thumbs(files).items()}
+    shown: set[str] = set()
+    for url, page in pages.items():
+        assert page["imgs"], url
+        assert page["scripts"] == 0, url
+        for img in page["imgs"]:
+            name = Path(unquote(urlparse(img["src"]).path)).relative_to(run).as_posix()
+            assert img["err"] == "", (url, name, img)
+            assert (img["w"], img["h"]) == thumb_sizes[name], (url, name, img)
+            shown.add(name)
+        for link in page["links"]:
+            parsed = urlparse(link)
+            assert parsed.scheme == "file", link
+            target = Path(unquote(parsed.path))
+            assert target.is_file() and run in target.parents, link
+    assert shown == set(thumb_sizes), "every thumbnail written is shown and loads"
+    # The browser saw exactly the images the HTML holds (3 pages of 234 pairs; two images are
+    # placeholders: the unreadable source and the failed pair's output).
+    assert len(visited) == 3
+    for url, page in pages.items():
+        name = Path(unquote(urlparse(url).path)).name
+        assert len(page["imgs"]) == len(_parse(_pages(files)[name]).srcs), url
+    assert sum(len(p["imgs"]) for p in pages.values()) == 234 * 3 - 2
