@@ -384,10 +384,17 @@ def _encode_thumb(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _make_thumb(data: bytes | None, box: int) -> _Thumb:
+# What `_safe_read` returns when `read` raised: the page says "read error", so a broken
+# callback is not mistaken for missing files.
+_READ_ERROR = object()
+
+
+def _make_thumb(data: bytes | object | None, box: int) -> _Thumb:
     """The thumbnail of one image's bytes (``None``: the image is missing)."""
     if data is None:
         return _Thumb(name=None, word="missing", exists=False)
+    if not isinstance(data, bytes):
+        return _Thumb(name=None, word="read error", exists=False)
     img = _decode_small(data, box)
     if img is None:
         return _Thumb(name=None, word="unreadable", exists=True)
@@ -397,15 +404,13 @@ def _make_thumb(data: bytes | None, box: int) -> _Thumb:
                   width=img.width, height=img.height, data=_encode_thumb(img))
 
 
-def _safe_read(read: Callable[[str], bytes | None], uri: str) -> bytes | None:
-    """``read(uri)``, with a raising callback treated like a missing file: the report is the
-    last step of a long run and must not be lost to one storage hiccup."""
-    if not uri:
-        return None
+def _safe_read(read: Callable[[str], bytes | None], uri: str) -> bytes | object | None:
+    """``read(uri)``, or :data:`_READ_ERROR` if it raised: the report is the last step of a
+    long run and must not be lost to one storage hiccup (the page says "read error")."""
     try:
         data = read(uri)
     except Exception:
-        return None
+        return _READ_ERROR
     return bytes(data) if data is not None else None
 
 
@@ -841,18 +846,26 @@ def report_files(
 ) -> Iterator[tuple[str, bytes, str]]:
     """Yield ``(name, bytes, content type)`` for every thumbnail, HTML page and contact sheet.
 
-    Names are relative to the run folder (see the module docstring for the layout); write them
-    in the order yielded and every link of a page already resolves when the page lands. Pages
-    are processed one at a time: each distinct image URI is read once through ``read`` (it
-    returns the bytes, or None when missing), thumbnailed, and only its small encoded
-    thumbnail is kept, until the last page that shows it. A pair's output is read at
-    ``summary["output_uri"] + "/" + png_name``.
+    Names are relative to the run folder (see the module docstring for the layout). Pages are
+    built one at a time, in order: first the thumbnails the page needs that were not yielded
+    yet, then its contact sheet(s), then the page itself, so written in the order yielded, a
+    page's images exist when it lands. Each distinct image URI is read once through ``read``
+    (bytes, or None when missing), thumbnailed, and only its small encoded thumbnail is kept,
+    until the last page that shows it. A pair's output is read at
+    ``summary["output_uri"] + "/" + png_name``. Bad arguments raise ``ValueError`` here, at
+    the call, not at the first ``next()``.
     """
     if not 1 <= page_size <= MAX_PAGE_SIZE:
         raise ValueError(f"page_size must be in 1..{MAX_PAGE_SIZE}, got {page_size}")
     if not 16 <= thumb <= 1024:
         raise ValueError(f"thumb must be in 16..1024 pixels, got {thumb}")
+    return _report_files(summary, outcomes, read, page_size=page_size, thumb=thumb)
 
+
+def _report_files(summary: dict, outcomes: list[PairOutcome],
+                  read: Callable[[str], bytes | None], *, page_size: int,
+                  thumb: int) -> Iterator[tuple[str, bytes, str]]:
+    """The generator behind :func:`report_files` (arguments already checked)."""
     output_uri = str(summary.get("output_uri") or "")
     ordered = _ordered(outcomes)
     pages = [ordered[i:i + page_size] for i in range(0, len(ordered), page_size)] or [[]]
@@ -895,12 +908,11 @@ def report_files(
             rows.append((o, thumbs))
 
         sheets = [_sheet_name(sheet_number + k) for k in range(sheets_per_page[number])]
+        yield from _page_sheets(rows, sheets, first=first, total=len(ordered), run_id=run_id)
         yield _page_name(number + 1), _page_html(
             summary, number=number + 1, pages=pages, first=first, total_pairs=len(ordered),
             rows=rows, sheets=sheets, thumb=thumb,
         ).encode("utf-8"), "text/html; charset=utf-8"
-
-        yield from _page_sheets(rows, sheets, first=first, total=len(ordered), run_id=run_id)
         sheet_number += len(sheets)
         first += len(page)
 
