@@ -580,7 +580,7 @@ object-fit:contain}
 .run-complete{background:#1e7828}.run-partial{background:#b06a00}.run-failed{background:#aa1e1e}
 .run{color:#fff;padding:.1em .5em;border-radius:.3em;font-size:.8em;vertical-align:middle}
 .run-other{background:#666}
-.timings{text-align:left;font-size:.85em;color:#444;white-space:nowrap}
+table.pairs td.timings{text-align:left;font-size:.85em;color:#444;white-space:nowrap}
 .uri{font-size:.8em;color:#666;word-break:break-all;max-width:16em;margin:auto}
 nav{margin:.8em 0}nav a,nav span{margin-right:.6em}nav .cur{font-weight:700}
 ul.failures li{margin:.2em 0}.reason{white-space:pre-wrap}.note{color:#777;font-size:.9em}
