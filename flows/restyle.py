@@ -99,9 +99,9 @@ def restyle(manifest_uri: str, output_uri: str, model: str,
     update_progress_artifact(progress, progress=100.0)
     create_markdown_artifact(key="restyle-report", markdown=report.markdown_summary(data),
                              description=f"summary of {plan.run_id}")
-    create_table_artifact(key="restyle-pairs", table=[
-        {"pair": p.pair_id, "line": p.line, "status": p.status, "reason": p.reason or ""}
-        for p in summary.pairs[:200]] or [{}], description=f"pairs of {plan.run_id}")
+    create_table_artifact(key="restyle-pairs",
+                          table=report.table_rows(engine.report_outcomes(summary)) or [{}],
+                          description=f"pairs of {plan.run_id}")
     logger.info("%s: %s", summary.message, json.dumps(summary.counts))
     if summary.status != "complete":
         return Failed(message=summary.message, data=RunFailed(summary.message, data))

@@ -312,44 +312,40 @@ def summarize(the_plan: Plan, results: dict[str, PairResult],
 
 
 def _read_optional(uri: str) -> bytes | None:
+    """Image bytes for a thumbnail, or None: one unreadable image never fails the report."""
     try:
-        return storage.read_bytes(uri)
+        return storage.read_input(uri)
     except storage.StorageError:
         return None
 
 
+def report_outcomes(summary: RunSummary) -> list[report.PairOutcome]:
+    """The report's view of every planned pair (bad rows are listed as row errors)."""
+    return [report.PairOutcome(pair_id=p.pair_id, line=p.line, status=p.status,
+                               source_uri=p.source_uri, reference_uri=p.reference_uri,
+                               png_name=p.png_name, sidecar_name=p.sidecar_name,
+                               reason=p.reason, timings=p.timings)
+            for p in summary.pairs if p.status != "bad"]
+
+
 def finish(summary: RunSummary, started_at: str, flow_run_id: str = "",
            write_report: bool = True) -> dict:
-    """run.json, the report pages; `_SUCCESS` last and only for a complete run. Returns the
-    run.json content."""
+    """run.json, the report pages, thumbnails and contact sheets; `_SUCCESS` last and only for
+    a complete run. Returns the run.json content."""
     run = summary.run_uri
-    outcomes = []
-    for p in summary.pairs:
-        if p.status == "bad":
-            continue
-        png_uri = storage.join(run, p.png_name) if p.png_name else None
-        outcomes.append(report.PairOutcome(
-            pair_id=p.pair_id, line=p.line, status=p.status, source_uri=p.source_uri,
-            reference_uri=p.reference_uri, output_uri=png_uri, reason=p.reason,
-            sidecar={"timings": p.timings},
-            source_png=_read_optional(p.source_uri) if write_report else None,
-            reference_png=_read_optional(p.reference_uri) if write_report else None,
-            output_png=_read_optional(png_uri) if png_uri and write_report else None))
+    outcomes = report_outcomes(summary)
     bad = [{"line": p.line, "pair_id": p.pair_id, "reason": p.reason}
            for p in summary.pairs if p.status == "bad"]
     data = report.build_run_summary(
         run_id=summary.run_id, flow_run_id=flow_run_id, manifest_uri=summary.manifest_uri,
-        output_uri=run, counts=summary.counts, outcomes=outcomes, row_errors=bad,
-        started_at=started_at, finished_at=datetime.now(UTC).isoformat(),
+        output_uri=run, status=summary.status, counts=summary.counts, outcomes=outcomes,
+        row_errors=bad, started_at=started_at, finished_at=datetime.now(UTC).isoformat(),
         extra={**summary.details, "stages": {k: v.__dict__ for k, v in summary.stages.items()}})
-    data["status"] = summary.status
     storage.write_bytes(storage.join(run, outputs.RUN_JSON), report.run_json_bytes(data),
                         "application/json")
     if write_report:
-        storage.write_bytes(storage.join(run, "contact_sheet.png"),
-                            report.contact_sheet(outcomes), "image/png")
-        storage.write_bytes(storage.join(run, "report.html"),
-                            report.report_html(data, outcomes).encode(), "text/html")
+        for name, blob, content_type in report.report_files(data, outcomes, _read_optional):
+            storage.write_bytes(storage.join(run, name), blob, content_type)
     success = storage.join(run, outputs.SUCCESS)
     if summary.status == "complete":
         storage.write_bytes(success, (f'{{"run_id": "{summary.run_id}", '

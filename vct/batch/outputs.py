@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 
-from vct import storage
+from vct import report, storage
 
 SUCCESS = "_SUCCESS"
 RUN_JSON = "run.json"
-_RESERVED_RE = re.compile(r"^(run|_SUCCESS|report(-\d+)?|contact_sheet(-\d+)?|thumbs|_cache)$",
-                          re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -36,8 +33,11 @@ def output_names(output_name: str) -> OutputNames:
 
 def is_reserved(output_name: str) -> bool:
     """Names the run itself writes (run.json, the report pages, the contact sheets, _SUCCESS,
-    thumbnails): a pair named like one would be overwritten by the report, so it is refused."""
-    return bool(_RESERVED_RE.match(output_name))
+    thumbnails, the default cache): a pair named like one would be overwritten by the report
+    (or overwrite it), so it is refused."""
+    names = output_names(output_name)
+    return (report.is_reserved(names.png) or report.is_reserved(names.sidecar)
+            or report.is_reserved(output_name) or output_name.lower() == "_cache")
 
 
 def sha256_hex(data: bytes) -> str:
