@@ -7,11 +7,15 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PYTHONUNBUFFERED := 1
-# Embedded Prefect and the tiny model live inside the checkout, not in $HOME.
-export PREFECT_HOME ?= $(CURDIR)/.prefect
+# The demo and the tests run Prefect embedded, with a home of their own inside the checkout:
+# never a team server's PREFECT_HOME (infra/README.md puts that outside the checkout), never a
+# PREFECT_API_URL from the shell, so `make clean` can only ever remove this throwaway database.
+export PREFECT_HOME := $(CURDIR)/.embedded-prefect
+unexport PREFECT_API_URL
+# The tiny test model is built here (workers set VCT_HOME / VCT_MODEL_CACHE themselves).
 export VCT_HOME ?= $(CURDIR)/.models
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint browser bench clean
 
 setup: $(STAMP)
 
@@ -22,16 +26,21 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/vct run manifests/example.csv --output demo
+	$(VENV)/bin/vct run manifests/example.csv --output demo --model tiny
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vct flows tests benchmarks
 
-test: $(STAMP) lint
+# The report test opens the pages in Debian's headless Chromium (installed when missing).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+test: $(STAMP) lint browser
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf demo .models .prefect .pytest_cache
+	rm -rf demo .models .embedded-prefect .pytest_cache

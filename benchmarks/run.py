@@ -11,7 +11,6 @@ Every line also reports UNet sample-evaluations per stage. Default: the tiny mod
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -46,6 +45,14 @@ def timed(fn, repeats: int = 1):
     return best, result
 
 
+def evals(models, fn):
+    """fn's result and the UNet evaluations the counting wrapper saw during it."""
+    before = dict(models.unet_evals)
+    result = fn()
+    return result, {k: v - before.get(k, 0) for k, v in models.unet_evals.items()
+                    if v != before.get(k, 0)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="SD 1.x folder (default: tiny model)")
@@ -63,12 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     content_cfg = ContentConfig(num_inference_steps=args.steps)
     rows = []
     for target in ("pivot", "x0"):
-        cfg = dataclasses.replace(content_cfg, content_target=target)
-        seconds, result = timed(lambda c=cfg: invert_content(models, source, c))
+        cfg = content_cfg.model_copy(update={"content_target": target})
+        seconds, (result, used) = timed(
+            lambda c=cfg: evals(models, lambda: invert_content(models, source, c)))
         err = float(((result.reconstruction[-1] - result.inversion_latents[0]) ** 2).mean())
         rows.append((target, seconds, result))
-        print(f"content[{target}]: {seconds:.2f}s, sum J_s={result.meta['total_iterations']}, "
-              f"recon mse={err:.3e}, unet evals={result.meta['unet_evals']}")
+        print(f"content[{target}]: {seconds:.2f}s, sum J_s={result.stats.total_iterations}, "
+              f"recon mse={err:.3e}, unet evals={used}")
     print(f"content x0/pivot time ratio: {rows[1][1] / rows[0][1]:.2f}")
     content = rows[0][2]
     tree = Image.open(ROOT / "manifests/images/tree.png").convert("RGB")
@@ -78,18 +86,21 @@ def main(argv: list[str] | None = None) -> int:
           f"speed-up x{one_s / two_s:.2f}")
 
     base = ConceptConfig(max_train_steps=args.concept_steps)
-    seq_s, concept = timed(lambda: learn_concept(models, reference, base))
-    bat_s, _ = timed(lambda: learn_concept(models, reference,
-                                           dataclasses.replace(base, batch_microsteps=True)))
+    seq_s, (concept, concept_evals) = timed(
+        lambda: evals(models, lambda: learn_concept(models, reference, base)))
+    bat_s, _ = timed(lambda: learn_concept(
+        models, reference, base.model_copy(update={"batch_microsteps": True})))
     print(f"concept {args.concept_steps} updates: sequential {seq_s:.2f}s, batched {bat_s:.2f}s, "
-          f"speed-up x{seq_s / bat_s:.2f} (UNet fwd+bwd: {concept.meta['unet_evals']})")
+          f"speed-up x{seq_s / bat_s:.2f} (UNet fwd+bwd: {concept_evals})")
 
-    fast_s, fast = timed(lambda: fuse(models, content, [concept], FusionConfig()), args.repeats)
+    fast_s, (fast, fusion_evals) = timed(
+        lambda: evals(models, lambda: fuse(models, content, [concept], FusionConfig())),
+        args.repeats)
     slow_s, slow = timed(lambda: fuse(models, content, [concept],
                                       FusionConfig(attention_impl="explicit")), args.repeats)
     diff = float((fast.latents - slow.latents).abs().max())
     print(f"fusion: sdpa {fast_s:.3f}s, explicit {slow_s:.3f}s, speed-up x{slow_s / fast_s:.2f}, "
-          f"max |diff| {diff:.1e}, unet evals {fast.meta['unet_evals']}")
+          f"max |diff| {diff:.1e}, unet evals {fusion_evals}")
     shared_s, _ = timed(lambda: fuse(models, content, [concept, concept, concept],
                                      FusionConfig()), args.repeats)
     print(f"fusion, 3 pairs sharing B*: {shared_s:.3f}s vs 3 separate runs {3 * fast_s:.3f}s, "

@@ -53,24 +53,19 @@ def _exercise(cache: StageCache, caplog: pytest.LogCaptureFixture) -> None:
     key = _key()
     assert cache.get("content", key, _validate) is None
     assert not cache.contains("content", key)
-    assert cache.misses["content"] == 1 and cache.hits["content"] == 0
 
     cache.put("content", key, json.dumps({"format": 1, "v": 3}).encode())
     assert cache.contains("content", key)
     assert cache.get("content", key, _validate) == {"format": 1, "v": 3}
-    assert cache.hits["content"] == 1
 
     cache.put("content", key, b"\x00truncated")
     with caplog.at_level(logging.WARNING, logger="vct.cache"):
         assert cache.get("content", key, _validate) is None
-    assert cache.rejected["content"] == 1
-    assert cache.misses["content"] == 2
     assert any("rejecting bad cache entry" in r.message and key in r.message
                for r in caplog.records)
 
     cache.put("content", key, json.dumps({"format": 1, "v": 4}).encode())  # recomputed
     assert cache.get("content", key, _validate) == {"format": 1, "v": 4}
-    assert cache.stats() == {"content": {"hits": 2, "misses": 2, "rejected": 1}}
 
 
 def test_local_cache_get_put_miss_reject(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -14,7 +14,7 @@ from vct.models import ModelError, check_layout, load_models, model_identity
 def _upload(folder: Path, prefix: str) -> None:
     for path in sorted(folder.rglob("*")):
         if path.is_file() and not path.name.startswith("."):
-            storage.write_file(f"{prefix}/{path.relative_to(folder).as_posix()}", path)
+            storage.write_bytes(f"{prefix}/{path.relative_to(folder).as_posix()}", path.read_bytes())
 
 
 def test_loads_from_an_s3_prefix_once(s3_bucket, tiny_model_dir, models, tmp_path, monkeypatch):

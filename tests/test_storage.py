@@ -116,8 +116,6 @@ def test_local_not_found_names_uri(tmp_path: Path) -> None:
     missing = str(tmp_path / "nope.png")
     with pytest.raises(storage.StorageNotFound, match="nope.png"):
         storage.read_bytes(missing)
-    with pytest.raises(storage.StorageNotFound):
-        storage.etag_or_mtime(missing)
     assert isinstance(storage.StorageNotFound("x"), storage.StorageError)
 
 
@@ -134,25 +132,6 @@ def test_local_list_exists_delete(tmp_path: Path) -> None:
     storage.delete(storage.join(root, "b.txt"))
     storage.delete(storage.join(root, "b.txt"))  # idempotent
     assert not storage.exists(storage.join(root, "b.txt"))
-
-
-def test_local_write_file_copies_atomically(tmp_path: Path) -> None:
-    src = tmp_path / "src.bin"
-    src.write_bytes(b"payload")
-    dest = str(tmp_path / "d" / "copy.bin")
-    storage.write_file(dest, src)
-    assert storage.read_bytes(dest) == b"payload"
-    assert _tmp_files(tmp_path) == []
-    with pytest.raises(storage.StorageNotFound):
-        storage.write_file(dest, tmp_path / "none")
-
-
-def test_local_etag_or_mtime_changes_with_content(tmp_path: Path) -> None:
-    uri = str(tmp_path / "m.bin")
-    storage.write_bytes(uri, b"1")
-    first = storage.etag_or_mtime(uri)
-    storage.write_bytes(uri, b"22")
-    assert storage.etag_or_mtime(uri) != first
 
 
 def test_local_create_if_absent_is_exclusive(tmp_path: Path) -> None:
@@ -249,19 +228,6 @@ def test_s3_list_is_folder_scoped_and_sorted(s3_bucket: str) -> None:
     assert storage.list_uris(storage.join(s3_bucket, "m")) == [
         f"{s3_bucket}/m/a/1.txt", f"{s3_bucket}/m/b.txt"]
     assert len(storage.list_uris(s3_bucket)) == 4
-
-
-def test_s3_write_file_and_etag(s3_bucket: str, tmp_path: Path) -> None:
-    src = tmp_path / "src.bin"
-    src.write_bytes(b"abc" * 100)
-    uri = storage.join(s3_bucket, "f.bin")
-    storage.write_file(uri, src)
-    assert storage.read_bytes(uri) == src.read_bytes()
-    etag = storage.etag_or_mtime(uri)
-    storage.write_bytes(uri, b"changed")
-    assert storage.etag_or_mtime(uri) != etag
-    with pytest.raises(storage.StorageNotFound):
-        storage.etag_or_mtime(storage.join(s3_bucket, "nope"))
 
 
 def test_s3_create_if_absent(s3_bucket: str) -> None:

@@ -3,7 +3,8 @@
 A stage result is stored under a key that hashes everything that determines it, so a hit can be
 reused without asking whether it is stale: a change of any input byte, model, setting, seed or
 storage format gives a different key. Entries are validated on every read and a bad one is
-never trusted: it is logged, counted, treated as a miss, and overwritten by the recomputation.
+never trusted: it is logged, treated as a miss, and atomically overwritten by the recomputation
+(never deleted first: another run may have just written a good one).
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import hashlib
 import json
 import logging
 import re
-import threading
-from collections import Counter
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -52,17 +51,11 @@ def cache_key(kind: str, parts: dict[str, Any]) -> str:
 class StageCache:
     """Stage results under ``root/<kind>/<key[:2]>/<key>.safetensors`` on local disk or S3.
 
-    The two-character fan-out keeps folders small on local filesystems. Counters (``hits``,
-    ``misses``, ``rejected``; per kind) feed the run summary; a rejected entry also counts as
-    a miss because the caller will recompute it. Thread-safe counters: flows run tasks in threads.
+    The two-character fan-out keeps folders small on local filesystems.
     """
 
     def __init__(self, root_uri: str):
         self.root_uri = str(root_uri)
-        self.hits: Counter[str] = Counter()
-        self.misses: Counter[str] = Counter()
-        self.rejected: Counter[str] = Counter()
-        self._lock = threading.Lock()
 
     def uri(self, kind: str, key: str) -> str:
         """Where the entry for (kind, key) lives; both are checked so neither can escape root."""
@@ -83,17 +76,13 @@ class StageCache:
         try:
             data = storage.read_bytes(uri)
         except storage.StorageNotFound:
-            self._count(self.misses, kind)
             return None
         try:
             value = validate(data)
         except Exception as exc:  # any failure means "do not trust this entry"
             log.warning("rejecting bad cache entry %s (%s: %s); it will be recomputed",
                         uri, type(exc).__name__, exc)
-            self._count(self.rejected, kind)
-            self._count(self.misses, kind)
             return None
-        self._count(self.hits, kind)
         return value
 
     def put(self, kind: str, key: str, data: bytes) -> str:
@@ -105,14 +94,3 @@ class StageCache:
     def contains(self, kind: str, key: str) -> bool:
         """Whether an entry exists (unvalidated; use get to trust it)."""
         return storage.exists(self.uri(kind, key))
-
-    def stats(self) -> dict[str, dict[str, int]]:
-        """Counters per kind, for logs and the run summary."""
-        with self._lock:
-            kinds = sorted(set(self.hits) | set(self.misses) | set(self.rejected))
-            return {k: {"hits": self.hits[k], "misses": self.misses[k],
-                        "rejected": self.rejected[k]} for k in kinds}
-
-    def _count(self, counter: Counter[str], kind: str) -> None:
-        with self._lock:
-            counter[kind] += 1

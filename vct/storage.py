@@ -589,13 +589,6 @@ def _atomic_local_write(target: Path, writer: Callable[[BinaryIO], None]) -> Non
     _fsync_dir(target.parent)
 
 
-def _copy_from(src: Path) -> Callable[[BinaryIO], None]:
-    def writer(fh: BinaryIO) -> None:
-        with open(src, "rb") as source:
-            shutil.copyfileobj(source, fh, _COPY_CHUNK)
-    return writer
-
-
 # ---------------------------------------------------------------- read / write
 def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
     """The whole object, read only from a regular file or an S3 object.
@@ -725,21 +718,6 @@ def _write_all(fh: BinaryIO, data: bytes) -> None:
         fh.write(view[start:start + _COPY_CHUNK])
 
 
-def write_file(uri: str, local_path: str | os.PathLike[str],
-               content_type: str | None = None) -> None:
-    """Upload/copy a local file to uri atomically (S3: boto3's transfer manager)."""
-    src = Path(local_path)
-    if not src.is_file():
-        raise StorageNotFound(str(local_path), "local source file")
-    if is_s3(uri):
-        bucket, key = _require_key(uri)
-        extra = {"ContentType": content_type} if content_type else None
-        retrying(lambda: s3_client().upload_file(str(src), bucket, key, ExtraArgs=extra,
-                                                 Config=_TRANSFER_CONFIG),
-                 uri=uri, action="write")
-        return
-    target = _local_path(uri)
-    retrying(lambda: _atomic_local_write(target, _copy_from(src)), uri=uri, action="write")
 
 
 # ---------------------------------------------------------------- metadata
@@ -821,20 +799,6 @@ def list_uris(prefix_uri: str) -> list[str]:
     return sorted(found)
 
 
-def etag_or_mtime(uri: str) -> str:
-    """A cheap version stamp: the S3 ETag, or ``<size>-<mtime_ns>`` locally. Used to cache
-    downloads (a model folder) without hashing gigabytes."""
-    if is_s3(uri):
-        bucket, key = _require_key(uri)
-        return retrying(
-            lambda: str(s3_client().head_object(Bucket=bucket, Key=key)["ETag"]).strip('"'),
-            uri=uri, action="stat")
-    path = _local_path(uri)
-
-    def stamp() -> str:
-        st = path.stat()
-        return f"{st.st_size}-{st.st_mtime_ns}"
-    return retrying(stamp, uri=uri, action="stat")
 
 
 # ---------------------------------------------------------------- exclusive create
