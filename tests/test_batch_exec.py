@@ -23,6 +23,7 @@ from vct.batch.keys import concept_key, content_key
 from vct.cache import StageCache
 from vct.config import ConceptConfig, ContentConfig, to_dict
 
+RANK_THREADS = max(1, (os.cpu_count() or 1) // 2)  # what each of 2 ranks gets on this node
 CONTENT = ContentConfig(num_inference_steps=5, num_inner_steps=2, resolution=64)
 CONCEPT = ConceptConfig(max_train_steps=3, batch_microsteps=True, reference_resolution=64)
 
@@ -64,19 +65,14 @@ def _settings(model_dir: Path, cache: Path, **kw) -> ExecutorSettings:
 def local_run(tiny_model_dir, good_jobs, tmp_path_factory):
     """The three good jobs in local mode: (outcomes, cache dir, progress events).
 
-    They run with the thread count each of 2 accelerate CPU ranks uses: concept inversion's
-    backward pass sums in a thread-count-dependent order, so CPU results are bit-identical
-    across processes only at equal ``torch.get_num_threads()`` (content results do not care).
+    They run with the thread count each of 2 accelerate CPU ranks uses (the thread budget):
+    concept inversion's backward pass sums in a thread-count-dependent order, so CPU results
+    are bit-identical across processes only at equal thread counts.
     """
     cache = tmp_path_factory.mktemp("local_cache")
     events: list[dict] = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
-    try:
-        outcomes = run_jobs(good_jobs, _settings(tiny_model_dir, cache),
-                            on_progress=events.append)
-    finally:
-        torch.set_num_threads(threads)
+    outcomes = run_jobs(good_jobs, _settings(tiny_model_dir, cache, threads=RANK_THREADS),
+                        on_progress=events.append)
     return outcomes, cache, events
 
 

@@ -179,11 +179,8 @@ def test_incoming_prefix_processes_each_manifest_once(prefect_harness, tiny_mode
 
 def test_accelerate_fan_out_gives_the_same_outputs_as_in_process(prefect_harness, tiny_model_dir,
                                                                   tmp_path):
-    """Two CPU ranks (gloo) vs this process. Ranks run with 1 torch thread each (2 cores / 2),
-    so this process uses 1 thread too: CPU float reductions are bit-stable only for a fixed
-    thread count."""
-    import torch
-
+    """Two CPU ranks (gloo) vs this process, every process at 1 torch thread: CPU float
+    reductions are bit-stable only for a fixed thread count."""
     from flows.restyle import restyle
 
     for name, kind in (("s1.png", 0), ("s2.png", 2), ("r1.png", 1), ("r2.png", 3)):
@@ -191,14 +188,10 @@ def test_accelerate_fan_out_gives_the_same_outputs_as_in_process(prefect_harness
     (tmp_path / "m.csv").write_text("source,reference\ns1.png,r1.png\ns2.png,r2.png\n"
                                     "s1.png,r2.png\n")
     common = {"manifest_uri": str(tmp_path / "m.csv"), "model": str(tiny_model_dir)}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # fusion runs in this process in both modes
-    try:
-        local = restyle(output_uri=str(tmp_path / "local"), settings=FAST, **common)
-        fanned = restyle(output_uri=str(tmp_path / "acc"), **common, settings={
-            **FAST, "executor": "accelerate", "num_processes": 2})
-    finally:
-        torch.set_num_threads(threads)
+    one = {**FAST, "threads": 1}  # the same count in this process and in each rank
+    local = restyle(output_uri=str(tmp_path / "local"), settings=one, **common)
+    fanned = restyle(output_uri=str(tmp_path / "acc"), **common, settings={
+        **one, "executor": "accelerate", "num_processes": 2})
     assert fanned["counts"]["concepts_computed"] == 2 and fanned["counts"]["pairs_ok"] == 3
     assert sorted(fanned["details"]["stages"]["concept"]["ranks"]) == [0, 1]
     for pair in local["pairs"]:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from vct.errors import UserError
 
 
-class ConfigError(UserError):
+class ConfigError(UserError, ValueError):
     """A configuration value is out of range or of the wrong type; names the field and its flag."""
 
     def __init__(self, name: str, message: str):

@@ -79,7 +79,7 @@ class RunRequest:
         s = self.settings
         return ExecutorSettings(model=self.model, cache_uri=self.cache_uri, device=s.device,
                                 dtype=s.dtype, mode=s.executor, num_processes=s.num_processes,
-                                content_batch=s.content_batch)
+                                content_batch=s.content_batch, threads=s.threads)
 
 
 def tiny_model_folder() -> str:

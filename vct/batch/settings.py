@@ -38,6 +38,9 @@ class RunSettings(BaseModel):
                         "present), 'cpu', 'cuda' or 'cuda:N'")
     dtype: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="UNet precision: fp32 "
                                                    "(faithful) or, on CUDA, fp16/bf16")
+    threads: int | None = Field(None, ge=1, le=1024, description="torch intra-op threads per "
+                                "process (default: VCT_THREADS, else the cores this process "
+                                "may use divided by the ranks on the node)")
     content_batch: int = Field(1, ge=1, le=64, description="sources fitted together in one "
                                "batch, each with its own early stop; 1 is bit-for-bit the "
                                "one-source computation")

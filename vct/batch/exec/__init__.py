@@ -37,6 +37,7 @@ class ExecutorSettings:
     accelerate_config: str | None = None
     cpu: bool = False
     content_batch: int = 1
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

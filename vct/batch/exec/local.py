@@ -17,6 +17,7 @@ from vct.batch.jobs import (
 )
 from vct.cache import StageCache
 from vct.models import VCTModels
+from vct.threads import apply_thread_budget
 
 
 @dataclass
@@ -61,6 +62,7 @@ def run(jobs: list[Job], settings: ExecutorSettings, on_progress: ProgressCallba
         return [failed(job, 0, error_line(job, exc)) for job in jobs]
     outcomes: list[JobOutcome | None] = [None] * len(jobs)
     with loaded.lock:  # flow tasks in threads share the models; stages are not re-entrant
+        apply_thread_budget(1, settings.threads)
         for done, (i, outcome) in enumerate(run_in_order(
                 loaded.models, jobs, biggest_first(jobs), cache, 0, settings.content_batch,
                 progress), start=1):

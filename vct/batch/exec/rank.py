@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     from vct.logs import quiet_libraries
 
     quiet_libraries()  # the launcher's stderr tail goes into error messages: keep it ours
-    import torch
     from accelerate import PartialState
+
+    from vct.threads import apply_thread_budget
 
     state = PartialState(cpu=cpu)
     rank, world = state.process_index, state.num_processes
@@ -65,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vct rank: launched as a world of {spec['world']} but this process sees "
               f"{world} (on CPU set {CPU_ENV}=1 and launch with --multi_gpu)", file=sys.stderr)
         return EXIT_BAD_WORLD
-    # N processes on a CPU box: N x all-cores threads would oversubscribe it badly.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    # N processes on a node: N x all-cores threads would oversubscribe it badly.
+    apply_thread_budget(world, settings.threads)
     share = assign(jobs, world)[rank]
 
     from vct.cache import StageCache
