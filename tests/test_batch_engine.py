@@ -247,3 +247,20 @@ def test_prepare_refuses_what_needs_no_reading(tmp_path):
     with pytest.raises(ConfigError, match="content.inversion_prompt"):
         engine.prepare("m.csv", str(tmp_path), "some/model",
                        {"content": {"inversion_prompt": "hello"}})
+
+
+def test_every_link_of_the_report_resolves_with_output_names(tmp_path, inputs):
+    """output_name differs from pair_id: run.json and every report page link the real files."""
+    import re
+
+    m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},house",
+                             f"{inputs['b']},{inputs['ref2']},tree"], prefix="pair-")
+    summary, _ = _run(tmp_path, m, FakeRunner())
+    engine.finish(summary, "2026-01-01T00:00:00+00:00", write_report=True)
+    run = tmp_path / "out" / "run"
+    pages = sorted(run.glob("report*.html"))
+    links = {link for page in pages
+             for link in re.findall(r'(?:href|src)="([^"#]+)"', page.read_text())}
+    assert {"house.png", "house.json", "tree.png", "tree.json"} <= links
+    for link in links:
+        assert (run / link).is_file(), link
