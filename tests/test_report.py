@@ -26,7 +26,6 @@ from urllib.parse import unquote, urlparse
 import pytest
 from PIL import Image, ImageFont
 
-from vct import report
 from vct.report import (
     MAX_FAILURES_SHOWN,
     MAX_SHEET_ROWS,
@@ -34,11 +33,13 @@ from vct.report import (
     RESERVED_NAMES,
     PairOutcome,
     build_run_summary,
+    contact_sheets,
     is_reserved,
     markdown_summary,
     report_files,
     run_json_bytes,
     table_rows,
+    thumbnails,
 )
 
 HOSTILE = "<script>alert(1)</script>"
@@ -393,14 +394,14 @@ def test_reads_stream_page_by_page_and_thumbnails_are_dropped(
         store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     # The builder must not read everything up front nor keep every thumbnail alive.
     made: dict[str, weakref.ref] = {}
-    real = report._make_thumb
+    real = thumbnails.make_thumb
 
-    def tracking(data: bytes | None, box: int) -> report._Thumb:
+    def tracking(data: bytes | None, box: int) -> thumbnails.Thumb:
         t = real(data, box)
         made[f"{len(made)}"] = weakref.ref(t)
         return t
 
-    monkeypatch.setattr(report, "_make_thumb", tracking)
+    monkeypatch.setattr(thumbnails, "make_thumb", tracking)
     store.data["shared.png"] = _img((30, 30))
     outcomes = [_pair(f"p{i}", i + 2, store, source="shared.png") for i in range(30)]
     # The shared source is on every page: read once, kept until the last page. Each output
@@ -427,7 +428,7 @@ def test_reads_stream_page_by_page_and_thumbnails_are_dropped(
 def test_degenerate_images_never_fail(store: Store, monkeypatch: pytest.MonkeyPatch,
                                       fallback: bool) -> None:
     if fallback:  # a Pillow built without WebP: thumbnails fall back to JPEG
-        monkeypatch.setattr(report, "_thumb_format", lambda: ("JPEG", ".jpg", "image/jpeg"))
+        monkeypatch.setattr(thumbnails, "thumb_format", lambda: ("JPEG", ".jpg", "image/jpeg"))
     sixteen = Image.new("I;16", (40, 30))
     for x in range(40):
         for y in range(30):
@@ -483,7 +484,7 @@ def test_degenerate_images_never_fail(store: Store, monkeypatch: pytest.MonkeyPa
 
 
 def _thumb_pixels(data: bytes) -> Image.Image:
-    thumb = report._make_thumb(data, 192)
+    thumb = thumbnails.make_thumb(data, 192)
     assert thumb.data is not None
     return _open(thumb.data).convert("RGB")
 
@@ -622,7 +623,7 @@ def test_contact_sheet_unicode_ids(store: Store, monkeypatch: pytest.MonkeyPatch
                                    bitmap_font: bool) -> None:
     # Without FreeType Pillow falls back to a latin-1 bitmap font; labels must still render.
     if bitmap_font:
-        monkeypatch.setattr(report, "_font", lambda: ImageFont.load_default_imagefont())
+        monkeypatch.setattr(contact_sheets, "_font", lambda: ImageFont.load_default_imagefont())
     o = _pair("猫-スタイル-€-" + "x" * 60, 1, store)
     sheets = _sheets(_build(_summary([o], run_id="ラン"), [o], store))
     assert _open(sheets["contact_sheet.png"]).format == "PNG"
