@@ -50,9 +50,16 @@ TASK = {"retries": 3, "retry_delay_seconds": [1, 4, 10], "retry_condition_fn": _
 
 
 def _mover(progress_id, spans: dict, kind: str):
+    """Moves the run's progress artifact as a stage's jobs finish, and logs each one."""
     start, span = spans[kind]
-    return lambda fraction: update_progress_artifact(
-        progress_id, progress=min(100.0, start + span * fraction))
+    logger = get_run_logger()
+
+    def moved(fraction: float) -> None:
+        if fraction > 0:
+            logger.info("%ss: %.0f%% of the jobs done", kind, 100 * fraction)
+        update_progress_artifact(progress_id, progress=min(100.0, start + span * fraction))
+
+    return moved
 
 
 plan_task = task(name="plan", **TASK)(engine.plan)
