@@ -187,12 +187,17 @@ def run_stage(kind: str, jobs: list[Job], executor: ExecutorSettings,
         on_fraction(done[0] / max(1, len(jobs)))
     evals: Counter[str] = Counter()
     ranks = set()
-    # Every key is computed under a claim, whatever the executor: see vct.batch.claims.
-    claimed = run_claimed(kind, todo, executor, runner, Claims(executor.cache_uri), moved,
-                          progress, chunk_for(executor)) if todo else None
-    if claimed:
+    # Every key is computed under a claim, whatever the executor (vct.batch.claims), unless
+    # the runner hands the jobs to processes that claim them (shard flow runs).
+    outcomes: list[JobOutcome] = []
+    if todo and getattr(runner, "claims_its_own_keys", False):
+        outcomes = runner(todo, executor, on_progress=moved, progress=progress)
+    elif todo:
+        claimed = run_claimed(kind, todo, executor, runner, Claims(executor.cache_uri), moved,
+                              progress, chunk_for(executor))
         report_.awaited, report_.took_over = claimed.awaited, claimed.took_over
-    for outcome in claimed.outcomes if claimed else []:
+        outcomes = claimed.outcomes
+    for outcome in outcomes:
         ranks.add(outcome.rank)
         if outcome.ok:
             report_.computed.append(outcome.key)
