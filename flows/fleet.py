@@ -22,6 +22,7 @@ import uuid
 
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
 from prefect.states import Crashed
 
 from vct.batch import shards
@@ -62,14 +63,24 @@ class Fleet:
 
     def _start(self, uri: str, phase: str, shard: int, attempt: int):
         key = f"{self.plan.run_id}:{self.parent}:{phase}:{shard}:a{attempt}"
-        run = run_deployment(
+        try:
+            run = self._run_deployment(key, uri, phase, shard, attempt)
+        except ObjectNotFound:
+            raise RuntimeError(
+                f"settings.shards = {self.request.settings.shards} needs the deployment "
+                f"{self.deployment!r} on this Prefect server (prefect deploy --all --prefect-file "
+                "infra/prefect.yaml) and workers on its pool; an embedded run cannot shard: "
+                "use shards = 1") from None
+        log.info("%s shard %d attempt %d: flow run %s", phase, shard, attempt, run.id)
+        return run.id
+
+    def _run_deployment(self, key: str, uri: str, phase: str, shard: int, attempt: int):
+        return run_deployment(
             name=self.deployment, timeout=0, idempotency_key=key,
             flow_run_name=f"{self.plan.run_id}-{phase}-{shard}-a{attempt}",
             parameters={"plan_uri": uri, "shard": shard, "phase": phase,
                         "settings": self._settings(), "model": self.request.model,
                         "attempt": attempt})
-        log.info("%s shard %d attempt %d: flow run %s", phase, shard, attempt, run.id)
-        return run.id
 
     def run_phase(self, phase: str, jobs: list[Job]) -> list[shards.ShardResult]:
         """Split ``jobs`` into the configured number of shards, run them all on the pool,

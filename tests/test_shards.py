@@ -79,3 +79,17 @@ def test_stage_reports_say_who_computed_awaited_or_never_answered() -> None:
     assert report.computed == [c[0].key, c[1].key]  # computed wins over awaited
     assert report.cached == [c[2].key]
     assert report.failed == {c[3].key: "its shard did not finish"}
+
+
+def test_an_embedded_run_cannot_shard_and_says_why(prefect_harness, tiny_model_dir,
+                                                   tmp_path: Path) -> None:
+    """No shard deployment on the server: one line naming it and the fix, not a hang."""
+    from flows.restyle import restyle
+    from tests.conftest import make_image
+
+    for k in (0, 1):
+        make_image(k).save(tmp_path / f"img{k}.png")
+    (tmp_path / "m.csv").write_text("source,reference\nimg0.png,img1.png\n")
+    with pytest.raises(RuntimeError, match="restyle-shard/shard.*use shards = 1"):
+        restyle(manifest_uri=str(tmp_path / "m.csv"), output_uri=str(tmp_path / "out"),
+                model=str(tiny_model_dir), settings={"shards": 2})
