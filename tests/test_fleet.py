@@ -105,9 +105,9 @@ def pool(prefect_env, moto, tmp_path_factory, tiny_model_dir) -> dict[str, str]:
 
 
 class Workers:
-    """Two process workers on the pool, each taking one flow run at a time."""
+    """Two process workers on the pool, each taking ``limit`` flow runs at a time."""
 
-    def __init__(self, env: dict[str, str], folder: Path):
+    def __init__(self, env: dict[str, str], folder: Path, limit: int = 1):
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
         for name in ("worker-a", "worker-b"):
@@ -115,7 +115,7 @@ class Workers:
             with self.logs[name].open("wb") as fh:
                 self.procs[name] = subprocess.Popen(
                     [*PREFECT, "worker", "start", "--pool", "vct-process", "--type", "process",
-                     "--name", name, "--limit", "1", "--install-policy", "never"],
+                     "--name", name, "--limit", str(limit), "--install-policy", "never"],
                     env=env, cwd=folder, stdin=subprocess.DEVNULL, stdout=fh,
                     stderr=subprocess.STDOUT)
 
@@ -174,8 +174,10 @@ def _put_manifest(env: dict[str, str], bucket: str, name: str, refs: list[int],
 
 
 def _start_run(env, tmp: Path, name: str, manifest: str, output: str, model: Path,
-               shards: int, cache: str | None = None) -> tuple[subprocess.Popen, Path]:
-    settings = {**SETTINGS, "shards": shards, **({"cache_uri": cache} if cache else {})}
+               shards: int, cache: str | None = None,
+               extra: dict | None = None) -> tuple[subprocess.Popen, Path]:
+    settings = {**SETTINGS, "shards": shards, **({"cache_uri": cache} if cache else {}),
+                **(extra or {})}
     args = {"manifest_uri": manifest, "output_uri": output, "model": str(model),
             "settings": settings}
     log = tmp / f"driver-{name}.log"
@@ -266,15 +268,28 @@ def test_a_sharded_run_spreads_over_both_workers_and_matches_an_unsharded_one(
     assert len(pngs) == 8 and pngs == _pngs(env, plain_run)
 
 
-def test_two_overlapping_runs_compute_each_shared_key_once(pool, workers, tmp_path,
+@pytest.fixture
+def busy_workers(pool, tmp_path) -> Iterator[Workers]:
+    """Two slots per worker: the four shards of two runs all run at the same time."""
+    w = Workers(pool, tmp_path, limit=2)
+    try:
+        yield w
+    finally:
+        w.stop()
+
+
+def test_two_overlapping_runs_compute_each_shared_key_once(pool, busy_workers, tmp_path,
                                                            tiny_model_dir):
-    env = pool
+    """Both runs' shards run at once and race for the shared reference and source (their
+    concepts made slower, so the race is real): claims let one compute and the other await."""
+    env, workers = pool, busy_workers
     bucket = _bucket(env, "fleet-two")
     cache = f"{bucket}/shared-cache"
     first = _put_manifest(env, bucket, "first", refs=[1, 3], sources=[0, 2], tmp=tmp_path)
     second = _put_manifest(env, bucket, "second", refs=[3, 5], sources=[2, 4], tmp=tmp_path)
+    slow = {"concept": {**SETTINGS["concept"], "max_train_steps": 40}}
     runs = [_start_run(env, tmp_path, name, manifest, f"{bucket}/{name}", tiny_model_dir, 2,
-                       cache=cache)
+                       cache=cache, extra=slow)
             for name, manifest in (("first", first), ("second", second))]
     for proc, log in runs:
         _finish(proc, log, workers)
