@@ -99,7 +99,7 @@ class Fleet:
                     run = client.read_flow_run(run_id)
                     state = run.state.type.value if run.state else "PENDING"
                     if state == "RUNNING" and shards.lease_expired(
-                            self.plan.run_uri, self.plan.run_id, phase, i):
+                            self.plan.run_uri, self.plan.run_id, phase, i, str(run_id)):
                         client.set_flow_run_state(run_id, Crashed(
                             message="its shard lease expired: the worker or machine died"),
                             force=True)

@@ -11,6 +11,7 @@ import pytest
 
 from vct import storage
 from vct.batch import shards
+from vct.batch.claims import Owner
 from vct.batch.exec import ExecutorSettings
 from vct.batch.jobs import Job
 from vct.batch.summary import StageReport
@@ -68,7 +69,19 @@ def test_a_shard_runs_its_kinds_in_order_and_stores_its_result(tmp_path: Path) -
     assert result.computed == [jobs[0].key] and result.awaited == [jobs[1].key]
     assert shards.read_result(run, "stage", 0, 1) == result
     assert result.worker == "w1" and result.flow_run_id == "f1"
-    assert not shards.lease_expired(run, "r1", "stage", 0)  # released when it finished
+    assert not shards.lease_expired(run, "r1", "stage", 0, "f1")  # released when it finished
+
+
+def test_only_the_attempts_own_expired_lease_says_it_died(tmp_path: Path) -> None:
+    """A retry that has not taken over yet must not be judged by its dead predecessor's lease
+    (the parent would mark the healthy retry Crashed)."""
+    run = str(tmp_path / "run")
+    dead = shards.lease_claims(run, owner=Owner(flow_run_id="attempt-0"), lease_s=10,
+                               clock=lambda: 100.0)  # expired long ago, by the real clock
+    assert dead.acquire("shard", shards.lease_key("r1", "stage", 0)) is not None
+    assert shards.lease_expired(run, "r1", "stage", 0, "attempt-0")
+    assert not shards.lease_expired(run, "r1", "stage", 0, "attempt-1")
+    assert not shards.lease_expired(run, "r1", "stage", 1, "attempt-0")  # no lease: not dead
 
 
 def test_stage_reports_say_who_computed_awaited_or_never_answered() -> None:

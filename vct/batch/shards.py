@@ -197,12 +197,16 @@ def read_result(run_uri: str, phase: str, shard: int, attempt: int) -> ShardResu
         return None
 
 
-def lease_expired(run_uri: str, run_id: str, phase: str, shard: int) -> bool:
-    """True when the shard's lease exists and has expired: its holder stopped renewing (the
-    process or machine died). Absent (not started yet, or finished) is not expired."""
+def lease_expired(run_uri: str, run_id: str, phase: str, shard: int, flow_run_id: str) -> bool:
+    """True when the shard's lease is held by flow run ``flow_run_id`` and has expired: that
+    attempt stopped renewing (its process or machine died). Absent (not started yet, or
+    finished) is not expired, and neither is a previous attempt's stale lease, which the new
+    attempt takes over once it starts."""
     leases = lease_claims(run_uri)
     current = leases.read("shard", lease_key(run_id, phase, shard))
-    return current is not None and float(current[0]["expires_at"]) <= leases.clock()
+    if current is None or current[0].get("owner", {}).get("flow_run_id") != flow_run_id:
+        return False
+    return float(current[0]["expires_at"]) <= leases.clock()
 
 
 def stage_reports(kinds: tuple[str, ...], planned: dict[str, list[Job]],
