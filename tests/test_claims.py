@@ -24,6 +24,19 @@ from vct.batch.jobs import Job, JobOutcome
 from vct.cache import StageCache, cache_key
 
 
+class FakeClaims(Claims):
+    """Claims over the Recorder's stand-in entries (bytes, not artifacts): present = landed."""
+
+    def landed(self, kind: str, key: str) -> bool:
+        return self.cache.contains(kind, key)
+
+
+@pytest.fixture(autouse=True)
+def _fake_entries(monkeypatch):
+    """The engine builds its own Claims: make it accept the Recorder's entries too."""
+    monkeypatch.setattr("vct.batch.engine.Claims", FakeClaims)
+
+
 @pytest.fixture(params=["local", "s3"])
 def root(request, tmp_path: Path) -> str:
     """A cache root on local disk or in a fresh moto bucket."""
@@ -84,8 +97,8 @@ def test_versioned_objects_swap_only_from_the_version_seen(root: str) -> None:
 # --------------------------------------------------------------- one claim's life
 def test_a_live_claim_excludes_others_and_an_expired_one_is_taken_over(root: str) -> None:
     now = [1000.0]
-    holder = Claims(root, Owner(worker="a"), lease_s=60, poll_s=0.01, clock=lambda: now[0])
-    other = Claims(root, Owner(worker="b"), lease_s=60, poll_s=0.01, clock=lambda: now[0])
+    holder = FakeClaims(root, Owner(worker="a"), lease_s=60, poll_s=0.01, clock=lambda: now[0])
+    other = FakeClaims(root, Owner(worker="b"), lease_s=60, poll_s=0.01, clock=lambda: now[0])
     key = _jobs(1)[0].key
     mine = holder.acquire("concept", key)
     assert mine is not None
@@ -138,7 +151,7 @@ def test_two_threads_racing_compute_each_key_once(root: str) -> None:
     start = threading.Barrier(2)
 
     def contender(name: str) -> None:
-        claims = Claims(root, Owner(worker=name), lease_s=30, poll_s=0.02)
+        claims = FakeClaims(root, Owner(worker=name), lease_s=30, poll_s=0.02)
         start.wait()
         results[name] = run_claimed("concept", jobs, executor, runner, claims, chunk=1)
 
@@ -160,7 +173,7 @@ def test_two_threads_racing_compute_each_key_once(root: str) -> None:
 def _process_contender(root: str, name: str, out: str, start) -> None:
     jobs = _jobs(6)
     runner = Recorder(root, pause_s=0.05)
-    claims = Claims(root, Owner(worker=name), lease_s=30, poll_s=0.02)
+    claims = FakeClaims(root, Owner(worker=name), lease_s=30, poll_s=0.02)
     start.wait()
     run = run_claimed("concept", jobs, ExecutorSettings(model="unused", cache_uri=root),
                       runner, claims, chunk=1)
@@ -189,18 +202,18 @@ def test_two_processes_racing_compute_each_key_once(tmp_path: Path) -> None:
 # --------------------------------------------------------------- owners that fail or die
 def test_a_dead_owners_job_is_redone_by_the_next_one(root: str) -> None:
     jobs = _jobs(2)
-    dead = Claims(root, Owner(worker="dead"), lease_s=0.5, poll_s=0.02)
+    dead = FakeClaims(root, Owner(worker="dead"), lease_s=0.5, poll_s=0.02)
     assert dead.acquire("concept", jobs[0].key) is not None  # claimed, then never renewed
     runner = Recorder(root, pause_s=0.0)
     run = run_claimed("concept", jobs, ExecutorSettings(model="unused", cache_uri=root), runner,
-                      Claims(root, Owner(worker="next"), lease_s=30, poll_s=0.05), chunk=1)
+                      FakeClaims(root, Owner(worker="next"), lease_s=30, poll_s=0.05), chunk=1)
     assert sorted(runner.computed) == sorted(j.key for j in jobs)
     assert run.took_over == [jobs[0].key] and run.awaited == []
 
 
 def test_a_waiter_uses_the_result_when_it_lands(root: str) -> None:
     jobs = _jobs(1)
-    owner = Claims(root, Owner(worker="owner"), lease_s=60, poll_s=0.02)
+    owner = FakeClaims(root, Owner(worker="owner"), lease_s=60, poll_s=0.02)
     claim = owner.acquire("concept", jobs[0].key)
 
     def finish_later() -> None:
@@ -212,7 +225,7 @@ def test_a_waiter_uses_the_result_when_it_lands(root: str) -> None:
     t.start()
     runner = Recorder(root)
     run = run_claimed("concept", jobs, ExecutorSettings(model="unused", cache_uri=root), runner,
-                      Claims(root, Owner(worker="waiter"), lease_s=60, poll_s=0.02))
+                      FakeClaims(root, Owner(worker="waiter"), lease_s=60, poll_s=0.02))
     t.join()
     assert runner.computed == [] and run.awaited == [jobs[0].key] and run.outcomes == []
 
@@ -221,11 +234,11 @@ def test_a_failed_job_releases_its_claim_and_the_next_one_tries(root: str) -> No
     jobs = _jobs(1)
     executor = ExecutorSettings(model="unused", cache_uri=root)
     failing = Recorder(root, fail={jobs[0].key})
-    run = run_claimed("concept", jobs, executor, failing, Claims(root, poll_s=0.02))
+    run = run_claimed("concept", jobs, executor, failing, FakeClaims(root, poll_s=0.02))
     assert [o.ok for o in run.outcomes] == [False]
     assert Claims(root).read("concept", jobs[0].key) is None  # released on failure
     good = Recorder(root)
-    run = run_claimed("concept", jobs, executor, good, Claims(root, poll_s=0.02))
+    run = run_claimed("concept", jobs, executor, good, FakeClaims(root, poll_s=0.02))
     assert good.computed == [jobs[0].key] and run.outcomes[0].ok
 
 
@@ -234,7 +247,7 @@ def test_run_stage_claims_for_every_runner_and_reports_awaited(root: str, monkey
     is awaited, not computed, and the report says so."""
     monkeypatch.setenv("VCT_CLAIM_POLL_S", "0.05")
     jobs = _jobs(3)
-    owner = Claims(root, Owner(worker="elsewhere"), lease_s=60, poll_s=0.02)
+    owner = FakeClaims(root, Owner(worker="elsewhere"), lease_s=60, poll_s=0.02)
     claim = owner.acquire("concept", jobs[1].key)
     runner = Recorder(root)
 
@@ -252,3 +265,14 @@ def test_run_stage_claims_for_every_runner_and_reports_awaited(root: str, monkey
     assert sorted(report.computed) == sorted([jobs[0].key, jobs[2].key])
     assert report.awaited == [jobs[1].key] and not report.failed
     assert sorted(runner.computed) == sorted(report.computed)
+
+
+def test_a_bad_entry_is_recomputed_not_awaited(root: str) -> None:
+    """The real check verifies the entry: one that fails verification is why the job is asked
+    for again, so it must be computed, never taken as someone else's result."""
+    jobs = _jobs(1)
+    StageCache(root).put("concept", jobs[0].key, b"truncated garbage")
+    runner = Recorder(root)
+    run = run_claimed("concept", jobs, ExecutorSettings(model="unused", cache_uri=root), runner,
+                      Claims(root, poll_s=0.02))
+    assert runner.computed == [jobs[0].key] and run.awaited == []

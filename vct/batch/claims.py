@@ -124,6 +124,14 @@ class Claims:
         self.clock = clock
         self._lock = threading.Lock()  # renewals vs release of the same claim
 
+    def landed(self, kind: str, key: str) -> bool:
+        """Whether a *verified* result is in the cache: a bad entry (the very reason a job may
+        be asked for again) must be recomputed, not awaited. A cheap existence check first, so
+        polling for a result that is not there costs one HEAD."""
+        from vct.batch.jobs import load
+
+        return self.cache.contains(kind, key) and load(self.cache, kind, key) is not None
+
     def uri(self, kind: str, key: str) -> str:
         self.cache.uri(kind, key)  # checks kind and key: neither can escape the cache
         return storage.join(self.root, kind, f"{key}.json")
@@ -258,7 +266,7 @@ def run_claimed(kind: str, jobs: list[Job], executor, runner: Runner, claims: Cl
     size = chunk or max(1, len(jobs))
 
     def landed(job: Job) -> bool:
-        return claims.cache.contains(kind, job.key)
+        return claims.landed(kind, job.key)
 
     def await_done(job: Job) -> None:
         awaited.append(job.key)
