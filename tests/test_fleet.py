@@ -357,3 +357,72 @@ def test_a_worker_killed_mid_shard_costs_only_its_running_job(pool, workers, tmp
     assert killed_key in retry[0]["computed"]
     finished = _computed(rows, "stage") + Counter(retry[0]["cached"])
     assert set(finished.values()) == {1} and len(finished) == 4 + 1
+
+
+def _plan_keys(env: dict[str, str], monkeypatch, manifest: str, output: str, model: Path,
+               settings: dict):
+    """The keys a run of this manifest will use, planned here against the moto server."""
+    from vct import storage
+    from vct.batch import engine
+
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "AWS_DEFAULT_REGION", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.setenv(name, env[name])
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    storage.reset_clients()
+    return engine.plan(engine.prepare(manifest, output, str(model), settings))
+
+
+def test_two_runs_held_at_a_shared_key_compute_it_once(pool, tmp_path, tiny_model_dir,
+                                                       monkeypatch):
+    """Deterministic overlap: a third owner (this test) holds the shared concept's claim until
+    both runs are waiting for it, then lets go; they race for it, one computes it, the other
+    awaits it. A run that ignored a live claim would have taken the gate over: checked."""
+    from vct import storage
+    from vct.batch.claims import Claims, Owner
+    from vct.cache import StageCache
+
+    env = pool
+    bucket = _bucket(env, "fleet-gate")
+    cache = f"{bucket}/shared-cache"
+    first = _put_manifest(env, bucket, "first", refs=[1, 3], sources=[0], tmp=tmp_path)
+    second = _put_manifest(env, bucket, "second", refs=[3, 5], sources=[0], tmp=tmp_path)
+    settings = {**SETTINGS, "cache_uri": cache}
+    try:
+        plans = [_plan_keys(env, monkeypatch, m, f"{bucket}/{n}", tiny_model_dir, settings)
+                 for n, m in (("first", first), ("second", second))]
+        by_ref = {j.input_uri.rsplit("/", 1)[-1]: j.key for p in plans for j in p.concept_jobs}
+        shared, others = by_ref["img3.png"], [by_ref["img1.png"], by_ref["img5.png"]]
+        gate = Claims(cache, Owner(worker="gate"), lease_s=3600)
+        held = gate.acquire("concept", shared)
+        assert held is not None
+        runs = [_start_run(env, tmp_path, n, m, f"{bucket}/{n}", tiny_model_dir, 1, cache=cache)
+                for n, m in (("first", first), ("second", second))]
+        # Each run computes its own concept, then can only wait for the held one: both are
+        # then polling for it (a run does its concepts before its contents).
+        entries = StageCache(cache)
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not all(entries.contains("concept", k) for k in others):
+            assert time.monotonic() < deadline and all(p.poll() is None for p, _ in runs), \
+                "\n".join(_tail(log) for _, log in runs)
+            time.sleep(0.2)
+        assert not entries.contains("concept", shared)
+        assert gate.renew(held), "a run took over a live claim"
+        gate.release(held)
+        for proc, log in runs:
+            try:
+                assert proc.wait(timeout=RUN_TIMEOUT_S) == 0, _tail(log)
+            except subprocess.TimeoutExpired:
+                _kill_tree(proc.pid)
+                pytest.fail(_tail(log))
+            assert "DRIVER-STATE COMPLETED" in _tail(log, 6000), _tail(log)
+        stages = [_run_json(env, f"{bucket}/{n}")["details"]["stages"]["concept"]
+                  for n in ("first", "second")]
+        computed = Counter(k for s in stages for k in s["computed"])
+        assert computed[shared] == 1  # one of them computed it ...
+        assert sum(shared in s["awaited"] for s in stages) == 1  # ... the other awaited it
+        assert computed[others[0]] == computed[others[1]] == 1
+        assert _claims_left(env, cache) == []
+    finally:
+        storage.reset_clients()
