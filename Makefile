@@ -15,7 +15,7 @@ unexport PREFECT_API_URL
 # The tiny test model is built here (workers set VCT_HOME / VCT_MODEL_CACHE themselves).
 export VCT_HOME ?= $(CURDIR)/.models
 
-.PHONY: setup demo test lint browser bench clean
+.PHONY: setup demo test test-fleet lint browser bench clean
 
 setup: $(STAMP)
 
@@ -37,7 +37,11 @@ browser:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
 test: $(STAMP) lint browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not fleet"
+
+# A Prefect server, a pool, two workers and moto as subprocesses (minutes): sharded runs for real.
+test-fleet: $(STAMP)
+	$(PY) -m pytest -q -m fleet
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

@@ -9,6 +9,7 @@ pair in a Failed state whose message gives the counts.
 from __future__ import annotations
 
 import json
+import os
 from datetime import UTC, datetime
 
 from prefect import flow, get_run_logger, task
@@ -22,8 +23,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.states import Failed
 
+from flows.fleet import Fleet
 from vct import report, storage
-from vct.batch import engine
+from vct.batch import engine, shards
 from vct.batch.settings import RunSettings
 from vct.batch.summary import RunSummary
 
@@ -94,14 +96,24 @@ def restyle(manifest_uri: str, output_uri: str, model: str,
     progress = create_progress_artifact(progress=0.0, key="restyle-progress",
                                         description=f"run {plan.run_id}")
     spans, executor = engine.stage_weights(plan), request.executor()
-    stages = {kind: stage_task.with_options(name=f"{kind}s")(
-        kind, plan.jobs(kind), executor, _mover(progress, spans, kind))
-        for kind in ("concept", "content")}
     run_info = {"flow_run_id": str(flow_run.get_id() or ""), "run_id": plan.run_id}
-    fused = fusion_task(plan, stages, executor, run_info, _mover(progress, spans, "fusion"))
+    details: dict = {"model": request.model, "executor": request.settings.executor}
+    if request.settings.shards > 1:  # the shards run the jobs, on any workers of the pool
+        fleet = Fleet(plan, request, run_info["flow_run_id"])
+        stages = fleet.stages()
+        runner = fleet.fusion_runner()
+        fused = fusion_task(plan, stages, executor, run_info, _mover(progress, spans, "fusion"),
+                            runner=runner)
+        if runner.report is not None:  # who computed, awaited or failed each fusion
+            fused.stage = runner.report
+        details["shards"] = fleet.rows
+    else:
+        stages = {kind: stage_task.with_options(name=f"{kind}s")(
+            kind, plan.jobs(kind), executor, _mover(progress, spans, kind))
+            for kind in ("concept", "content")}
+        fused = fusion_task(plan, stages, executor, run_info, _mover(progress, spans, "fusion"))
     summary: RunSummary = engine.summarize(plan, fused.pairs, {**stages, "fusion": fused.stage},
-                                           {"model": request.model,
-                                            "executor": settings.executor})
+                                           details)
     data = report_task(summary, started, run_info["flow_run_id"])
     update_progress_artifact(progress, progress=100.0)
     create_markdown_artifact(key="restyle-report", markdown=report.markdown_summary(data),
@@ -113,6 +125,30 @@ def restyle(manifest_uri: str, output_uri: str, model: str,
     if summary.status != "complete":
         return Failed(message=summary.message, data=RunFailed(summary.message, data))
     return data
+
+
+@flow(name="restyle-shard", log_prints=True)
+def restyle_shard(plan_uri: str, shard: int, phase: str, model: str,
+                  settings: RunSettings = RunSettings(), attempt: int = 0) -> dict:
+    """One shard of a sharded `restyle` run (started by it through `run_deployment`).
+
+    Args:
+        plan_uri: the run's stored plan, `<run>/_plan/plan.json`.
+        shard: which of the phase's shards to run.
+        phase: `stage` (concepts and contents) or `fusion`.
+        model: the parent's model (a folder or s3:// prefix on this worker; `tiny`).
+        settings: the parent's run settings (executor, device, cache), so this shard uses
+            every GPU of its machine the way the parent was configured to.
+        attempt: 0, or 1 when the parent re-dispatches a crashed shard.
+    """
+    executor = shards.shard_executor(plan_uri, settings, model)
+    result = shards.run_shard(plan_uri, shard, phase, executor, attempt,
+                              worker=os.environ.get("PREFECT__WORKER_NAME", ""),
+                              flow_run_id=str(flow_run.get_id() or ""))
+    get_run_logger().info("%s shard %d: %d computed, %d awaited, %d cached, %d failed in "
+                          "%.1f s", phase, shard, len(result.computed), len(result.awaited),
+                          len(result.cached), len(result.failed), result.busy_s)
+    return result.to_dict()
 
 
 @flow(name="restyle-incoming", log_prints=True)

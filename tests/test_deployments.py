@@ -65,9 +65,13 @@ def _walk(node, key: str = ""):
 # --- the file itself ----------------------------------------------------------------------------
 
 
-def test_prefect_yaml_declares_the_three_deployments():
+def test_prefect_yaml_declares_the_four_deployments():
     deps = _deployments()
-    assert set(deps) == {"on-demand", "nightly", "frequent"}
+    assert set(deps) == {"on-demand", "nightly", "frequent", "shard"}
+
+    shard = deps["shard"]  # what flows/fleet.py dispatches: restyle-shard/shard
+    assert shard["entrypoint"] == "flows/restyle.py:restyle_shard"
+    assert not shard.get("parameters") and not shard.get("schedules")
 
     on_demand = deps["on-demand"]
     assert on_demand["entrypoint"] == "flows/restyle.py:restyle"
@@ -268,7 +272,7 @@ def test_on_demand_deployment_is_created_and_a_run_completes(prefect_env, tmp_pa
     _cli(env, "--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_FILE))
     deployments = {name: _api(env, f"deployments/name/{name}")
                    for name in ("restyle/on-demand", "restyle-incoming/nightly",
-                                "restyle-incoming/frequent")}
+                                "restyle-incoming/frequent", "restyle-shard/shard")}
     for dep in deployments.values():
         assert dep["work_pool_name"] == "vct-process"
         assert dep["pull_steps"][0]["prefect.deployments.steps.set_working_directory"] == {

@@ -877,6 +877,150 @@ def _s3_create_if_absent(uri: str, data: bytes) -> bool:
     return retrying(put, uri=uri, action="create")
 
 
+# ---------------------------------------------------------------- versioned objects (leases)
+# A lease (vct.batch.claims) is created once, then renewed, taken over or released only by
+# whoever holds its current version: compare-and-swap. On S3 the version is the ETag and the
+# swap a conditional PUT/DELETE (If-Match); locally it is the sha256 of the content and the swap
+# happens under an flock on a sibling ``.<name>.lock`` file (released by the kernel when its
+# holder dies, so a crash can never leave it held). Creation stays create_if_absent's exclusive
+# link, which cannot conflict with a swap: one needs the object absent, the other present.
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_versioned(uri: str) -> tuple[bytes, str] | None:
+    """The object's bytes and version (S3 ETag, local sha256), or None when it is absent."""
+    if is_s3(uri):
+        bucket, key = _require_key(uri)
+
+        def get() -> tuple[bytes, str] | None:
+            try:
+                response = s3_client().get_object(Bucket=bucket, Key=key)
+            except botocore.exceptions.ClientError as exc:
+                if _is_not_found(exc):
+                    return None
+                raise
+            with contextlib.closing(response["Body"]) as body:
+                return body.read(), str(response["ETag"])
+        return retrying(get, uri=uri, action="read")
+    try:
+        data = read_bytes(uri)
+    except StorageNotFound:
+        return None
+    return data, _digest(data)
+
+
+def create_versioned(uri: str, data: bytes) -> str | None:
+    """:func:`create_if_absent` that returns the new object's version (None: it existed)."""
+    if not is_s3(uri):
+        return _digest(data) if create_if_absent(uri, data) else None
+    bucket, key = _require_key(uri)
+    tries = 0
+
+    def put() -> str | None:
+        nonlocal tries
+        tries += 1
+        try:
+            return str(s3_client().put_object(Bucket=bucket, Key=key, Body=data,
+                                              IfNoneMatch="*")["ETag"])
+        except botocore.exceptions.ClientError as exc:
+            if _error_code(exc) != "PreconditionFailed" and _http_status(exc) != 412:
+                raise
+            retried = tries > 1 or exc.response.get("ResponseMetadata", {}).get("RetryAttempts")
+            if not retried:
+                return None
+            return _own_lost_put(bucket, key, data)  # as in _s3_create_if_absent
+    return retrying(put, uri=uri, action="create")
+
+
+def _own_lost_put(bucket: str, key: str, data: bytes) -> str | None:
+    """After a retried conditional PUT got 412: the version if the object is exactly ours."""
+    try:
+        response = s3_client().get_object(Bucket=bucket, Key=key)
+    except botocore.exceptions.ClientError as exc:
+        if _is_not_found(exc):
+            return None
+        raise
+    with contextlib.closing(response["Body"]) as body:
+        return str(response["ETag"]) if body.read(len(data) + 1) == data else None
+
+
+@contextlib.contextmanager
+def _local_swap_lock(target: Path):
+    import fcntl
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target.with_name(f".{target.name}.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+def replace_if_match(uri: str, data: bytes, version: str) -> str | None:
+    """Replace the object with data only if its current version is ``version``; the new
+    version, or None when it changed meanwhile or is gone (someone else won the swap)."""
+    if is_s3(uri):
+        bucket, key = _require_key(uri)
+        tries = 0
+
+        def put() -> str | None:
+            nonlocal tries
+            tries += 1
+            try:
+                return str(s3_client().put_object(Bucket=bucket, Key=key, Body=data,
+                                                  IfMatch=version)["ETag"])
+            except botocore.exceptions.ClientError as exc:
+                if _is_not_found(exc):
+                    return None
+                if _error_code(exc) != "PreconditionFailed" and _http_status(exc) != 412:
+                    raise
+                retried = tries > 1 or exc.response.get("ResponseMetadata", {}).get(
+                    "RetryAttempts")
+                return _own_lost_put(bucket, key, data) if retried else None
+        return retrying(put, uri=uri, action="replace")
+    target = _local_path(uri)
+
+    def swap() -> str | None:
+        with _local_swap_lock(target):
+            current = read_versioned(uri)
+            if current is None or current[1] != version:
+                return None
+            _atomic_local_write(target, lambda fh: _write_all(fh, data))
+            return _digest(data)
+    return retrying(swap, uri=uri, action="replace")
+
+
+def delete_if_match(uri: str, version: str) -> bool:
+    """Delete the object only if its current version is ``version``; True if this call did."""
+    if is_s3(uri):
+        bucket, key = _require_key(uri)
+
+        def drop() -> bool:
+            try:
+                s3_client().delete_object(Bucket=bucket, Key=key, IfMatch=version)
+            except botocore.exceptions.ClientError as exc:
+                if _is_not_found(exc) or _error_code(exc) == "PreconditionFailed" \
+                        or _http_status(exc) == 412:
+                    return False
+                raise
+            return True
+        return retrying(drop, uri=uri, action="delete")
+    target = _local_path(uri)
+
+    def unlink() -> bool:
+        with _local_swap_lock(target):
+            current = read_versioned(uri)
+            if current is None or current[1] != version:
+                return False
+            os.unlink(target)
+            return True
+    return retrying(unlink, uri=uri, action="delete")
+
+
 # ---------------------------------------------------------------- stale temp files
 def _is_writer_tmp(name: str) -> bool:
     """A name our writers give temp files and folders (``_tmp_name``, sync_prefix)."""

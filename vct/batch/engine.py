@@ -26,6 +26,7 @@ from pathlib import Path
 
 from vct import report, storage
 from vct.batch import outputs
+from vct.batch.claims import Claims, chunk_for, run_claimed
 from vct.batch.exec import ExecutorSettings, run_jobs
 from vct.batch.jobs import Job, JobOutcome, ProgressFactory, load
 from vct.batch.plan import (
@@ -163,7 +164,9 @@ def stage_weights(the_plan: Plan) -> dict[str, tuple[float, float]]:
 def run_stage(kind: str, jobs: list[Job], executor: ExecutorSettings,
               on_fraction: Fraction | None = None, progress: ProgressFactory | None = None,
               runner: Runner = run_jobs) -> StageReport:
-    """Answer what the cache can (each entry verified once), run the rest on the executor."""
+    """Answer what the cache can (each entry verified once), run the rest on the executor,
+    each job under a claim so that no other process computes it meanwhile (its result is
+    awaited instead: ``report.awaited``)."""
     cache = StageCache(executor.cache_uri)
     report_ = StageReport(kind)
     todo = []
@@ -184,7 +187,17 @@ def run_stage(kind: str, jobs: list[Job], executor: ExecutorSettings,
         on_fraction(done[0] / max(1, len(jobs)))
     evals: Counter[str] = Counter()
     ranks = set()
-    for outcome in runner(todo, executor, on_progress=moved, progress=progress) if todo else []:
+    # Every key is computed under a claim, whatever the executor (vct.batch.claims), unless
+    # the runner hands the jobs to processes that claim them (shard flow runs).
+    outcomes: list[JobOutcome] = []
+    if todo and getattr(runner, "claims_its_own_keys", False):
+        outcomes = runner(todo, executor, on_progress=moved, progress=progress)
+    elif todo:
+        claimed = run_claimed(kind, todo, executor, runner, Claims(executor.cache_uri), moved,
+                              progress, chunk_for(executor))
+        report_.awaited, report_.took_over = claimed.awaited, claimed.took_over
+        outcomes = claimed.outcomes
+    for outcome in outcomes:
         ranks.add(outcome.rank)
         if outcome.ok:
             report_.computed.append(outcome.key)
@@ -270,8 +283,9 @@ def _write_group(group: list[PairPlan], fused, stages: dict[str, StageReport],
     """Each pair of a fused group: PNG, then its sidecar (identical pairs share a branch)."""
     branches = branch_keys(group)
     prov = fused.provenance
-    hits = {"concept": set(stages["concept"].cached), "content": set(stages["content"].cached),
-            "fusion": set(fusion.cached)}
+    hits = {kind: set(report_.cached) | set(report_.awaited)  # awaited: another run's work
+            for kind, report_ in (("concept", stages["concept"]), ("content", stages["content"]),
+                                  ("fusion", fusion))}
     for pair in group:
         i = branches.index(pair.concept_key)
         stage_meta = {"concept": prov["concepts"][i], "content": prov["content"],

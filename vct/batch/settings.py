@@ -44,6 +44,9 @@ class RunSettings(BaseModel):
     content_batch: int = Field(1, ge=1, le=64, description="sources fitted together in one "
                                "batch, each with its own early stop; 1 is bit-for-bit the "
                                "one-source computation")
+    shards: int = Field(1, ge=1, le=1024, description="split the run's jobs into this many "
+                        "shard flow runs of the restyle-shard deployment, taken by any workers "
+                        "of its pool (1 = no sharding: everything in this flow run)")
     concept: ConceptConfig = Field(default_factory=ConceptConfig,
                                    description="stage 3, concept inversion (per reference)")
     content: ContentConfig = Field(default_factory=ContentConfig,

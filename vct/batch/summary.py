@@ -35,7 +35,9 @@ class PairResult:
 @dataclass
 class StageReport:
     """One stage's jobs: which keys came from the cache, which were computed, which failed
-    (key -> one-line reason), the ranks that ran them and the UNet evaluations they counted."""
+    (key -> one-line reason), the ranks that ran them and the UNet evaluations they counted;
+    ``awaited``: keys another process held a claim on, whose results this one waited for;
+    ``took_over``: keys whose expired claim (a dead owner's) this one took over and computed."""
 
     kind: str
     cached: list[str] = field(default_factory=list)
@@ -43,6 +45,8 @@ class StageReport:
     failed: dict[str, str] = field(default_factory=dict)
     ranks: list[int] = field(default_factory=list)
     unet_evals: dict[str, int] = field(default_factory=dict)
+    awaited: list[str] = field(default_factory=list)
+    took_over: list[str] = field(default_factory=list)
 
 
 def run_status(pairs: list[PairResult]) -> RunStatus:

@@ -1,0 +1,316 @@
+"""Each cache key computed once across the fleet: claims with leases in the stage cache.
+
+Why: the cache is keyed by content, so two shards of one run, or two runs whose manifests share
+a reference, would happily compute the same key at the same time on two machines; nothing but
+the cache itself is shared between them (no scheduler of our own). So before a job is computed
+its key is *claimed* in the cache, next to where its result will land:
+
+    <cache>/_claims/<kind>/<key>.json
+    {"kind", "key", "owner": {"token", "host", "pid", "worker", "flow_run_id"},
+     "claimed_at", "renewed_at", "expires_at" (unix seconds), "lease_s", "took_over"}
+
+- The claim is created atomically if absent (S3 conditional PUT ``If-None-Match: *``, local
+  exclusive hard link): exactly one contender wins.
+- Its holder renews the lease (``expires_at = now + lease_s``) from a background thread every
+  ``lease_s / 3`` seconds while it computes, with a compare-and-swap on the version it last
+  wrote (S3 ``If-Match`` on the ETag; local flock + content hash): a holder that was too late
+  and lost the claim notices instead of overwriting the new owner.
+- A job claimed by someone else is skipped for now and its result awaited: the cache is polled
+  until the entry lands (the job is ``awaited``), or the claim disappears without one (its owner
+  failed: whoever comes next claims it and tries itself), or the lease expires (its owner died:
+  the claim is taken over with the same compare-and-swap, so among several waiters one wins).
+- The claim is deleted (again only by the version its holder wrote) once the result is stored,
+  or when the job failed.
+
+A claim is only ever an optimisation of *who* computes: results are content-addressed and
+written atomically, so even a holder that lost its lease and finished anyway writes the same
+bytes. Leases compare wall clocks across machines: keep them NTP-synchronised, and keep the
+lease (``VCT_CLAIM_LEASE_S``, default 60 s) far above any clock skew and storage stall.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from vct import storage
+from vct.batch.jobs import Job, JobOutcome
+from vct.cache import StageCache
+
+log = logging.getLogger("vct.batch")
+
+CLAIMS_DIR = "_claims"
+ENV_LEASE = "VCT_CLAIM_LEASE_S"
+ENV_POLL = "VCT_CLAIM_POLL_S"
+DEFAULT_LEASE_S = 60.0
+DEFAULT_POLL_S = 2.0
+
+Runner = Callable[..., list[JobOutcome]]
+
+
+def _env_seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {raw!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who holds a claim: a unique token (what makes the claim ours) and, for people reading
+    the claim, the machine, process, Prefect worker and flow run."""
+
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+    # Read, not imported: a process worker names itself in its flow runs' environment.
+    worker: str = field(default_factory=lambda: os.environ.get("PREFECT__WORKER_NAME", ""))
+    flow_run_id: str = field(default_factory=lambda: os.environ.get("PREFECT__FLOW_RUN_ID",
+                                                                    ""))
+
+    def to_dict(self) -> dict:
+        return {"token": self.token, "host": self.host, "pid": self.pid, "worker": self.worker,
+                "flow_run_id": self.flow_run_id}
+
+
+@dataclass
+class Claim:
+    """A claim this process holds: where it is, the version it last wrote, whether it lost it."""
+
+    kind: str
+    key: str
+    uri: str
+    version: str
+    record: dict
+    lost: bool = False
+
+
+@dataclass
+class ClaimStats:
+    """What claiming did over a stage: keys whose expired claims were taken over."""
+
+    took_over: list[str] = field(default_factory=list)
+
+
+class Claims:
+    """Claims of one process (one owner) on one stage cache.
+
+    ``lease_s``/``poll_s`` default to ``VCT_CLAIM_LEASE_S`` (60 s) and ``VCT_CLAIM_POLL_S``
+    (2 s); ``clock`` is wall time (leases are compared across machines)."""
+
+    def __init__(self, cache_uri: str, owner: Owner | None = None, lease_s: float | None = None,
+                 poll_s: float | None = None, clock: Callable[[], float] = time.time):
+        self.cache = StageCache(cache_uri)
+        self.root = storage.join(str(cache_uri), CLAIMS_DIR)
+        self.owner = owner or Owner()
+        self.lease_s = lease_s if lease_s is not None else _env_seconds(ENV_LEASE,
+                                                                        DEFAULT_LEASE_S)
+        self.poll_s = poll_s if poll_s is not None else _env_seconds(ENV_POLL, DEFAULT_POLL_S)
+        self.clock = clock
+        self._lock = threading.Lock()  # renewals vs release of the same claim
+
+    def landed(self, kind: str, key: str) -> bool:
+        """Whether a *verified* result is in the cache: a bad entry (the very reason a job may
+        be asked for again) must be recomputed, not awaited. A cheap existence check first, so
+        polling for a result that is not there costs one HEAD."""
+        from vct.batch.jobs import load
+
+        return self.cache.contains(kind, key) and load(self.cache, kind, key) is not None
+
+    def uri(self, kind: str, key: str) -> str:
+        self.cache.uri(kind, key)  # checks kind and key: neither can escape the cache
+        return storage.join(self.root, kind, f"{key}.json")
+
+    def _record(self, kind: str, key: str, took_over: dict | None = None) -> dict:
+        now = self.clock()
+        return {"kind": kind, "key": key, "owner": self.owner.to_dict(),
+                "claimed_at": datetime.fromtimestamp(now, UTC).isoformat(),
+                "renewed_at": datetime.fromtimestamp(now, UTC).isoformat(),
+                "expires_at": now + self.lease_s, "lease_s": self.lease_s,
+                "took_over": took_over}
+
+    @staticmethod
+    def _bytes(record: dict) -> bytes:
+        return json.dumps(record, sort_keys=True).encode()
+
+    def read(self, kind: str, key: str) -> tuple[dict, str] | None:
+        """The current claim on (kind, key) and its version, or None. An unreadable claim
+        (a foreign or truncated object) counts as expired: it must not block the key forever."""
+        got = storage.read_versioned(self.uri(kind, key))
+        if got is None:
+            return None
+        data, version = got
+        try:
+            record = json.loads(data)
+            float(record["expires_at"])
+        except (ValueError, KeyError, TypeError):
+            record = {"expires_at": 0.0, "owner": {}, "unreadable": True}
+        return record, version
+
+    def acquire(self, kind: str, key: str, stats: ClaimStats | None = None) -> Claim | None:
+        """Claim (kind, key): created if absent, or taken over when its lease has expired.
+        None when someone else holds a live claim (or won the race for an expired one)."""
+        uri = self.uri(kind, key)
+        record = self._record(kind, key)
+        version = storage.create_versioned(uri, self._bytes(record))
+        if version is not None:
+            return Claim(kind, key, uri, version, record)
+        current = self.read(kind, key)
+        if current is None:  # released between our create and our read: try once more
+            version = storage.create_versioned(uri, self._bytes(record))
+            return Claim(kind, key, uri, version, record) if version is not None else None
+        theirs, their_version = current
+        if float(theirs["expires_at"]) > self.clock():
+            return None
+        record = self._record(kind, key, took_over=theirs.get("owner"))
+        version = storage.replace_if_match(uri, self._bytes(record), their_version)
+        if version is None:
+            return None  # renewed meanwhile, or another waiter took it first
+        log.warning("%s %s: took over the claim of %s, whose lease expired", kind, key[:12],
+                    theirs.get("owner"))
+        if stats is not None:
+            stats.took_over.append(key)
+        return Claim(kind, key, uri, version, record)
+
+    def renew(self, claim: Claim) -> bool:
+        """Push the lease forward; False (and ``claim.lost``) when someone took it over."""
+        with self._lock:
+            if claim.lost:
+                return False
+            now = self.clock()
+            record = {**claim.record, "expires_at": now + self.lease_s,
+                      "renewed_at": datetime.fromtimestamp(now, UTC).isoformat()}
+            version = storage.replace_if_match(claim.uri, self._bytes(record), claim.version)
+            if version is None:
+                claim.lost = True
+                log.warning("%s %s: lost its claim (lease expired and taken over); the result "
+                            "it stores is the same bytes either way", claim.kind, claim.key[:12])
+                return False
+            claim.version, claim.record = version, record
+            return True
+
+    def release(self, claim: Claim) -> None:
+        """Delete the claim if it is still ours (after the result is stored, or on failure)."""
+        with self._lock:
+            if not claim.lost:
+                storage.delete_if_match(claim.uri, claim.version)
+            claim.lost = True
+
+    @contextmanager
+    def renewing(self, claims: list[Claim]) -> Iterator[None]:
+        """Renew these claims every ``lease_s / 3`` seconds from a daemon thread while the
+        block runs. A renewal's storage error is logged and retried at the next tick: the
+        lease is three ticks long, so one failed renewal does not lose it."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(self.lease_s / 3):
+                for claim in claims:
+                    if stop.is_set():
+                        return
+                    try:
+                        self.renew(claim)
+                    except storage.StorageError as exc:
+                        log.warning("renewing claim %s failed (%s)", claim.uri, exc)
+
+        thread = threading.Thread(target=loop, name="vct-claim-renewer", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+
+@dataclass
+class ClaimedRun:
+    """The outcomes of the jobs this process computed, and the keys another claim owned
+    whose results it awaited (they landed in the cache; nothing was computed here)."""
+
+    outcomes: list[JobOutcome]
+    awaited: list[str]
+    took_over: list[str]
+
+
+def run_claimed(kind: str, jobs: list[Job], executor, runner: Runner, claims: Claims,
+                on_progress: Callable[[dict], None] | None = None, progress=None,
+                chunk: int | None = None) -> ClaimedRun:
+    """Run ``jobs`` (none of them in the cache yet) through ``runner``, each only under a claim.
+
+    Jobs are claimed ``chunk`` at a time (None: all at once), each chunk handed to the runner
+    in one call and its claims renewed meanwhile, then released. A claim held by someone else
+    leaves the job waiting; waiting jobs are polled every ``poll_s`` until their entry lands
+    (awaited), or they can be claimed (owner failed or died), which puts them back in line.
+    A key is re-checked in the cache after it is claimed: its owner may have stored it and
+    released its claim between our look at the cache and our claim.
+    """
+    pending = list(jobs)
+    outcomes: list[JobOutcome] = []
+    awaited: list[str] = []
+    stats = ClaimStats()
+    size = chunk or max(1, len(jobs))
+
+    def landed(job: Job) -> bool:
+        return claims.landed(kind, job.key)
+
+    def await_done(job: Job) -> None:
+        awaited.append(job.key)
+        if on_progress:
+            on_progress({"rank": -1, "key": job.key, "kind": kind, "ok": True, "awaited": True})
+
+    while pending:
+        mine: list[tuple[Job, Claim]] = []
+        waiting: list[Job] = []
+        for job in pending:
+            if len(mine) >= size:
+                waiting.append(job)
+                continue
+            if landed(job):
+                await_done(job)
+                continue
+            claim = claims.acquire(kind, job.key, stats)
+            if claim is None:
+                waiting.append(job)
+            elif landed(job):
+                claims.release(claim)
+                await_done(job)
+            else:
+                mine.append((job, claim))
+        if mine:
+            held = [c for _, c in mine]
+            try:
+                with claims.renewing(held):
+                    outcomes += runner([j for j, _ in mine], executor, on_progress=on_progress,
+                                       progress=progress)
+            finally:
+                for claim in held:
+                    claims.release(claim)
+        elif waiting:
+            time.sleep(claims.poll_s)
+        pending = waiting
+    return ClaimedRun(outcomes=outcomes, awaited=awaited, took_over=stats.took_over)
+
+
+def chunk_for(executor) -> int | None:
+    """How many jobs to claim per runner call: one at a time in process (a call costs nothing,
+    and a claim is then held only while its job runs, so a crash strands one job; a content batch
+    is claimed whole), all at once
+    for accelerate (a launch loads the model on every rank; its claims are renewed meanwhile)."""
+    if getattr(executor, "mode", "local") != "local":
+        return None
+    return max(1, int(getattr(executor, "content_batch", 1)))  # content batches stay whole
