@@ -247,3 +247,24 @@ def test_prepare_refuses_what_needs_no_reading(tmp_path):
     with pytest.raises(ConfigError, match="content.inversion_prompt"):
         engine.prepare("m.csv", str(tmp_path), "some/model",
                        {"content": {"inversion_prompt": "hello"}})
+
+
+def test_a_resumed_group_is_fused_as_before_not_regrouped(tmp_path, inputs):
+    """Two pairs share a source, so one fusion job makes both. If only one was written before
+    a kill, the rerun fuses the same group (its cached result: nothing recomputed) and writes
+    the missing pair with the same bytes, instead of fusing it alone (another batch, other
+    bytes)."""
+    m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},p1",
+                             f"{inputs['a']},{inputs['ref2']},p2"])
+    _run(tmp_path, m, FakeRunner())
+    run = tmp_path / "out" / "run"
+    first = (run / "p2.png").read_bytes()
+    stamp = (run / "p1.png").stat().st_mtime_ns
+    (run / "p2.png").unlink()
+    (run / "p2.json").unlink()
+    again = FakeRunner()
+    summary, _ = _run(tmp_path, m, again)
+    assert _status(summary) == {"p1": "skipped", "p2": "ok"}
+    assert not again.ran and summary.counts["fusions_cached"] == 1
+    assert (run / "p2.png").read_bytes() == first
+    assert (run / "p1.png").stat().st_mtime_ns == stamp  # the finished pair is not rewritten

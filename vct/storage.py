@@ -79,6 +79,7 @@ import s3transfer.exceptions
 from boto3.s3.transfer import TransferConfig
 
 from vct.errors import UserError
+from vct.faults import checkpoint
 
 T = TypeVar("T")
 log = logging.getLogger("vct.storage")
@@ -580,6 +581,7 @@ def _write_tmp(target: Path, writer: Callable[[BinaryIO], None]) -> Path:
 def _atomic_local_write(target: Path, writer: Callable[[BinaryIO], None]) -> None:
     """Temp file in the same folder, fsync, os.replace: readers never see a partial file."""
     tmp = _write_tmp(target, writer)
+    checkpoint("storage.rename")
     try:
         os.replace(tmp, target)
     except BaseException:
@@ -698,6 +700,7 @@ def write_bytes(uri: str, data: bytes, content_type: str | None = None) -> None:
         extra = {"ContentType": content_type} if content_type else {}
 
         def put() -> None:
+            checkpoint("storage.put")
             client = s3_client()
             if len(data) > MULTIPART_THRESHOLD:
                 client.upload_fileobj(io.BytesIO(data), bucket, key, ExtraArgs=extra or None,

@@ -42,6 +42,7 @@ from vct.batch.settings import TINY_MODEL, RunSettings, require_model
 from vct.batch.summary import PairResult, RunSummary, StageReport, counts, run_status
 from vct.cache import StageCache
 from vct.config import ConfigError
+from vct.faults import checkpoint
 from vct.images import png_bytes
 from vct.manifest import (
     SAFE_NAME_RE,
@@ -228,21 +229,29 @@ def fuse_and_write(the_plan: Plan, stages: dict[str, StageReport], executor: Exe
     is rewritten, so a folder killed mid-rewrite never claims success.
     """
     results: dict[str, PairResult] = {}
-    todo: list[PairPlan] = []
+    fusable: list[PairPlan] = []
+    todo: set[str] = set()
     for pair in the_plan.pairs:
         failed = (stages["concept"].failed.get(pair.concept_key)
                   or stages["content"].failed.get(pair.content_key))
         if failed:
             results[pair.row.pair_id] = _pair_result(pair, "failed", failed)
-        elif (kept := outputs.finished_sidecar(pair.sidecar_uri, pair.png_uri,
-                                               pair.output_key)) is not None:
+            continue
+        fusable.append(pair)
+        if (kept := outputs.finished_sidecar(pair.sidecar_uri, pair.png_uri,
+                                             pair.output_key)) is not None:
             results[pair.row.pair_id] = _pair_result(pair, "skipped",
                                                      timings=kept.get("timings", {}))
         else:
-            todo.append(pair)
+            todo.add(pair.row.pair_id)
     if todo:
         storage.delete(storage.join(the_plan.run_uri, outputs.SUCCESS))
-    groups = fusion_groups(todo)
+    # Groups are formed over every pair that can be fused, finished or not, so a resumed run
+    # fuses a pair in the same batch (and gets the same bytes, or the cached result) as an
+    # uninterrupted one; only the groups with an unfinished pair run, and only those pairs
+    # are written.
+    groups = [group for group in fusion_groups(fusable)
+              if any(p.row.pair_id in todo for p in group)]
     jobs = [fusion_job(group) for group in groups]
     fusion = run_stage("fusion", jobs, executor, on_fraction, progress, runner)
     cache = StageCache(executor.cache_uri)
@@ -254,25 +263,30 @@ def fuse_and_write(the_plan: Plan, stages: dict[str, StageReport], executor: Exe
             if fused is None:
                 raise RuntimeError(f"fusion result {job.key[:12]} vanished from the cache")
             for pair, timings in _write_group(group, fused, stages, fusion, job.key,
-                                              run_info or {}):
+                                              run_info or {}, todo):
                 results[pair.row.pair_id] = _pair_result(pair, "ok", timings=timings)
         except Exception as exc:  # noqa: BLE001 - one group's failure must not stop the run
             text = str(exc).strip()
             reason = text.splitlines()[0] if text else type(exc).__name__
-            log.error("fusion failed for %s: %s", [p.row.pair_id for p in group], reason)
-            for pair in group:
-                results[pair.row.pair_id] = _pair_result(pair, "failed", f"fusion: {reason}")
+            unfinished = [p for p in group if p.row.pair_id in todo]
+            log.error("fusion failed for %s: %s", [p.row.pair_id for p in unfinished], reason)
+            for pair in unfinished:
+                results.setdefault(pair.row.pair_id,
+                                   _pair_result(pair, "failed", f"fusion: {reason}"))
     return FusionOutcome(pairs=results, stage=fusion)
 
 
 def _write_group(group: list[PairPlan], fused, stages: dict[str, StageReport],
-                 fusion: StageReport, fusion_key: str, run_info: dict):
-    """Each pair of a fused group: PNG, then its sidecar (identical pairs share a branch)."""
+                 fusion: StageReport, fusion_key: str, run_info: dict, todo: set[str]):
+    """Each unfinished pair of a fused group: PNG, then its sidecar (identical pairs share a
+    branch; finished pairs of the group are left as they are)."""
     branches = branch_keys(group)
     prov = fused.provenance
     hits = {"concept": set(stages["concept"].cached), "content": set(stages["content"].cached),
             "fusion": set(fusion.cached)}
     for pair in group:
+        if pair.row.pair_id not in todo:
+            continue
         i = branches.index(pair.concept_key)
         stage_meta = {"concept": prov["concepts"][i], "content": prov["content"],
                       "fusion": {"seconds": prov["fusion_seconds"],
@@ -341,13 +355,17 @@ def finish(summary: RunSummary, started_at: str, flow_run_id: str = "",
         output_uri=run, status=summary.status, counts=summary.counts, outcomes=outcomes,
         row_errors=bad, started_at=started_at, finished_at=datetime.now(UTC).isoformat(),
         extra={**summary.details, "stages": {k: v.__dict__ for k, v in summary.stages.items()}})
+    checkpoint("run.json")
     storage.write_bytes(storage.join(run, outputs.RUN_JSON), report.run_json_bytes(data),
                         "application/json")
     if write_report:
         for name, blob, content_type in report.report_files(data, outcomes, _read_optional):
             storage.write_bytes(storage.join(run, name), blob, content_type)
+            if name.endswith(".html"):
+                checkpoint("report.page")
     success = storage.join(run, outputs.SUCCESS)
     if summary.status == "complete":
+        checkpoint("success")
         storage.write_bytes(success, (f'{{"run_id": "{summary.run_id}", '
                                       f'"status": "complete"}}\n').encode())
     else:

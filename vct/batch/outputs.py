@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 
 from vct import report, storage
+from vct.faults import checkpoint
 
 SUCCESS = "_SUCCESS"
 RUN_JSON = "run.json"
@@ -61,6 +62,8 @@ def finished_sidecar(sidecar_uri: str, png_uri: str, output_key: str) -> dict | 
 def write_pair(png_uri: str, png: bytes, sidecar_uri: str, sidecar: dict) -> None:
     """PNG first, then the sidecar with the PNG's hash: the sidecar marks the pair finished."""
     storage.write_bytes(png_uri, png, "image/png")
+    checkpoint("output.png")
     sidecar = {**sidecar, "png_sha256": sha256_hex(png)}
     storage.write_bytes(sidecar_uri, (json.dumps(sidecar, indent=2, sort_keys=True, default=str)
                                       + "\n").encode(), "application/json")
+    checkpoint("output.pair")
