@@ -38,6 +38,20 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def broken_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with its UNet weights cut short: it passes every check a run makes
+    before work (layout, configs, identity), and every job then fails loading it. A genuine
+    compute-time failure of every pair, for the tests of failed runs."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("broken-model") / "tiny"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return folder
+
+
+@pytest.fixture(scope="session")
 def models(tiny_model_dir):
     """Loaded once: stages never mutate the models (only their UNet evaluation counter)."""
     from vct.models import load_models

@@ -5,6 +5,7 @@ stores small, valid stage results, so each test takes milliseconds."""
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -247,6 +248,42 @@ def test_prepare_refuses_what_needs_no_reading(tmp_path):
     with pytest.raises(ConfigError, match="content.inversion_prompt"):
         engine.prepare("m.csv", str(tmp_path), "some/model",
                        {"content": {"inversion_prompt": "hello"}})
+
+
+def test_sizes_the_model_cannot_work_at_are_refused_before_any_job(tmp_path, inputs,
+                                                                   tiny_model_dir):
+    """content.resolution / concept.reference_resolution against the VAE factor and the UNet's
+    depth, read from the model's config files: refused by plan, before a job or a write."""
+    m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},p1"])
+    cases = {("content", "resolution", 12): "not a multiple of the model's VAE factor 8",
+             ("concept", "reference_resolution", 12): "not a multiple",
+             ("content", "resolution", 16): "too small for this model (at least 24",
+             ("concept", "reference_resolution", 8): "too small"}
+    for (stage, name, value), needle in cases.items():
+        request = engine.prepare(str(m), str(tmp_path / "out"), str(tiny_model_dir),
+                                 {stage: {name: value}})
+        with pytest.raises(ConfigError, match=rf"{stage}\.{name} .*{re.escape(needle)}"):
+            engine.plan(request)
+    assert not (tmp_path / "out").exists()
+    ok = engine.prepare(str(m), str(tmp_path / "out"), str(tiny_model_dir),
+                        {"content": {"resolution": 24}, "concept": {"reference_resolution": 24}})
+    assert len(engine.plan(ok).pairs) == 1
+
+
+def test_prepare_refuses_an_unusable_output_or_device(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(storage.OutputUnusable, match="is a file"):
+        engine.prepare("m.csv", str(tmp_path / "file"), "some/model")
+    with pytest.raises(storage.OutputUnusable, match="is not a folder"):
+        engine.prepare("m.csv", str(tmp_path / "out"), "some/model",
+                       {"cache_uri": str(tmp_path / "file" / "cache")})
+    from vct.models import ModelError
+
+    with pytest.raises(ModelError, match="--dtype bf16 needs CUDA"):
+        engine.prepare("m.csv", str(tmp_path / "out"), "some/model",
+                       {"device": "cpu", "dtype": "bf16"})
+    with pytest.raises(ModelError, match="--device cuda:63"):
+        engine.prepare("m.csv", str(tmp_path / "out"), "some/model", {"device": "cuda:63"})
 
 
 def test_a_resumed_group_is_fused_as_before_not_regrouped(tmp_path, inputs):

@@ -153,8 +153,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from vct import storage
     from vct.batch import engine
+    from vct.batch.preflight import check_model
     from vct.manifest import load_manifest
-    from vct.models import check_layout
 
     settings = settings_from(args)
     if not storage.is_s3(args.output):  # print paths a reader can open from anywhere
@@ -169,8 +169,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.manifest)
     if settings.strict:
         manifest.raise_if_errors()
-    if not request.model.startswith("s3://"):
-        check_layout(Path(request.model).expanduser())
+    if not request.model.startswith("s3://"):  # an s3:// model is checked once synced
+        check_model(Path(request.model).expanduser(), settings)
     from flows.restyle import RunFailed, restyle
 
     state = restyle(manifest_uri=args.manifest, output_uri=args.output, model=request.model,

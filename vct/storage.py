@@ -223,6 +223,14 @@ class StorageFailed(_UriError):
     transient = False
 
 
+class OutputUnusable(_UriError):
+    """An output location nothing can be written to: a file where a folder is needed, a
+    read-only folder, a missing bucket. Found before a run starts (:func:`check_writable`)."""
+
+    what = "output location unusable"
+    transient = False
+
+
 class StorageChanged(StorageError):
     """Objects changed while being copied; the copy was discarded. Transient: retry."""
 
@@ -742,6 +750,51 @@ def exists(uri: str) -> bool:
             return True
         return retrying(head, uri=uri, action="check")
     return _local_path(uri).is_file()
+
+
+def check_writable(prefix_uri: str) -> None:
+    """Refuse, with one :class:`OutputUnusable` line, a folder or S3 prefix that a run could
+    not write under, before the run does any work (else a missing bucket is found only after
+    every inversion was computed). Creates nothing locally; on S3 it writes one probe object
+    under the prefix (named like a writer's temp file, so a sweep would take a leftover) and
+    deletes it again, because only a write proves write permission.
+
+    Locally: the path, or the nearest part of it that exists, must be a folder this process
+    may create entries in (``os.access``; a read-only mount counts as not writable).
+    """
+    if is_s3(prefix_uri):
+        _check_writable_s3(prefix_uri)
+        return
+    path = _local_path(prefix_uri).expanduser().absolute()
+    probe = path
+    while not os.path.lexists(probe):
+        if probe.parent == probe:
+            raise OutputUnusable(prefix_uri, "no existing parent folder")
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is a file, not a folder" if probe == path else f"{probe} is not a folder"
+        raise OutputUnusable(prefix_uri, where)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputUnusable(prefix_uri, f"{probe} is not writable by this user")
+
+
+def _check_writable_s3(prefix_uri: str) -> None:
+    bucket, prefix = _split_s3(prefix_uri)
+    if not bucket:
+        raise OutputUnusable(prefix_uri, "no bucket in the URI")
+    try:
+        retrying(lambda: s3_client().head_bucket(Bucket=bucket), uri=prefix_uri,
+                 action="check bucket")
+    except StorageNotFound:
+        raise OutputUnusable(prefix_uri, f"bucket {bucket!r} does not exist") from None
+    key = posixpath.join(prefix.rstrip("/"), f".vct-write-probe.{secrets.token_hex(8)}"
+                         f"{TMP_SUFFIX}").lstrip("/")
+    try:
+        retrying(lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=b""),
+                 uri=_s3_uri(bucket, key), action="write probe")
+    except StorageAccessDenied as exc:
+        raise OutputUnusable(prefix_uri, f"writing is denied ({exc.detail})") from None
+    delete(_s3_uri(bucket, key))
 
 
 def delete(uri: str) -> None:

@@ -3,7 +3,8 @@
 Both entry points run it: the Prefect flow (each step below wrapped in a task, for retries and
 the UI) and ``vct translate`` (one reference, an in-memory manifest). The steps:
 
-1. :func:`prepare`: check the request (a model named explicitly, safe run id, settings) before
+1. :func:`prepare`: check the request (a model named explicitly, safe run id, settings, the
+   device and precision, a writable output location: :mod:`vct.batch.preflight`) before
    anything is read or written.
 2. :func:`plan`: read the manifest and every input once, refuse bad rows with their line, key
    every job (:mod:`vct.batch.keys`).
@@ -25,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from vct import report, storage
-from vct.batch import outputs
+from vct.batch import outputs, preflight
 from vct.batch.exec import ExecutorSettings, run_jobs
 from vct.batch.jobs import Job, JobOutcome, ProgressFactory, load
 from vct.batch.plan import (
@@ -51,7 +52,7 @@ from vct.manifest import (
     raise_if_bad_rows,
     read_manifest_bytes,
 )
-from vct.models import check_layout, local_model_folder, model_identity
+from vct.models import local_model_folder, model_identity
 from vct.sidecar import build_sidecar
 
 log = logging.getLogger("vct.batch")
@@ -102,7 +103,8 @@ def check_run_id(run_id: str) -> str:
 
 def prepare(manifest_uri: str, output_uri: str, model: str | None,
             settings: RunSettings | dict | None = None, run_id: str | None = None) -> RunRequest:
-    """Check everything that needs no reading: refused here, nothing has been claimed or
+    """Check everything that needs no reading of the manifest or the model (settings, run id,
+    device and dtype, output and cache locations): refused here, nothing has been claimed or
     written. The tiny model is used only when asked for by name."""
     spec = require_model(model)
     if spec == TINY_MODEL:
@@ -113,8 +115,10 @@ def prepare(manifest_uri: str, output_uri: str, model: str | None,
         raise ConfigError("manifest_uri", "a manifest is required")
     if not output_uri:
         raise ConfigError("output_uri", "an output location is required")
-    return RunRequest(manifest_uri=manifest_uri, output_uri=output_uri, model=spec,
-                      settings=settings, run_id=check_run_id(run_id) if run_id else None)
+    request = RunRequest(manifest_uri=manifest_uri, output_uri=output_uri, model=spec,
+                         settings=settings, run_id=check_run_id(run_id) if run_id else None)
+    preflight.check_request(request.output_uri, request.cache_uri, settings)
+    return request
 
 
 # ---------------------------------------------------------------- planning
@@ -131,7 +135,7 @@ def plan(request: RunRequest, manifest: Manifest | None = None,
     if settings.strict:
         manifest.raise_if_errors()
     folder = local_model_folder(request.model)
-    check_layout(folder)  # one line for a wrong folder, before any hashing
+    preflight.check_model(folder, settings)  # one line for a wrong folder, before any hashing
     identity = model_identity(folder)
     hashes = hash_inputs([u for row in manifest.rows for u in (row.source, row.reference)],
                          storage.read_input)
