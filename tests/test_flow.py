@@ -173,8 +173,38 @@ def test_incoming_prefix_processes_each_manifest_once(prefect_harness, tiny_mode
     assert [r["status"] for r in first] == ["done"]
     marker = json.loads(storage.read_bytes(f"{bucket}/incoming/new.csv.processed"))
     assert marker["status"] == "done" and marker["counts"]["pairs_ok"] == 1
+    assert marker["owner"].startswith(marker["owner"].split("@")[0]) and marker["manifest_sha256"]
     assert restyle_incoming(**kwargs) == []
     assert len([u for u in storage.list_uris(f"{bucket}/inc-out") if u.endswith("_SUCCESS")]) == 1
+    # the same name uploaded again with other rows: a new version, processed again
+    storage.write_bytes(f"{bucket}/incoming/new.csv",
+                        f"source,reference\n{bucket}/inc-img/r.png,{bucket}/inc-img/s.png\n"
+                        .encode())
+    third = restyle_incoming(**kwargs)
+    assert [r["status"] for r in third] == ["done"] and third[0]["run_uri"] != first[0]["run_uri"]
+    marker = json.loads(storage.read_bytes(f"{bucket}/incoming/new.csv.processed"))
+    assert marker["reason"] == "changed" and marker["previous"]["status"] == "done"
+
+
+def test_incoming_state_hooks_release_what_a_cancelled_or_crashed_run_holds(tmp_path):
+    """Prefect calls these hooks in the flow run's process when it is cancelled or crashes
+    (SIGTERM: tests/test_kill_resume.py runs that end to end); they release the library's
+    leases held under the flow run's id."""
+    from types import SimpleNamespace
+
+    from flows.restyle import _release_claims, restyle_incoming
+    from vct.batch import incoming
+
+    for hooks in (restyle_incoming.on_cancellation_hooks, restyle_incoming.on_crashed_hooks,
+                  restyle_incoming.on_failure_hooks):
+        assert _release_claims in hooks
+    (tmp_path / "m.csv").write_text("source,reference\na.png,b.png\n")
+    candidate = incoming.poll(str(tmp_path)).candidates[0]
+    assert incoming.claim(candidate, "owner", incoming.LeasePolicy(), key="flow-run-1")
+    _release_claims(restyle_incoming, SimpleNamespace(id="flow-run-1"),
+                    SimpleNamespace(name="Cancelled", message="cancelled by a user"))
+    marker = json.loads((tmp_path / "m.csv.processed").read_text())
+    assert marker["status"] == "released" and "Cancelled" in marker["release_reason"]
 
 
 def test_accelerate_fan_out_gives_the_same_outputs_as_in_process(prefect_harness, tiny_model_dir,

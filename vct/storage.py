@@ -933,6 +933,122 @@ def _s3_create_if_absent(uri: str, data: bytes) -> bool:
     return retrying(put, uri=uri, action="create")
 
 
+# ---------------------------------------------------------------- listings and compare-and-swap
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object of a listing: its URI, ETag, size and modification time (epoch seconds).
+
+    The ETag identifies the content: S3's (quotes removed; the MD5 of a single-part upload),
+    locally the MD5 of the file's bytes, so the same rule, "same ETag, same object", holds on
+    both and :func:`conditional_put` can compare against it."""
+
+    uri: str
+    etag: str
+    size: int
+    modified: float
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def list_objects(prefix_uri: str, suffixes: tuple[str, ...] = ()) -> list[ObjectInfo]:
+    """Every object under a folder/prefix (recursively, sorted by URI) with its ETag, in one
+    listing; only names ending with one of ``suffixes`` (ignoring case) when given. Locally the ETag is
+    computed by reading each file, so keep this to small prefixes (an incoming folder of
+    manifests and markers) and pass ``suffixes``."""
+    ends = tuple(s.lower() for s in suffixes)
+    if is_s3(prefix_uri):
+        bucket, _, objects = _s3_objects(prefix_uri)
+        return [ObjectInfo(_s3_uri(bucket, o["Key"]), str(o.get("ETag", "")).strip('"'),
+                           int(o.get("Size", 0)), o["LastModified"].timestamp())
+                for o in objects if not ends or o["Key"].lower().endswith(ends)]
+    out = []
+    for uri in list_uris(prefix_uri):
+        if ends and not uri.lower().endswith(ends):
+            continue
+        path = _local_path(uri)
+        try:
+            data = read_bytes(uri)
+            modified = path.stat().st_mtime
+        except (StorageNotFound, FileNotFoundError, NotARegularFile):
+            continue  # removed (or swapped for something else) since the listing
+        out.append(ObjectInfo(uri, _md5(data), len(data), modified))
+    return out
+
+
+def conditional_put(uri: str, data: bytes, expect_etag: str | None) -> str | None:
+    """Compare-and-swap: write ``data`` only if the object is absent (``expect_etag`` None) or
+    still has ``expect_etag``; returns the new ETag, or None when the condition failed (someone
+    else created or changed it first: nothing was written).
+
+    This is what makes a lease safe to renew, release and take over: two writers that read the
+    same marker can never both replace it. On S3 a conditional PUT (``If-None-Match: *`` /
+    ``If-Match``, 412 PreconditionFailed when the condition fails, 404 when an expected object
+    is gone); a retried PUT that meets its own earlier success reads the object back and counts
+    as written if it holds exactly ``data``, so ``data`` must be unique per writer (a lease
+    record holds its owner and a timestamp). Locally an exclusive ``flock`` on the folder
+    serializes every conditional write in it (one host; ``flock`` also works on NFSv4), and
+    the new content replaces the old atomically.
+    """
+    if is_s3(uri):
+        return _s3_conditional_put(uri, data, expect_etag)
+    target = _local_path(uri)
+    return retrying(lambda: _local_conditional_put(target, data, expect_etag), uri=uri,
+                    action="conditional write")
+
+
+def _local_conditional_put(target: Path, data: bytes, expect_etag: str | None) -> str | None:
+    import fcntl
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            current = _md5(target.read_bytes()) if target.is_file() else None
+        except FileNotFoundError:
+            current = None
+        if current != expect_etag:
+            return None
+        _atomic_local_write(target, lambda fh: _write_all(fh, data))
+        return _md5(data)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _s3_conditional_put(uri: str, data: bytes, expect_etag: str | None) -> str | None:
+    bucket, key = _require_key(uri)
+    condition = {"IfNoneMatch": "*"} if expect_etag is None else {"IfMatch": f'"{expect_etag}"'}
+    tries = 0
+
+    def put() -> str | None:
+        nonlocal tries
+        tries += 1
+        try:
+            response = s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)
+            return str(response.get("ETag", "")).strip('"') or _md5(data)
+        except botocore.exceptions.ClientError as exc:
+            failed_condition = (_error_code(exc) == "PreconditionFailed"
+                                or _http_status(exc) == 412
+                                or (expect_etag is not None and _is_not_found(exc)))
+            if not failed_condition:
+                raise
+            retried = tries > 1 or exc.response.get("ResponseMetadata", {}).get("RetryAttempts")
+            if not retried:
+                return None
+            try:  # maybe our own PUT whose response was lost
+                got = s3_client().get_object(Bucket=bucket, Key=key)
+            except botocore.exceptions.ClientError as again:
+                if _is_not_found(again):
+                    return None
+                raise
+            with contextlib.closing(got["Body"]) as body:
+                same = body.read(len(data) + 1) == data
+            return str(got.get("ETag", "")).strip('"') if same else None
+    return retrying(put, uri=uri, action="conditional write")
+
+
 # ---------------------------------------------------------------- stale temp files
 def _is_writer_tmp(name: str) -> bool:
     """A name our writers give temp files and folders (``_tmp_name``, sync_prefix)."""
