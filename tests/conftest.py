@@ -23,10 +23,21 @@ from tests.fixtures_s3 import s3_bucket, s3_server  # noqa: E402, F401
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One embedded Prefect backend for the whole session (starting one costs ~10 s)."""
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
-        yield
+        # What a configured server looks like to `vct run` called in process (not embedded:
+        # no server of its own, no reserved core). Subprocesses that must run embedded drop it.
+        saved = os.environ.get("PREFECT_API_URL")
+        os.environ["PREFECT_API_URL"] = str(PREFECT_API_URL.value())
+        try:
+            yield
+        finally:
+            if saved is None:
+                os.environ.pop("PREFECT_API_URL", None)
+            else:
+                os.environ["PREFECT_API_URL"] = saved
 
 
 @pytest.fixture(scope="session")
