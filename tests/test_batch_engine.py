@@ -27,6 +27,7 @@ from vct.content import ContentResult, ContentStats
 from vct.manifest import parse_manifest
 
 T = 3
+pytest_plugins = ("tests.fault_proxy",)  # the fault_proxy fixture
 
 
 class FakeRunner:
@@ -305,3 +306,102 @@ def test_a_resumed_group_is_fused_as_before_not_regrouped(tmp_path, inputs):
     assert not again.ran and summary.counts["fusions_cached"] == 1
     assert (run / "p2.png").read_bytes() == first
     assert (run / "p1.png").stat().st_mtime_ns == stamp  # the finished pair is not rewritten
+
+
+def test_a_5000x1_and_a_1x1_source_still_give_the_report_and_success(tmp_path,
+                                                                     tiny_model_dir):
+    """End to end through the engine with the real (tiny) model: degenerate sources are
+    computed, and their thumbnails (160x0 once raised "cannot write empty image") never fail
+    the report; run.json, report.html, the contact sheet and _SUCCESS all land."""
+    from PIL import Image
+
+    Image.new("RGB", (5000, 1), (200, 30, 30)).save(tmp_path / "wide.png")
+    Image.new("RGB", (1, 1), (30, 200, 30)).save(tmp_path / "dot.png")
+    make_image(1, (64, 64)).save(tmp_path / "ref.png")
+    (tmp_path / "m.csv").write_text("source,reference\nwide.png,ref.png\ndot.png,ref.png\n")
+    fast = {"concept": {"max_train_steps": 2, "batch_microsteps": True},
+            "content": {"num_inference_steps": 4, "num_inner_steps": 1}, "threads": 1}
+    summary = engine.run(engine.prepare(str(tmp_path / "m.csv"), str(tmp_path / "out"),
+                                        str(tiny_model_dir), fast, "r"))
+    run = tmp_path / "out" / "r"
+    assert summary.status == "complete" and summary.counts["pairs_ok"] == 2
+    for name in ("run.json", "report.html", "contact_sheet.png", "_SUCCESS"):
+        assert (run / name).is_file(), name
+    thumbs = sorted((run / "thumbs").iterdir())
+    assert len(thumbs) >= 3  # two sources, the reference, the outputs
+    for thumb in thumbs:
+        with Image.open(thumb) as img:
+            assert min(img.size) >= 1
+    html = (run / "report.html").read_text()
+    assert all(f"thumbs/{t.name}" in html for t in thumbs)
+
+
+def test_unreadable_inputs_fail_only_their_rows_at_plan_time(tmp_path, inputs, tiny_model_dir,
+                                                           monkeypatch):
+    """/dev/zero, a FIFO, a folder, a file over the byte cap, a text file, a missing file: each
+    fails its own row with its reason, read at most up to the cap, and the other rows run."""
+    import os
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "big.png").write_bytes(b"\x89PNG" + b"\0" * 5000)
+    (tmp_path / "notes.png").write_text("not an image")
+    monkeypatch.setenv(storage.ENV_MAX_INPUT_BYTES, "4096")
+    bad = {"zero": "/dev/zero", "fifo": str(fifo), "folder": str(tmp_path / "folder.png"),
+           "big": str(tmp_path / "big.png"), "text": str(tmp_path / "notes.png"),
+           "missing": str(tmp_path / "missing.png")}
+    rows = [f"{inputs['a']},{inputs['ref1']},good"]
+    rows += [f"{path},{inputs['ref1']},{name}" for name, path in bad.items()]
+    m = _manifest(tmp_path, rows)
+    plan = engine.plan(engine.prepare(str(m), str(tmp_path / "out"), str(tiny_model_dir)))
+    assert [p.row.pair_id for p in plan.pairs] == ["good"]
+    reasons = {e.pair_id: e.reason for e in plan.errors}
+    assert set(reasons) == set(bad)
+    assert "not a regular file" in reasons["zero"] and "character device" in reasons["zero"]
+    assert "FIFO" in reasons["fifo"] and "directory" in reasons["folder"]
+    assert "input too large" in reasons["big"] and "not a readable image" in reasons["text"]
+    assert "not found" in reasons["missing"]
+
+
+def test_success_is_removed_before_a_folder_is_rewritten(tmp_path, inputs):
+    """A finished folder whose input is edited in place and rerun: _SUCCESS is gone before the
+    first job of the rewrite, so a kill mid-rewrite never leaves a folder claiming success
+    beside a mix of new and old files; it comes back last."""
+    m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},house"])
+    _run(tmp_path, m, FakeRunner())
+    success = tmp_path / "out" / "run" / "_SUCCESS"
+    assert success.exists()
+    make_image(5, (16, 16)).save(inputs["a"])  # edited in place: a new content key
+    seen: list[bool] = []
+
+    class Watching(FakeRunner):
+        def __call__(self, jobs, settings, **kw):
+            if jobs[0].kind == "fusion":
+                seen.append(success.exists())
+            return super().__call__(jobs, settings, **kw)
+
+    summary, _ = _run(tmp_path, m, Watching())
+    assert summary.counts["pairs_ok"] == 1 and seen == [False] and success.exists()
+
+
+def test_s3_inputs_answering_403_or_500_fail_only_their_rows(fault_proxy, s3_bucket, inputs,
+                                                             tiny_model_dir, tmp_path):
+    """An object that answers 403 (not retried) or keeps answering 500 (retried, then given
+    up): planning reports those rows with the reason and plans the others."""
+    for name in ("a", "b", "ref1"):
+        storage.write_bytes(f"{s3_bucket}/in/{name}.png", inputs[name].read_bytes())
+    storage.write_bytes(f"{s3_bucket}/in/secret.png", inputs["a"].read_bytes())
+    storage.write_bytes(f"{s3_bucket}/in/broken.png", inputs["b"].read_bytes())
+    fault_proxy.fail("secret.png", 403, "AccessDenied")
+    fault_proxy.fail("broken.png", 500, "InternalError")
+    m = tmp_path / "m.csv"
+    m.write_text("source,reference,pair_id\n"
+                 f"{s3_bucket}/in/a.png,{s3_bucket}/in/ref1.png,good\n"
+                 f"{s3_bucket}/in/secret.png,{s3_bucket}/in/ref1.png,denied\n"
+                 f"{s3_bucket}/in/b.png,{s3_bucket}/in/broken.png,broken\n")
+    plan = engine.plan(engine.prepare(str(m), str(tmp_path / "out"), str(tiny_model_dir)))
+    assert [p.row.pair_id for p in plan.pairs] == ["good"]
+    reasons = {e.pair_id: e.reason for e in plan.errors}
+    assert "permission denied" in reasons["denied"] and "HTTP 403" in reasons["denied"]
+    assert "storage unavailable" in reasons["broken"] and "HTTP 500" in reasons["broken"]
