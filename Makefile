@@ -15,7 +15,7 @@ unexport PREFECT_API_URL
 # The tiny test model is built here (workers set VCT_HOME / VCT_MODEL_CACHE themselves).
 export VCT_HOME ?= $(CURDIR)/.models
 
-.PHONY: setup demo test lint browser bench clean
+.PHONY: setup demo test test-reliability lint browser bench clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,10 @@ browser:
 
 test: $(STAMP) lint browser
 	$(PY) -m pytest -q
+
+# The slow kill-and-resume harness (tests/test_kill_resume.py), outside `make test`.
+test-reliability: $(STAMP)
+	$(PY) -m pytest -q -m reliability
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
