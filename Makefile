@@ -15,7 +15,7 @@ unexport PREFECT_API_URL
 # The tiny test model is built here (workers set VCT_HOME / VCT_MODEL_CACHE themselves).
 export VCT_HOME ?= $(CURDIR)/.models
 
-.PHONY: setup demo test test-fleet lint browser bench clean
+.PHONY: setup demo test test-fleet test-reliability lint browser bench clean
 
 setup: $(STAMP)
 
@@ -37,11 +37,15 @@ browser:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
 test: $(STAMP) lint browser
-	$(PY) -m pytest -q -m "not fleet"
+	$(PY) -m pytest -q -m "not fleet and not reliability"
 
 # A Prefect server, a pool, two workers and moto as subprocesses (minutes): sharded runs for real.
 test-fleet: $(STAMP)
 	$(PY) -m pytest -q -m fleet
+
+# The slow kill-and-resume harness (tests/test_kill_resume.py), outside `make test`.
+test-reliability: $(STAMP)
+	$(PY) -m pytest -q -m reliability
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

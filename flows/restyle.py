@@ -25,7 +25,7 @@ from prefect.states import Failed
 
 from flows.fleet import Fleet
 from vct import report, storage
-from vct.batch import engine, shards
+from vct.batch import engine, incoming, shards
 from vct.batch.settings import RunSettings
 from vct.batch.summary import RunSummary
 
@@ -151,49 +151,61 @@ def restyle_shard(plan_uri: str, shard: int, phase: str, model: str,
     return result.to_dict()
 
 
-@flow(name="restyle-incoming", log_prints=True)
+def _release_claims(flow, flow_run, state) -> None:
+    """State hook of restyle-incoming: a cancelled, crashed or failed run gives back every
+    manifest it still holds (the library's leases), so the next poll takes them over at once
+    instead of waiting for the lease to expire."""
+    incoming.release_held(str(flow_run.id), f"flow run {state.name}: {state.message or ''}")
+
+
+@flow(name="restyle-incoming", log_prints=True, on_cancellation=[_release_claims],
+      on_crashed=[_release_claims], on_failure=[_release_claims])
 def restyle_incoming(incoming_uri: str, output_uri: str, model: str,
-                     settings: RunSettings = RunSettings()) -> list[dict]:
-    """Process each CSV manifest under `incoming_uri` exactly once.
+                     settings: RunSettings = RunSettings(), lease_seconds: float = 900.0,
+                     renew_seconds: float = 60.0) -> list[dict]:
+    """Process each CSV manifest under `incoming_uri` once per version of its bytes.
 
     Args:
         incoming_uri: the prefix (folder or s3:// URI) that art teams drop manifests into.
         output_uri: output prefix; each manifest's run writes under `<output_uri>/<run_id>/`.
         model: a diffusers SD 1.x folder or s3:// prefix; `tiny` for the test model. Required.
         settings: the same run settings as the `restyle` flow, for every manifest.
+        lease_seconds: how long a claim on a manifest lives without renewal; a run killed
+            outright is taken over by a later poll once this has passed.
+        renew_seconds: how often a working run renews its claim (at most half the lease).
 
-    A manifest is claimed by creating `<manifest>.processed` with an atomic create-if-absent,
-    so two schedules or two workers never run the same manifest; the marker then records the
-    outcome (`done`, `partial` or `failed`). This run ends Failed when any manifest did not
-    complete. Delete a marker to run its manifest again.
+    Each manifest's claim is a lease in `<manifest>.processed` (vct.batch.incoming): created
+    or taken over with a compare-and-swap, renewed while the run works, released if this run
+    is cancelled or crashes, and tied to the manifest's ETag and sha256 so a changed manifest
+    runs again. This run ends Failed when any manifest did not complete. Delete a marker to
+    run an unchanged manifest again.
     """
     logger = get_run_logger()
     engine.prepare(incoming_uri, output_uri, model, settings)  # refuse before any claim
-    manifests = [u for u in storage.list_uris(incoming_uri) if u.lower().endswith(".csv")]
+    policy = incoming.LeasePolicy(lease_seconds, renew_seconds)
+    key = str(flow_run.get_id() or "")
+    found = incoming.poll(incoming_uri)
+    logger.info(found.summary)
     results = []
-    for manifest_uri in manifests:
-        marker = manifest_uri + ".processed"
-        claim = {"status": "running", "flow_run_id": str(flow_run.get_id() or ""),
-                 "claimed_at": datetime.now(UTC).isoformat()}
-        if not storage.create_if_absent(marker, json.dumps(claim).encode()):
+    for candidate in found.candidates:
+        lease = incoming.claim(candidate, incoming.owner_id(key), policy, key)
+        if lease is None:  # another poller claimed it between our listing and now
             continue
-        state = restyle(manifest_uri=manifest_uri, output_uri=output_uri, model=model,
-                        settings=settings, return_state=True)
+        with lease.renewing():
+            state = restyle(manifest_uri=lease.manifest_uri, output_uri=output_uri, model=model,
+                            settings=settings, return_state=True)
         outcome = state.result(raise_on_failure=False)
         summary = outcome.summary if isinstance(outcome, RunFailed) else outcome
+        status = incoming.outcome_status(summary)
         if isinstance(summary, dict):
-            status = {"complete": "done", "partial": "partial"}.get(summary.get("status"),
-                                                                     "failed")
-            record = {**claim, "status": status, "run_uri": summary.get("output_uri"),
-                      "counts": summary.get("counts")}
+            fields = {"run_uri": summary.get("output_uri"), "counts": summary.get("counts")}
         else:  # the child failed before it had a summary (a bad manifest, say)
-            status, record = "failed", {**claim, "status": "failed",
-                                        "error": state.message or "failed"}
+            fields = {"error": state.message or "failed"}
+        lease.finish(status, **fields)
         if status != "done":
-            logger.error("manifest %s: %s", manifest_uri, state.message)
-        storage.write_bytes(marker, json.dumps(record).encode(), "application/json")
-        results.append({"manifest_uri": manifest_uri, "status": status,
-                        "run_uri": record.get("run_uri")})
+            logger.error("manifest %s: %s", lease.manifest_uri, state.message)
+        results.append({"manifest_uri": lease.manifest_uri, "status": status,
+                        "run_uri": fields.get("run_uri")})
     failed = [r for r in results if r["status"] != "done"]
     if failed:
         message = f"{len(failed)} of {len(results)} manifest(s) did not complete"

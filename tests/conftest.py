@@ -23,10 +23,21 @@ from tests.fixtures_s3 import s3_bucket, s3_server  # noqa: E402, F401
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One embedded Prefect backend for the whole session (starting one costs ~10 s)."""
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
-        yield
+        # What a configured server looks like to `vct run` called in process (not embedded:
+        # no server of its own, no reserved core). Subprocesses that must run embedded drop it.
+        saved = os.environ.get("PREFECT_API_URL")
+        os.environ["PREFECT_API_URL"] = str(PREFECT_API_URL.value())
+        try:
+            yield
+        finally:
+            if saved is None:
+                os.environ.pop("PREFECT_API_URL", None)
+            else:
+                os.environ["PREFECT_API_URL"] = saved
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +46,20 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from vct.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def broken_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with its UNet weights cut short: it passes every check a run makes
+    before work (layout, configs, identity), and every job then fails loading it. A genuine
+    compute-time failure of every pair, for the tests of failed runs."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("broken-model") / "tiny"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ stores small, valid stage results, so each test takes milliseconds."""
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from vct.content import ContentResult, ContentStats
 from vct.manifest import parse_manifest
 
 T = 3
+pytest_plugins = ("tests.fault_proxy",)  # the fault_proxy fixture
 
 
 class FakeRunner:
@@ -264,3 +266,159 @@ def test_every_link_of_the_report_resolves_with_output_names(tmp_path, inputs):
     assert {"house.png", "house.json", "tree.png", "tree.json"} <= links
     for link in links:
         assert (run / link).is_file(), link
+
+
+def test_sizes_the_model_cannot_work_at_are_refused_before_any_job(tmp_path, inputs,
+                                                                   tiny_model_dir):
+    """content.resolution / concept.reference_resolution against the VAE factor and the UNet's
+    depth, read from the model's config files: refused by plan, before a job or a write."""
+    m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},p1"])
+    cases = {("content", "resolution", 12): "not a multiple of the model's VAE factor 8",
+             ("concept", "reference_resolution", 12): "not a multiple",
+             ("content", "resolution", 16): "too small for this model (at least 24",
+             ("concept", "reference_resolution", 8): "too small"}
+    for (stage, name, value), needle in cases.items():
+        request = engine.prepare(str(m), str(tmp_path / "out"), str(tiny_model_dir),
+                                 {stage: {name: value}})
+        with pytest.raises(ConfigError, match=rf"{stage}\.{name} .*{re.escape(needle)}"):
+            engine.plan(request)
+    assert not (tmp_path / "out").exists()
+    ok = engine.prepare(str(m), str(tmp_path / "out"), str(tiny_model_dir),
+                        {"content": {"resolution": 24}, "concept": {"reference_resolution": 24}})
+    assert len(engine.plan(ok).pairs) == 1
+
+
+def test_prepare_refuses_an_unusable_output_or_device(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(storage.OutputUnusable, match="is a file"):
+        engine.prepare("m.csv", str(tmp_path / "file"), "some/model")
+    with pytest.raises(storage.OutputUnusable, match="is not a folder"):
+        engine.prepare("m.csv", str(tmp_path / "out"), "some/model",
+                       {"cache_uri": str(tmp_path / "file" / "cache")})
+    from vct.models import ModelError
+
+    with pytest.raises(ModelError, match="--dtype bf16 needs CUDA"):
+        engine.prepare("m.csv", str(tmp_path / "out"), "some/model",
+                       {"device": "cpu", "dtype": "bf16"})
+    with pytest.raises(ModelError, match="--device cuda:63"):
+        engine.prepare("m.csv", str(tmp_path / "out"), "some/model", {"device": "cuda:63"})
+
+
+def test_a_resumed_group_is_fused_as_before_not_regrouped(tmp_path, inputs):
+    """Two pairs share a source, so one fusion job makes both. If only one was written before
+    a kill, the rerun fuses the same group (its cached result: nothing recomputed) and writes
+    the missing pair with the same bytes, instead of fusing it alone (another batch, other
+    bytes)."""
+    m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},p1",
+                             f"{inputs['a']},{inputs['ref2']},p2"])
+    _run(tmp_path, m, FakeRunner())
+    run = tmp_path / "out" / "run"
+    first = (run / "p2.png").read_bytes()
+    stamp = (run / "p1.png").stat().st_mtime_ns
+    (run / "p2.png").unlink()
+    (run / "p2.json").unlink()
+    again = FakeRunner()
+    summary, _ = _run(tmp_path, m, again)
+    assert _status(summary) == {"p1": "skipped", "p2": "ok"}
+    assert not again.ran and summary.counts["fusions_cached"] == 1
+    assert (run / "p2.png").read_bytes() == first
+    assert (run / "p1.png").stat().st_mtime_ns == stamp  # the finished pair is not rewritten
+
+
+def test_a_5000x1_and_a_1x1_source_still_give_the_report_and_success(tmp_path,
+                                                                     tiny_model_dir):
+    """End to end through the engine with the real (tiny) model: degenerate sources are
+    computed, and their thumbnails (160x0 once raised "cannot write empty image") never fail
+    the report; run.json, report.html, the contact sheet and _SUCCESS all land."""
+    from PIL import Image
+
+    Image.new("RGB", (5000, 1), (200, 30, 30)).save(tmp_path / "wide.png")
+    Image.new("RGB", (1, 1), (30, 200, 30)).save(tmp_path / "dot.png")
+    make_image(1, (64, 64)).save(tmp_path / "ref.png")
+    (tmp_path / "m.csv").write_text("source,reference\nwide.png,ref.png\ndot.png,ref.png\n")
+    fast = {"concept": {"max_train_steps": 2, "batch_microsteps": True},
+            "content": {"num_inference_steps": 4, "num_inner_steps": 1}, "threads": 1}
+    summary = engine.run(engine.prepare(str(tmp_path / "m.csv"), str(tmp_path / "out"),
+                                        str(tiny_model_dir), fast, "r"))
+    run = tmp_path / "out" / "r"
+    assert summary.status == "complete" and summary.counts["pairs_ok"] == 2
+    for name in ("run.json", "report.html", "contact_sheet.png", "_SUCCESS"):
+        assert (run / name).is_file(), name
+    thumbs = sorted((run / "thumbs").iterdir())
+    assert len(thumbs) >= 3  # two sources, the reference, the outputs
+    for thumb in thumbs:
+        with Image.open(thumb) as img:
+            assert min(img.size) >= 1
+    html = (run / "report.html").read_text()
+    assert all(f"thumbs/{t.name}" in html for t in thumbs)
+
+
+def test_unreadable_inputs_fail_only_their_rows_at_plan_time(tmp_path, inputs, tiny_model_dir,
+                                                           monkeypatch):
+    """/dev/zero, a FIFO, a folder, a file over the byte cap, a text file, a missing file: each
+    fails its own row with its reason, read at most up to the cap, and the other rows run."""
+    import os
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "big.png").write_bytes(b"\x89PNG" + b"\0" * 5000)
+    (tmp_path / "notes.png").write_text("not an image")
+    monkeypatch.setenv(storage.ENV_MAX_INPUT_BYTES, "4096")
+    bad = {"zero": "/dev/zero", "fifo": str(fifo), "folder": str(tmp_path / "folder.png"),
+           "big": str(tmp_path / "big.png"), "text": str(tmp_path / "notes.png"),
+           "missing": str(tmp_path / "missing.png")}
+    rows = [f"{inputs['a']},{inputs['ref1']},good"]
+    rows += [f"{path},{inputs['ref1']},{name}" for name, path in bad.items()]
+    m = _manifest(tmp_path, rows)
+    plan = engine.plan(engine.prepare(str(m), str(tmp_path / "out"), str(tiny_model_dir)))
+    assert [p.row.pair_id for p in plan.pairs] == ["good"]
+    reasons = {e.pair_id: e.reason for e in plan.errors}
+    assert set(reasons) == set(bad)
+    assert "not a regular file" in reasons["zero"] and "character device" in reasons["zero"]
+    assert "FIFO" in reasons["fifo"] and "directory" in reasons["folder"]
+    assert "input too large" in reasons["big"] and "not a readable image" in reasons["text"]
+    assert "not found" in reasons["missing"]
+
+
+def test_success_is_removed_before_a_folder_is_rewritten(tmp_path, inputs):
+    """A finished folder whose input is edited in place and rerun: _SUCCESS is gone before the
+    first job of the rewrite, so a kill mid-rewrite never leaves a folder claiming success
+    beside a mix of new and old files; it comes back last."""
+    m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},house"])
+    _run(tmp_path, m, FakeRunner())
+    success = tmp_path / "out" / "run" / "_SUCCESS"
+    assert success.exists()
+    make_image(5, (16, 16)).save(inputs["a"])  # edited in place: a new content key
+    seen: list[bool] = []
+
+    class Watching(FakeRunner):
+        def __call__(self, jobs, settings, **kw):
+            if jobs[0].kind == "fusion":
+                seen.append(success.exists())
+            return super().__call__(jobs, settings, **kw)
+
+    summary, _ = _run(tmp_path, m, Watching())
+    assert summary.counts["pairs_ok"] == 1 and seen == [False] and success.exists()
+
+
+def test_s3_inputs_answering_403_or_500_fail_only_their_rows(fault_proxy, s3_bucket, inputs,
+                                                             tiny_model_dir, tmp_path):
+    """An object that answers 403 (not retried) or keeps answering 500 (retried, then given
+    up): planning reports those rows with the reason and plans the others."""
+    for name in ("a", "b", "ref1"):
+        storage.write_bytes(f"{s3_bucket}/in/{name}.png", inputs[name].read_bytes())
+    storage.write_bytes(f"{s3_bucket}/in/secret.png", inputs["a"].read_bytes())
+    storage.write_bytes(f"{s3_bucket}/in/broken.png", inputs["b"].read_bytes())
+    fault_proxy.fail("secret.png", 403, "AccessDenied")
+    fault_proxy.fail("broken.png", 500, "InternalError")
+    m = tmp_path / "m.csv"
+    m.write_text("source,reference,pair_id\n"
+                 f"{s3_bucket}/in/a.png,{s3_bucket}/in/ref1.png,good\n"
+                 f"{s3_bucket}/in/secret.png,{s3_bucket}/in/ref1.png,denied\n"
+                 f"{s3_bucket}/in/b.png,{s3_bucket}/in/broken.png,broken\n")
+    plan = engine.plan(engine.prepare(str(m), str(tmp_path / "out"), str(tiny_model_dir)))
+    assert [p.row.pair_id for p in plan.pairs] == ["good"]
+    reasons = {e.pair_id: e.reason for e in plan.errors}
+    assert "permission denied" in reasons["denied"] and "HTTP 403" in reasons["denied"]
+    assert "storage unavailable" in reasons["broken"] and "HTTP 500" in reasons["broken"]

@@ -85,3 +85,16 @@ def test_storage_errors_other_than_missing_propagate(tmp_path: Path) -> None:
     Path(cache.uri("content", key)).mkdir(parents=True)  # a folder where the file should be
     with pytest.raises(storage.StorageError):
         cache.get("content", key, _validate)
+
+
+def test_a_rejected_entry_is_left_for_its_writer_not_deleted(tmp_path: Path) -> None:
+    """Two runs share a cache: run B reads an entry that fails verification while run A is
+    about to replace it with a good one. B treats it as a miss and deletes nothing, so A's
+    entry survives and B's recomputation only ever overwrites atomically."""
+    cache = StageCache(str(tmp_path / "cache"))
+    key = _key()
+    cache.put("content", key, b"\x00half-written by a crashed run")
+    assert cache.get("content", key, _validate) is None  # B: a miss
+    assert cache.contains("content", key)  # and still there
+    cache.put("content", key, json.dumps({"format": 1, "v": 5}).encode())  # A's good entry
+    assert cache.get("content", key, _validate) == {"format": 1, "v": 5}  # B reads A's

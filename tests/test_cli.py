@@ -117,6 +117,20 @@ def test_tiny_model_command(tmp_path, capsys):
     (["MANIFEST", "--output", "OUT", "--model", "MODEL", "--set",
       "content.inversion_prompt=hello"], "content.inversion_prompt"),
     (["BADMANIFEST", "--output", "OUT", "--model", "MODEL", "--strict"], "line 2"),
+    (["MANIFEST", "--output", "OUT", "--model", "MODEL", "--num-processes", "0"],
+     "num_processes (--num-processes)"),
+    (["MANIFEST", "--output", "AFILE", "--model", "MODEL"], "is a file, not a folder"),
+    (["MANIFEST", "--output", "AFILE/sub", "--model", "MODEL"], "is not a folder"),
+    (["MANIFEST", "--output", "OUT", "--model", "MODEL", "--device", "cuda:63"],
+     "--device cuda:63"),
+    (["MANIFEST", "--output", "OUT", "--model", "MODEL", "--device", "cpu", "--dtype", "fp16"],
+     "--dtype fp16 needs CUDA"),
+    (["MANIFEST", "--output", "OUT", "--model", "MODEL", "--set", "content.resolution=12"],
+     "content.resolution (--resolution): 12 is not a multiple of the model's VAE factor 8"),
+    (["MANIFEST", "--output", "OUT", "--model", "MODEL", "--reference-resolution", "12"],
+     "concept.reference_resolution (--reference-resolution): 12 is not a multiple"),
+    (["MANIFEST", "--output", "OUT", "--model", "MODEL", "--reference-resolution", "16"],
+     "16 is too small for this model (at least 24"),
 ])
 def test_run_refuses_bad_input_before_starting_prefect(args, needle, tiny_model_dir, tmp_path,
                                                       capsys):
@@ -124,11 +138,23 @@ def test_run_refuses_bad_input_before_starting_prefect(args, needle, tiny_model_
     (tmp_path / "bad.csv").write_text("source,reference\na.png,\n")
     subs = {"MANIFEST": str(tmp_path / "m.csv"), "BADMANIFEST": str(tmp_path / "bad.csv"),
             "OUT": str(tmp_path / "out"), "NOMODEL": str(tmp_path / "nomodel"),
-            "MODEL": str(tiny_model_dir), "missing.csv": "missing.csv"}
+            "MODEL": str(tiny_model_dir), "missing.csv": "missing.csv",
+            "AFILE": str(tmp_path / "a-file"), "AFILE/sub": str(tmp_path / "a-file" / "sub")}
+    (tmp_path / "a-file").write_text("not a folder")
     code = main(["run", *[subs.get(a, a) for a in args]])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("vct: error:") and needle in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_run_refuses_a_missing_output_bucket_before_starting_prefect(tiny_model_dir, tmp_path,
+                                                                     s3_server, capsys):
+    (tmp_path / "m.csv").write_text("source,reference\na.png,b.png\n")
+    code = main(["run", str(tmp_path / "m.csv"), "--output", "s3://no-such-bucket-here/out",
+                 "--model", str(tiny_model_dir)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    assert "bucket 'no-such-bucket-here' does not exist" in err, err
 
 
 def test_run_without_a_model_is_a_usage_error(tmp_path, capsys):
@@ -153,10 +179,11 @@ def test_translate_and_run_write_bit_identical_pngs(prefect_harness, tiny_model_
             (tmp_path / "runs" / "r" / f"{name}.png").read_bytes(), stem
 
 
-def test_run_exits_1_when_pairs_failed(prefect_harness, tiny_model_dir, images, tmp_path):
+def test_run_exits_1_when_pairs_failed(prefect_harness, broken_model_dir, images, tmp_path):
+    """Every job fails at compute time (the UNet weights are cut short): exit 1, not 2."""
     (tmp_path / "m.csv").write_text(f"source,reference\n{images['src_a']},{images['ref']}\n")
     code = main(["run", str(tmp_path / "m.csv"), "--output", str(tmp_path / "runs"),
-                 "--model", str(tiny_model_dir), *FAST[:-1], "--reference-resolution", "12",
-                 "--run-id", "r"])
+                 "--model", str(broken_model_dir), *FAST[:-1], "--run-id", "r"])
     summary = json.loads((tmp_path / "runs" / "r" / "run.json").read_text())
     assert code == 1 and summary["status"] == "failed" and summary["counts"]["pairs_failed"] == 1
+    assert not (tmp_path / "runs" / "r" / "_SUCCESS").exists()

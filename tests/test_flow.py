@@ -173,8 +173,38 @@ def test_incoming_prefix_processes_each_manifest_once(prefect_harness, tiny_mode
     assert [r["status"] for r in first] == ["done"]
     marker = json.loads(storage.read_bytes(f"{bucket}/incoming/new.csv.processed"))
     assert marker["status"] == "done" and marker["counts"]["pairs_ok"] == 1
+    assert marker["owner"].startswith(marker["owner"].split("@")[0]) and marker["manifest_sha256"]
     assert restyle_incoming(**kwargs) == []
     assert len([u for u in storage.list_uris(f"{bucket}/inc-out") if u.endswith("_SUCCESS")]) == 1
+    # the same name uploaded again with other rows: a new version, processed again
+    storage.write_bytes(f"{bucket}/incoming/new.csv",
+                        f"source,reference\n{bucket}/inc-img/r.png,{bucket}/inc-img/s.png\n"
+                        .encode())
+    third = restyle_incoming(**kwargs)
+    assert [r["status"] for r in third] == ["done"] and third[0]["run_uri"] != first[0]["run_uri"]
+    marker = json.loads(storage.read_bytes(f"{bucket}/incoming/new.csv.processed"))
+    assert marker["reason"] == "changed" and marker["previous"]["status"] == "done"
+
+
+def test_incoming_state_hooks_release_what_a_cancelled_or_crashed_run_holds(tmp_path):
+    """Prefect calls these hooks in the flow run's process when it is cancelled or crashes
+    (SIGTERM: tests/test_kill_resume.py runs that end to end); they release the library's
+    leases held under the flow run's id."""
+    from types import SimpleNamespace
+
+    from flows.restyle import _release_claims, restyle_incoming
+    from vct.batch import incoming
+
+    for hooks in (restyle_incoming.on_cancellation_hooks, restyle_incoming.on_crashed_hooks,
+                  restyle_incoming.on_failure_hooks):
+        assert _release_claims in hooks
+    (tmp_path / "m.csv").write_text("source,reference\na.png,b.png\n")
+    candidate = incoming.poll(str(tmp_path)).candidates[0]
+    assert incoming.claim(candidate, "owner", incoming.LeasePolicy(), key="flow-run-1")
+    _release_claims(restyle_incoming, SimpleNamespace(id="flow-run-1"),
+                    SimpleNamespace(name="Cancelled", message="cancelled by a user"))
+    marker = json.loads((tmp_path / "m.csv.processed").read_text())
+    assert marker["status"] == "released" and "Cancelled" in marker["release_reason"]
 
 
 def test_accelerate_fan_out_gives_the_same_outputs_as_in_process(prefect_harness, tiny_model_dir,
@@ -269,27 +299,28 @@ def test_progress_moves_while_the_run_goes(prefect_harness, tiny_model_dir, tmp_
 
 
 def test_a_run_whose_pairs_all_fail_is_failed_and_leaves_no_success(prefect_harness,
-                                                                    tiny_model_dir, tmp_path):
-    """Every concept job fails (a reference size that is not a multiple of the VAE factor is
-    found only when the job runs): the flow run is Failed, its message gives the counts,
-    run.json says failed, and there is no _SUCCESS."""
+                                                                    broken_model_dir, tmp_path):
+    """Every job fails at compute time (the model's UNet weights are cut short: the layout,
+    configs and identity pass every check before work, loading fails in the job): the flow
+    run is Failed, its message gives the counts, run.json says failed, no _SUCCESS."""
     from flows.restyle import RunFailed, restyle
 
     for name, kind in (("s.png", 0), ("r.png", 1)):
         (tmp_path / name).write_bytes(_png(kind))
     (tmp_path / "m.csv").write_text("source,reference\ns.png,r.png\n")
-    bad = {**FAST, "concept": {**FAST["concept"], "reference_resolution": 12}}
     state = restyle(manifest_uri=str(tmp_path / "m.csv"), output_uri=str(tmp_path / "out"),
-                    model=str(tiny_model_dir), settings=bad, return_state=True)
+                    model=str(broken_model_dir), settings=FAST, return_state=True)
     assert state.is_failed() and "0 ok, 0 skipped, 1 failed" in state.message
     outcome = state.result(raise_on_failure=False)
     assert isinstance(outcome, RunFailed) and outcome.summary["status"] == "failed"
     run = tmp_path / "out" / outcome.summary["run_id"]
     assert json.loads((run / "run.json").read_text())["status"] == "failed"
     assert not (run / "_SUCCESS").exists()
+    reasons = [p["reason"] for p in outcome.summary["pairs"]]
+    assert reasons and all("could not load" in r for r in reasons), reasons
     with pytest.raises(RunFailed, match="1 failed"):  # a plain call raises with the counts
         restyle(manifest_uri=str(tmp_path / "m.csv"), output_uri=str(tmp_path / "out"),
-                model=str(tiny_model_dir), settings=bad)
+                model=str(broken_model_dir), settings=FAST)
 
 
 def test_the_flows_refuse_a_missing_model_and_bad_settings_before_any_write(
@@ -315,7 +346,27 @@ def test_the_flows_refuse_a_missing_model_and_bad_settings_before_any_write(
     assert not (tmp_path / "out").exists()
 
 
-def test_incoming_records_a_failed_child_and_fails_itself(prefect_harness, tiny_model_dir,
+def test_the_flows_refuse_an_unusable_output_and_a_tiny_size_before_any_claim(
+        prefect_harness, tiny_model_dir, bucket, tmp_path):
+    """A missing output bucket, and a working size the model cannot run at: refused by the
+    library's preflight before the incoming flow claims a manifest or the restyle flow writes."""
+    from flows.restyle import restyle, restyle_incoming
+    from vct.config import ConfigError
+
+    storage.write_bytes(f"{bucket}/pre/in/m.csv", b"source,reference\na.png,b.png\n")
+    with pytest.raises(storage.OutputUnusable, match="bucket 'no-such-out-bucket' does not"):
+        restyle_incoming(incoming_uri=f"{bucket}/pre/in/", output_uri="s3://no-such-out-bucket/o",
+                         model=str(tiny_model_dir))
+    assert storage.list_uris(f"{bucket}/pre/") == [f"{bucket}/pre/in/m.csv"]  # no claim
+    (tmp_path / "s.png").write_bytes(_png(0))
+    (tmp_path / "m.csv").write_text("source,reference\ns.png,s.png\n")
+    with pytest.raises(ConfigError, match="content.resolution .*not a multiple"):
+        restyle(manifest_uri=str(tmp_path / "m.csv"), output_uri=str(tmp_path / "out"),
+                model=str(tiny_model_dir), settings={"content": {"resolution": 12}})
+    assert not (tmp_path / "out").exists()
+
+
+def test_incoming_records_a_failed_child_and_fails_itself(prefect_harness, broken_model_dir,
                                                           bucket):
     from flows.restyle import RunFailed, restyle_incoming
 
@@ -324,9 +375,8 @@ def test_incoming_records_a_failed_child_and_fails_itself(prefect_harness, tiny_
     storage.write_bytes(f"{bucket}/incoming2/bad.csv",
                         f"source,reference\n{bucket}/inc2-img/s.png,{bucket}/inc2-img/r.png\n"
                         .encode())
-    bad = {**FAST, "concept": {**FAST["concept"], "reference_resolution": 12}}
     state = restyle_incoming(incoming_uri=f"{bucket}/incoming2/", output_uri=f"{bucket}/inc2-out",
-                             model=str(tiny_model_dir), settings=bad, return_state=True)
+                             model=str(broken_model_dir), settings=FAST, return_state=True)
     assert state.is_failed() and "1 of 1 manifest(s) did not complete" in state.message
     assert isinstance(state.result(raise_on_failure=False), RunFailed)
     marker = json.loads(storage.read_bytes(f"{bucket}/incoming2/bad.csv.processed"))

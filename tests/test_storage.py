@@ -793,3 +793,42 @@ def test_sweep_s3_removes_old_temp_objects_and_abandoned_uploads(s3_server: str,
     left = [u["Key"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
     assert left == ["elsewhere/big.safetensors"]
     assert storage.exists(storage.join(s3_bucket, "elsewhere", tmp_key))
+
+
+# ---------------------------------------------------------------- output locations
+def test_check_writable_local_accepts_folders_to_be_and_refuses_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage.check_writable(str(tmp_path))
+    storage.check_writable(str(tmp_path / "not" / "yet" / "there"))
+    assert list(tmp_path.iterdir()) == []  # nothing was created
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(storage.OutputUnusable, match=r"f \(is a file, not a folder\)"):
+        storage.check_writable(str(tmp_path / "f"))
+    with pytest.raises(storage.OutputUnusable, match=r"f is not a folder"):
+        storage.check_writable(str(tmp_path / "f" / "out"))
+    # tests run as root, where chmod cannot deny: ask os.access what a read-only mount says
+    monkeypatch.setattr(storage.os, "access", lambda path, mode: False)
+    with pytest.raises(storage.OutputUnusable, match="is not writable by this user"):
+        storage.check_writable(str(tmp_path / "new"))
+
+
+def test_check_writable_s3_needs_the_bucket_and_leaves_nothing(s3_bucket: str) -> None:
+    storage.check_writable(f"{s3_bucket}/runs/out")
+    assert storage.list_uris(s3_bucket) == []  # the probe object is gone again
+    with pytest.raises(storage.OutputUnusable, match="bucket 'no-such-bucket-x' does not exist"):
+        storage.check_writable("s3://no-such-bucket-x/out")
+
+
+def test_check_writable_s3_refuses_a_bucket_that_denies_writes(s3_bucket: str) -> None:
+    calls = _count_calls("PutObject")
+
+    def deny(**kwargs: Any) -> None:
+        raise _client_error("AccessDenied", 403)
+
+    storage.s3_client().meta.events.register("before-call.s3.PutObject", deny)
+    try:
+        with pytest.raises(storage.OutputUnusable, match="writing is denied"):
+            storage.check_writable(f"{s3_bucket}/out")
+    finally:
+        storage.s3_client().meta.events.unregister("before-call.s3.PutObject", deny)
+    assert calls == ["PutObject"]  # a 403 is not retried

@@ -48,3 +48,16 @@ def test_applying_sets_torch_and_the_executor_applies_it(monkeypatch, tiny_model
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_reserved_cores_are_left_to_other_processes(monkeypatch):
+    """`vct run` reserves one core for its embedded Prefect server (VCT_RESERVED_CORES)."""
+    monkeypatch.delenv(threads.ENV, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+    monkeypatch.setenv(threads.RESERVED_ENV, "1")
+    assert threads.thread_budget() == 4 and threads.thread_budget(ranks=2) == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert threads.thread_budget() == 1  # never zero
+    monkeypatch.setenv(threads.RESERVED_ENV, "-1")
+    with pytest.raises(threads.ThreadsError, match="VCT_RESERVED_CORES"):
+        threads.thread_budget()

@@ -2,15 +2,17 @@
 
 Exit codes: 0 when every pair is done, 1 when a run finished with failed pairs, 2 for any error
 the user can fix (a missing file, a wrong model folder, an out-of-range flag: one line naming
-it, never a traceback), 130 when interrupted.
+it, never a traceback), 3 when `vct run` lost its Prefect API (one line saying what to do; a
+rerun resumes from the cache), 130 when interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from vct import config as C
@@ -19,6 +21,21 @@ from vct.logs import quiet_libraries
 
 EXIT_FAILED_PAIRS = 1
 EXIT_USAGE = 2
+EXIT_API_LOST = 3
+EMBEDDED_PREFECT_SETTINGS = {
+    # Prefect's wait loop counts only its own 0.1 s sleeps, and a first start migrates the
+    # database: 12 s idle, over 30 s on a busy 2-core machine, where the default 20 failed.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300",
+    # a starved server answers late rather than never: wait, and retry more (the retries also
+    # cover refused connections once the client has connected)
+    "PREFECT_API_REQUEST_TIMEOUT": "300",
+    "PREFECT_CLIENT_MAX_RETRIES": "10",
+    # sqlite under load: wait for a lock instead of failing the request
+    "PREFECT_SERVER_DATABASE_TIMEOUT": "60",
+    "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "30",
+}
+"""Prefect's own settings that `vct run` sets (unless already set) when it runs Prefect
+embedded, i.e. without PREFECT_API_URL; see docs/reliability.md for the failures behind them."""
 RUN_FLAGS = {"cache_uri": "--cache"}
 """Run settings whose flag is not simply the field name."""
 
@@ -148,13 +165,50 @@ def parse_sets(items: list[str]) -> dict[str, dict[str, str]]:
     return overrides
 
 
+@contextlib.contextmanager
+def _defaults(values: dict[str, str]) -> Iterator[None]:
+    """Environment variables set for the block unless already set; removed again after."""
+    added = [name for name in values if name not in os.environ]
+    for name in added:
+        os.environ[name] = values[name]
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+def embedded_environment() -> dict[str, str]:
+    """What `vct run` sets for embedded Prefect: its settings, and one core reserved for the
+    server when there are several (torch would otherwise take every core and starve it)."""
+    from vct.threads import RESERVED_ENV, available_cores
+
+    env = dict(EMBEDDED_PREFECT_SETTINGS)
+    if available_cores() > 1:
+        env[RESERVED_ENV] = "1"
+    return env
+
+
+def _lost_api(reason: str, embedded: bool) -> int:
+    where = ("the embedded Prefect server" if embedded
+             else f"the Prefect API at {os.environ.get('PREFECT_API_URL')}")
+    advice = ("on a busy machine run a separate server (`prefect server start`) and set "
+              "PREFECT_API_URL=http://127.0.0.1:4200/api" if embedded
+              else "check that the server is up")
+    print(f"vct: error: the run lost {where} ({reason}); finished stage results and outputs "
+          f"are kept, so the same command resumes; {advice}", file=sys.stderr)
+    return EXIT_API_LOST
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run the Prefect flow in this process on embedded Prefect (no server to start)."""
+    """Run the Prefect flow in this process: on the configured server (PREFECT_API_URL), or
+    on a temporary embedded one started here, which dies with this process."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    embedded = not os.environ.get("PREFECT_API_URL")
     from vct import storage
     from vct.batch import engine
+    from vct.batch.preflight import check_model
     from vct.manifest import load_manifest
-    from vct.models import check_layout
 
     settings = settings_from(args)
     if not storage.is_s3(args.output):  # print paths a reader can open from anywhere
@@ -169,19 +223,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.manifest)
     if settings.strict:
         manifest.raise_if_errors()
-    if not request.model.startswith("s3://"):
-        check_layout(Path(request.model).expanduser())
-    from flows.restyle import RunFailed, restyle
+    if not request.model.startswith("s3://"):  # an s3:// model is checked once synced
+        check_model(Path(request.model).expanduser(), settings)
+    # Prefect reads its settings when imported: set them first (embedded mode only).
+    with _defaults(embedded_environment() if embedded else {}):
+        from flows import embedded as server
+        from flows.restyle import RunFailed, restyle
 
-    state = restyle(manifest_uri=args.manifest, output_uri=args.output, model=request.model,
-                    settings=settings, run_id=args.run_id, return_state=True)
+        try:
+            if embedded:
+                server.start_server()
+            state = restyle(manifest_uri=args.manifest, output_uri=args.output,
+                            model=request.model, settings=settings, run_id=args.run_id,
+                            return_state=True)
+        except Exception as exc:
+            if (reason := server.api_failure(exc)) is None:
+                raise
+            return _lost_api(reason, embedded)
     outcome = state.result(raise_on_failure=False)
     summary = outcome.summary if isinstance(outcome, RunFailed) else outcome
     if isinstance(outcome, BaseException) and not isinstance(outcome, RunFailed):
         if isinstance(outcome, UserError):
             raise outcome
-        print(f"vct: error: the run failed: {type(outcome).__name__}: {outcome}",
-              file=sys.stderr)
+        if (reason := server.api_failure(outcome)) is not None:
+            return _lost_api(reason, embedded)
+        text = " ".join(str(outcome).split())
+        print(f"vct: error: the run failed: {type(outcome).__name__}: {text}", file=sys.stderr)
         return EXIT_FAILED_PAIRS
     run = summary["output_uri"]
     print()

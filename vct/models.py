@@ -74,12 +74,66 @@ class VCTModels:
 
 
 def resolve_device(device: str) -> torch.device:
+    """The torch device for a ``--device`` value; refused in one line when this machine does
+    not have it (CUDA missing, or no such GPU index)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ModelError(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N") \
+            from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"--device {device}: CUDA is not available on this machine; use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelError(f"--device {device}: this machine has {torch.cuda.device_count()} "
+                         "CUDA device(s)")
     return dev
+
+
+def check_device(device: str, dtype: str) -> torch.device:
+    """The device and precision rules of :func:`load_models`, without loading anything, so a
+    run can refuse them before any work: the device must exist here, and fp16/bf16 need
+    CUDA (on CPU they are slow or unsupported, and the inversions want fp32 anyway)."""
+    dev = resolve_device(device)
+    if dtype not in DTYPES:
+        raise ModelError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    if dtype != "fp32" and dev.type != "cuda":
+        raise ModelError(f"--dtype {dtype} needs CUDA; on CPU use fp32")
+    return dev
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What a model folder's configs say about image sizes, read without loading weights."""
+
+    vae_factor: int
+    """Pixels per latent cell: 2 ** (VAE blocks - 1), 8 for SD 1.x."""
+    unet_factor: int
+    """How much the UNet shrinks a latent at its deepest level: 2 ** (down blocks - 1)."""
+    native_resolution: int
+    """UNet sample_size x VAE factor: 512 for SD 1.5."""
+
+    @property
+    def min_resolution(self) -> int:
+        """The smallest working size: the UNet's deepest level must be at least 2x2 latent
+        cells (at 1x1 its GroupNorms have one value per group and fail), so the latent
+        needs more than ``unet_factor`` cells (24 px for the tiny model, 72 for SD 1.5)."""
+        return self.vae_factor * (self.unet_factor + 1)
+
+
+def model_geometry(folder: Path) -> Geometry:
+    """The VAE factor, the UNet's down factor and the native size, from the config files."""
+    try:
+        vae = json.loads((folder / "vae/config.json").read_text())
+        unet = json.loads((folder / "unet/config.json").read_text())
+        vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        unet_factor = 2 ** (len(unet["down_block_types"]) - 1)
+        sample = int(unet["sample_size"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"model {folder}: unreadable VAE/UNet config ({exc})") from None
+    return Geometry(vae_factor=vae_factor, unet_factor=unet_factor,
+                    native_resolution=sample * vae_factor)
 
 
 def check_layout(folder: Path) -> None:
@@ -178,11 +232,7 @@ def load_models(spec: str, device: str = "auto", dtype: str = "fp32") -> VCTMode
         raise ModelError("--model is required: a diffusers SD 1.x folder or s3:// prefix")
     folder = local_model_folder(spec)
     check_layout(folder)
-    dev = resolve_device(device)
-    if dtype not in DTYPES:
-        raise ModelError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
-    if dtype != "fp32" and dev.type != "cuda":
-        raise ModelError(f"--dtype {dtype} needs CUDA; on CPU use fp32")
+    dev = check_device(device, dtype)
     torch_dtype = DTYPES[dtype]
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer

@@ -79,6 +79,7 @@ import s3transfer.exceptions
 from boto3.s3.transfer import TransferConfig
 
 from vct.errors import UserError
+from vct.faults import checkpoint
 
 T = TypeVar("T")
 log = logging.getLogger("vct.storage")
@@ -219,6 +220,14 @@ class StorageFailed(_UriError):
     """Any other failure of one object: an HTTP 4xx other than 403/404, a full disk, ..."""
 
     what = "storage failed"
+    transient = False
+
+
+class OutputUnusable(_UriError):
+    """An output location nothing can be written to: a file where a folder is needed, a
+    read-only folder, a missing bucket. Found before a run starts (:func:`check_writable`)."""
+
+    what = "output location unusable"
     transient = False
 
 
@@ -580,6 +589,7 @@ def _write_tmp(target: Path, writer: Callable[[BinaryIO], None]) -> Path:
 def _atomic_local_write(target: Path, writer: Callable[[BinaryIO], None]) -> None:
     """Temp file in the same folder, fsync, os.replace: readers never see a partial file."""
     tmp = _write_tmp(target, writer)
+    checkpoint("storage.rename")
     try:
         os.replace(tmp, target)
     except BaseException:
@@ -698,6 +708,7 @@ def write_bytes(uri: str, data: bytes, content_type: str | None = None) -> None:
         extra = {"ContentType": content_type} if content_type else {}
 
         def put() -> None:
+            checkpoint("storage.put")
             client = s3_client()
             if len(data) > MULTIPART_THRESHOLD:
                 client.upload_fileobj(io.BytesIO(data), bucket, key, ExtraArgs=extra or None,
@@ -739,6 +750,51 @@ def exists(uri: str) -> bool:
             return True
         return retrying(head, uri=uri, action="check")
     return _local_path(uri).is_file()
+
+
+def check_writable(prefix_uri: str) -> None:
+    """Refuse, with one :class:`OutputUnusable` line, a folder or S3 prefix that a run could
+    not write under, before the run does any work (else a missing bucket is found only after
+    every inversion was computed). Creates nothing locally; on S3 it writes one probe object
+    under the prefix (named like a writer's temp file, so a sweep would take a leftover) and
+    deletes it again, because only a write proves write permission.
+
+    Locally: the path, or the nearest part of it that exists, must be a folder this process
+    may create entries in (``os.access``; a read-only mount counts as not writable).
+    """
+    if is_s3(prefix_uri):
+        _check_writable_s3(prefix_uri)
+        return
+    path = _local_path(prefix_uri).expanduser().absolute()
+    probe = path
+    while not os.path.lexists(probe):
+        if probe.parent == probe:
+            raise OutputUnusable(prefix_uri, "no existing parent folder")
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is a file, not a folder" if probe == path else f"{probe} is not a folder"
+        raise OutputUnusable(prefix_uri, where)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputUnusable(prefix_uri, f"{probe} is not writable by this user")
+
+
+def _check_writable_s3(prefix_uri: str) -> None:
+    bucket, prefix = _split_s3(prefix_uri)
+    if not bucket:
+        raise OutputUnusable(prefix_uri, "no bucket in the URI")
+    try:
+        retrying(lambda: s3_client().head_bucket(Bucket=bucket), uri=prefix_uri,
+                 action="check bucket")
+    except StorageNotFound:
+        raise OutputUnusable(prefix_uri, f"bucket {bucket!r} does not exist") from None
+    key = posixpath.join(prefix.rstrip("/"), f".vct-write-probe.{secrets.token_hex(8)}"
+                         f"{TMP_SUFFIX}").lstrip("/")
+    try:
+        retrying(lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=b""),
+                 uri=_s3_uri(bucket, key), action="write probe")
+    except StorageAccessDenied as exc:
+        raise OutputUnusable(prefix_uri, f"writing is denied ({exc.detail})") from None
+    delete(_s3_uri(bucket, key))
 
 
 def delete(uri: str) -> None:
@@ -1019,6 +1075,122 @@ def delete_if_match(uri: str, version: str) -> bool:
             os.unlink(target)
             return True
     return retrying(unlink, uri=uri, action="delete")
+
+
+# ---------------------------------------------------------------- listings and compare-and-swap
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object of a listing: its URI, ETag, size and modification time (epoch seconds).
+
+    The ETag identifies the content: S3's (quotes removed; the MD5 of a single-part upload),
+    locally the MD5 of the file's bytes, so the same rule, "same ETag, same object", holds on
+    both and :func:`conditional_put` can compare against it."""
+
+    uri: str
+    etag: str
+    size: int
+    modified: float
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def list_objects(prefix_uri: str, suffixes: tuple[str, ...] = ()) -> list[ObjectInfo]:
+    """Every object under a folder/prefix (recursively, sorted by URI) with its ETag, in one
+    listing; only names ending with one of ``suffixes`` (ignoring case) when given. Locally the ETag is
+    computed by reading each file, so keep this to small prefixes (an incoming folder of
+    manifests and markers) and pass ``suffixes``."""
+    ends = tuple(s.lower() for s in suffixes)
+    if is_s3(prefix_uri):
+        bucket, _, objects = _s3_objects(prefix_uri)
+        return [ObjectInfo(_s3_uri(bucket, o["Key"]), str(o.get("ETag", "")).strip('"'),
+                           int(o.get("Size", 0)), o["LastModified"].timestamp())
+                for o in objects if not ends or o["Key"].lower().endswith(ends)]
+    out = []
+    for uri in list_uris(prefix_uri):
+        if ends and not uri.lower().endswith(ends):
+            continue
+        path = _local_path(uri)
+        try:
+            data = read_bytes(uri)
+            modified = path.stat().st_mtime
+        except (StorageNotFound, FileNotFoundError, NotARegularFile):
+            continue  # removed (or swapped for something else) since the listing
+        out.append(ObjectInfo(uri, _md5(data), len(data), modified))
+    return out
+
+
+def conditional_put(uri: str, data: bytes, expect_etag: str | None) -> str | None:
+    """Compare-and-swap: write ``data`` only if the object is absent (``expect_etag`` None) or
+    still has ``expect_etag``; returns the new ETag, or None when the condition failed (someone
+    else created or changed it first: nothing was written).
+
+    This is what makes a lease safe to renew, release and take over: two writers that read the
+    same marker can never both replace it. On S3 a conditional PUT (``If-None-Match: *`` /
+    ``If-Match``, 412 PreconditionFailed when the condition fails, 404 when an expected object
+    is gone); a retried PUT that meets its own earlier success reads the object back and counts
+    as written if it holds exactly ``data``, so ``data`` must be unique per writer (a lease
+    record holds its owner and a timestamp). Locally an exclusive ``flock`` on the folder
+    serializes every conditional write in it (one host; ``flock`` also works on NFSv4), and
+    the new content replaces the old atomically.
+    """
+    if is_s3(uri):
+        return _s3_conditional_put(uri, data, expect_etag)
+    target = _local_path(uri)
+    return retrying(lambda: _local_conditional_put(target, data, expect_etag), uri=uri,
+                    action="conditional write")
+
+
+def _local_conditional_put(target: Path, data: bytes, expect_etag: str | None) -> str | None:
+    import fcntl
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            current = _md5(target.read_bytes()) if target.is_file() else None
+        except FileNotFoundError:
+            current = None
+        if current != expect_etag:
+            return None
+        _atomic_local_write(target, lambda fh: _write_all(fh, data))
+        return _md5(data)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _s3_conditional_put(uri: str, data: bytes, expect_etag: str | None) -> str | None:
+    bucket, key = _require_key(uri)
+    condition = {"IfNoneMatch": "*"} if expect_etag is None else {"IfMatch": f'"{expect_etag}"'}
+    tries = 0
+
+    def put() -> str | None:
+        nonlocal tries
+        tries += 1
+        try:
+            response = s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)
+            return str(response.get("ETag", "")).strip('"') or _md5(data)
+        except botocore.exceptions.ClientError as exc:
+            failed_condition = (_error_code(exc) == "PreconditionFailed"
+                                or _http_status(exc) == 412
+                                or (expect_etag is not None and _is_not_found(exc)))
+            if not failed_condition:
+                raise
+            retried = tries > 1 or exc.response.get("ResponseMetadata", {}).get("RetryAttempts")
+            if not retried:
+                return None
+            try:  # maybe our own PUT whose response was lost
+                got = s3_client().get_object(Bucket=bucket, Key=key)
+            except botocore.exceptions.ClientError as again:
+                if _is_not_found(again):
+                    return None
+                raise
+            with contextlib.closing(got["Body"]) as body:
+                same = body.read(len(data) + 1) == data
+            return str(got.get("ETag", "")).strip('"') if same else None
+    return retrying(put, uri=uri, action="conditional write")
 
 
 # ---------------------------------------------------------------- stale temp files

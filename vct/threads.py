@@ -16,6 +16,9 @@ import os
 from vct.errors import UserError
 
 ENV = "VCT_THREADS"
+RESERVED_ENV = "VCT_RESERVED_CORES"
+"""Cores kept free for other processes of this run on the node (``vct run`` sets 1 for its
+embedded Prefect server, which starves and drops the run if torch takes every core)."""
 
 
 class ThreadsError(UserError, ValueError):
@@ -40,14 +43,30 @@ def _positive(value: str | int, where: str) -> int:
     return n
 
 
+def reserved_cores() -> int:
+    """Cores the budget leaves to other processes (``VCT_RESERVED_CORES``, default 0)."""
+    value = os.environ.get(RESERVED_ENV, "").strip()
+    if not value:
+        return 0
+    try:
+        n = int(value)
+    except ValueError:
+        raise ThreadsError(f"{RESERVED_ENV}: expected a non-negative integer, got {value!r}") \
+            from None
+    if n < 0:
+        raise ThreadsError(f"{RESERVED_ENV}: expected a non-negative integer, got {value!r}")
+    return n
+
+
 def thread_budget(ranks: int = 1, override: int | None = None) -> int:
     """The intra-op threads of one of `ranks` torch processes on this node: `override` (a flag
-    or setting), else `VCT_THREADS`, else its share of the available cores."""
+    or setting), else `VCT_THREADS`, else its share of the available cores after the reserved
+    ones (``VCT_RESERVED_CORES``; never fewer than one thread)."""
     if override is not None:
         return _positive(override, "threads (--threads)")
     if os.environ.get(ENV):
         return _positive(os.environ[ENV], ENV)
-    return max(1, available_cores() // max(1, ranks))
+    return max(1, (available_cores() - reserved_cores()) // max(1, ranks))
 
 
 def apply_thread_budget(ranks: int = 1, override: int | None = None) -> int:

@@ -3,7 +3,8 @@
 Both entry points run it: the Prefect flow (each step below wrapped in a task, for retries and
 the UI) and ``vct translate`` (one reference, an in-memory manifest). The steps:
 
-1. :func:`prepare`: check the request (a model named explicitly, safe run id, settings) before
+1. :func:`prepare`: check the request (a model named explicitly, safe run id, settings, the
+   device and precision, a writable output location: :mod:`vct.batch.preflight`) before
    anything is read or written.
 2. :func:`plan`: read the manifest and every input once, refuse bad rows with their line, key
    every job (:mod:`vct.batch.keys`).
@@ -25,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from vct import report, storage
-from vct.batch import outputs
+from vct.batch import outputs, preflight
 from vct.batch.claims import Claims, chunk_for, run_claimed
 from vct.batch.exec import ExecutorSettings, run_jobs
 from vct.batch.jobs import Job, JobOutcome, ProgressFactory, load
@@ -43,6 +44,7 @@ from vct.batch.settings import TINY_MODEL, RunSettings, require_model
 from vct.batch.summary import PairResult, RunSummary, StageReport, counts, run_status
 from vct.cache import StageCache
 from vct.config import ConfigError
+from vct.faults import checkpoint
 from vct.images import png_bytes
 from vct.manifest import (
     SAFE_NAME_RE,
@@ -51,7 +53,7 @@ from vct.manifest import (
     raise_if_bad_rows,
     read_manifest_bytes,
 )
-from vct.models import check_layout, local_model_folder, model_identity
+from vct.models import local_model_folder, model_identity
 from vct.sidecar import build_sidecar
 
 log = logging.getLogger("vct.batch")
@@ -102,7 +104,8 @@ def check_run_id(run_id: str) -> str:
 
 def prepare(manifest_uri: str, output_uri: str, model: str | None,
             settings: RunSettings | dict | None = None, run_id: str | None = None) -> RunRequest:
-    """Check everything that needs no reading: refused here, nothing has been claimed or
+    """Check everything that needs no reading of the manifest or the model (settings, run id,
+    device and dtype, output and cache locations): refused here, nothing has been claimed or
     written. The tiny model is used only when asked for by name."""
     spec = require_model(model)
     if spec == TINY_MODEL:
@@ -113,8 +116,10 @@ def prepare(manifest_uri: str, output_uri: str, model: str | None,
         raise ConfigError("manifest_uri", "a manifest is required")
     if not output_uri:
         raise ConfigError("output_uri", "an output location is required")
-    return RunRequest(manifest_uri=manifest_uri, output_uri=output_uri, model=spec,
-                      settings=settings, run_id=check_run_id(run_id) if run_id else None)
+    request = RunRequest(manifest_uri=manifest_uri, output_uri=output_uri, model=spec,
+                         settings=settings, run_id=check_run_id(run_id) if run_id else None)
+    preflight.check_request(request.output_uri, request.cache_uri, settings)
+    return request
 
 
 # ---------------------------------------------------------------- planning
@@ -131,7 +136,7 @@ def plan(request: RunRequest, manifest: Manifest | None = None,
     if settings.strict:
         manifest.raise_if_errors()
     folder = local_model_folder(request.model)
-    check_layout(folder)  # one line for a wrong folder, before any hashing
+    preflight.check_model(folder, settings)  # one line for a wrong folder, before any hashing
     identity = model_identity(folder)
     hashes = hash_inputs([u for row in manifest.rows for u in (row.source, row.reference)],
                          storage.read_input)
@@ -241,21 +246,29 @@ def fuse_and_write(the_plan: Plan, stages: dict[str, StageReport], executor: Exe
     is rewritten, so a folder killed mid-rewrite never claims success.
     """
     results: dict[str, PairResult] = {}
-    todo: list[PairPlan] = []
+    fusable: list[PairPlan] = []
+    todo: set[str] = set()
     for pair in the_plan.pairs:
         failed = (stages["concept"].failed.get(pair.concept_key)
                   or stages["content"].failed.get(pair.content_key))
         if failed:
             results[pair.row.pair_id] = _pair_result(pair, "failed", failed)
-        elif (kept := outputs.finished_sidecar(pair.sidecar_uri, pair.png_uri,
-                                               pair.output_key)) is not None:
+            continue
+        fusable.append(pair)
+        if (kept := outputs.finished_sidecar(pair.sidecar_uri, pair.png_uri,
+                                             pair.output_key)) is not None:
             results[pair.row.pair_id] = _pair_result(pair, "skipped",
                                                      timings=kept.get("timings", {}))
         else:
-            todo.append(pair)
+            todo.add(pair.row.pair_id)
     if todo:
         storage.delete(storage.join(the_plan.run_uri, outputs.SUCCESS))
-    groups = fusion_groups(todo)
+    # Groups are formed over every pair that can be fused, finished or not, so a resumed run
+    # fuses a pair in the same batch (and gets the same bytes, or the cached result) as an
+    # uninterrupted one; only the groups with an unfinished pair run, and only those pairs
+    # are written.
+    groups = [group for group in fusion_groups(fusable)
+              if any(p.row.pair_id in todo for p in group)]
     jobs = [fusion_job(group) for group in groups]
     fusion = run_stage("fusion", jobs, executor, on_fraction, progress, runner)
     cache = StageCache(executor.cache_uri)
@@ -267,26 +280,31 @@ def fuse_and_write(the_plan: Plan, stages: dict[str, StageReport], executor: Exe
             if fused is None:
                 raise RuntimeError(f"fusion result {job.key[:12]} vanished from the cache")
             for pair, timings in _write_group(group, fused, stages, fusion, job.key,
-                                              run_info or {}):
+                                              run_info or {}, todo):
                 results[pair.row.pair_id] = _pair_result(pair, "ok", timings=timings)
         except Exception as exc:  # noqa: BLE001 - one group's failure must not stop the run
             text = str(exc).strip()
             reason = text.splitlines()[0] if text else type(exc).__name__
-            log.error("fusion failed for %s: %s", [p.row.pair_id for p in group], reason)
-            for pair in group:
-                results[pair.row.pair_id] = _pair_result(pair, "failed", f"fusion: {reason}")
+            unfinished = [p for p in group if p.row.pair_id in todo]
+            log.error("fusion failed for %s: %s", [p.row.pair_id for p in unfinished], reason)
+            for pair in unfinished:
+                results.setdefault(pair.row.pair_id,
+                                   _pair_result(pair, "failed", f"fusion: {reason}"))
     return FusionOutcome(pairs=results, stage=fusion)
 
 
 def _write_group(group: list[PairPlan], fused, stages: dict[str, StageReport],
-                 fusion: StageReport, fusion_key: str, run_info: dict):
-    """Each pair of a fused group: PNG, then its sidecar (identical pairs share a branch)."""
+                 fusion: StageReport, fusion_key: str, run_info: dict, todo: set[str]):
+    """Each unfinished pair of a fused group: PNG, then its sidecar (identical pairs share a
+    branch; finished pairs of the group are left as they are)."""
     branches = branch_keys(group)
     prov = fused.provenance
     hits = {kind: set(report_.cached) | set(report_.awaited)  # awaited: another run's work
             for kind, report_ in (("concept", stages["concept"]), ("content", stages["content"]),
                                   ("fusion", fusion))}
     for pair in group:
+        if pair.row.pair_id not in todo:
+            continue
         i = branches.index(pair.concept_key)
         stage_meta = {"concept": prov["concepts"][i], "content": prov["content"],
                       "fusion": {"seconds": prov["fusion_seconds"],
@@ -355,13 +373,17 @@ def finish(summary: RunSummary, started_at: str, flow_run_id: str = "",
         output_uri=run, status=summary.status, counts=summary.counts, outcomes=outcomes,
         row_errors=bad, started_at=started_at, finished_at=datetime.now(UTC).isoformat(),
         extra={**summary.details, "stages": {k: v.__dict__ for k, v in summary.stages.items()}})
+    checkpoint("run.json")
     storage.write_bytes(storage.join(run, outputs.RUN_JSON), report.run_json_bytes(data),
                         "application/json")
     if write_report:
         for name, blob, content_type in report.report_files(data, outcomes, _read_optional):
             storage.write_bytes(storage.join(run, name), blob, content_type)
+            if name.endswith(".html"):
+                checkpoint("report.page")
     success = storage.join(run, outputs.SUCCESS)
     if summary.status == "complete":
+        checkpoint("success")
         storage.write_bytes(success, (f'{{"run_id": "{summary.run_id}", '
                                       f'"status": "complete"}}\n').encode())
     else:

@@ -27,6 +27,7 @@ from vct.artifacts import FusedImages, Stored, load_result, result_bytes
 from vct.cache import StageCache
 from vct.config import ConceptConfig, ContentConfig, FusionConfig, from_dict
 from vct.errors import UserError
+from vct.faults import checkpoint
 from vct.models import VCTModels
 from vct.sidecar import model_info
 
@@ -182,9 +183,15 @@ def _contents(models: VCTModels, jobs: list[Job], progress: Progress | None) -> 
     from vct.content import invert_contents
 
     inputs = [_decode_input(job) for job in jobs]
+
+    def step(i: int, n: int) -> None:  # a named kill point inside the job (vct.faults)
+        checkpoint("content.step")
+        if progress is not None:
+            progress(i, n)
+
     with _Counted(models) as counted:
         results = invert_contents(models, [image for _, image in inputs],
-                                  from_dict(ContentConfig, jobs[0].config), progress=progress)
+                                  from_dict(ContentConfig, jobs[0].config), progress=step)
     out = []
     n = len(jobs)
     for job, (data, _), result in zip(jobs, inputs, results):
@@ -273,6 +280,7 @@ def run_job(models: VCTModels, job: Job, cache: StageCache, rank: int = 0,
         else:
             stored = _fusion(models, job, cache, bar)
         cache.put(job.kind, job.key, result_bytes(job.kind, stored))
+        checkpoint(f"{job.kind}.stored")
     except Exception as exc:  # one job's failure must not end the batch
         error = error_line(job, exc)
         log.warning("job %s %s failed: %s", job.kind, job.key[:12], error)
@@ -306,6 +314,7 @@ def run_content_batch(models: VCTModels, jobs: list[Job], cache: StageCache,
             seconds = (time.perf_counter() - start) / len(ready)
             for n, item in zip(ready, stored):
                 cache.put("content", jobs[n].key, result_bytes("content", item))
+                checkpoint("content.stored")
                 outcomes[n] = JobOutcome("content", jobs[n].key, ok=True, rank=rank,
                                          seconds=seconds,
                                          unet_evals=item.provenance["unet_evals"])

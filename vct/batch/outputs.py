@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 
 from vct import report, storage
+from vct.faults import checkpoint
 
 SUCCESS = "_SUCCESS"
 RUN_JSON = "run.json"
@@ -31,13 +33,20 @@ def output_names(output_name: str) -> OutputNames:
     return OutputNames(png=f"{output_name}.png", sidecar=f"{output_name}.json")
 
 
+_RESERVED_STEMS = re.compile(r"(?:run|report(?:-\d+)?|contact_sheet(?:-\d+)?|_success|thumbs"
+                             r"|_cache)", re.IGNORECASE)
+
+
 def is_reserved(output_name: str) -> bool:
     """Names the run itself writes (run.json, the report pages, the contact sheets, _SUCCESS,
-    thumbnails, the default cache): a pair named like one would be overwritten by the report
-    (or overwrite it), so it is refused."""
+    thumbnails, the default cache), and their stems in any case: a pair named like one would
+    be overwritten by the report (or overwrite it), or sit beside it under a confusable name
+    (``report.png`` next to ``report.html``), so it is refused. Case is ignored because a run
+    folder copied to a case-insensitive file system would fold the names together."""
     names = output_names(output_name)
     return (report.is_reserved(names.png) or report.is_reserved(names.sidecar)
-            or report.is_reserved(output_name) or output_name.lower() == "_cache")
+            or report.is_reserved(output_name)
+            or _RESERVED_STEMS.fullmatch(output_name.strip()) is not None)
 
 
 def sha256_hex(data: bytes) -> str:
@@ -61,6 +70,8 @@ def finished_sidecar(sidecar_uri: str, png_uri: str, output_key: str) -> dict | 
 def write_pair(png_uri: str, png: bytes, sidecar_uri: str, sidecar: dict) -> None:
     """PNG first, then the sidecar with the PNG's hash: the sidecar marks the pair finished."""
     storage.write_bytes(png_uri, png, "image/png")
+    checkpoint("output.png")
     sidecar = {**sidecar, "png_sha256": sha256_hex(png)}
     storage.write_bytes(sidecar_uri, (json.dumps(sidecar, indent=2, sort_keys=True, default=str)
                                       + "\n").encode(), "application/json")
+    checkpoint("output.pair")
