@@ -151,8 +151,8 @@ def content_step(eps_fn, z: torch.Tensor, c_prev: torch.Tensor, e_null: torch.Te
         loss = ((pred - target) ** 2).mean()
         (grad,) = torch.autograd.grad(loss, var)
         c = adam.step(c, grad)
-        losses.append(float(loss))
-        if iterations is None and float(loss) < threshold:
+        losses.append(float(loss.detach()))
+        if iterations is None and losses[-1] < threshold:
             break
     with torch.no_grad():
         z_next = ddim(z, cfg(eps_fn(z, t, c), eps_c, w), t, t - dt)
