@@ -159,13 +159,13 @@ def content_step(eps_fn, z: torch.Tensor, c_prev: torch.Tensor, e_null: torch.Te
     return losses, c, z_next
 
 
-@torch.no_grad()
-def text_states(tokenizer, text_encoder, vectors: torch.Tensor | None = None) -> torch.Tensor:
+def prompt_states(tokenizer, text_encoder, vectors: torch.Tensor | None = None) -> torch.Tensor:
     """e_∅ = E("") or e_ref = E("<s2>") built from the spec, not from `vct.text` (spec §2, §5).
 
     ids = [BOS, p_1..p_n, EOS, pad = EOS ...] (77); the n concept vectors are spliced in as the
     token embeddings at positions 1..n (a hook on the embedding table's output), so the encoder
-    adds its own position embeddings to them exactly as to any token.
+    adds its own position embeddings to them exactly as to any token. Differentiable in
+    `vectors`; in the encoder's dtype.
     """
     n = 0 if vectors is None else int(vectors.shape[0])
     length = int(tokenizer.model_max_length)
@@ -181,10 +181,16 @@ def text_states(tokenizer, text_encoder, vectors: torch.Tensor | None = None) ->
     handle = table.register_forward_hook(splice) if n else None
     try:
         device = next(text_encoder.parameters()).device
-        return text_encoder(input_ids=ids.to(device)).last_hidden_state.double().cpu()
+        return text_encoder(input_ids=ids.to(device)).last_hidden_state
     finally:
         if handle is not None:
             handle.remove()
+
+
+@torch.no_grad()
+def text_states(tokenizer, text_encoder, vectors: torch.Tensor | None = None) -> torch.Tensor:
+    """`prompt_states` without gradient, as float64 on the CPU."""
+    return prompt_states(tokenizer, text_encoder, vectors).double().cpu()
 
 
 def token_columns(length: int, n: int, positions: str = "original", value: float = 0.5):
@@ -213,3 +219,42 @@ def windows(T: int, r_cross: float = 0.2, r_self: float = 0.9,
     """S_x = ⌊r_x·(T+1)⌋ ('original'; ⌊r_x·T⌋ 'consistent') and S_self = ⌊r_s·T⌋ (spec §6.1)."""
     span = T + 1 if rounding == "original" else T
     return math.floor(r_cross * span), math.floor(r_self * T)
+
+
+def concept_objective(eps_fn, states: torch.Tensor, z0: torch.Tensor, t: torch.Tensor,
+                      noise: torch.Tensor, *, use_l1: bool = True, weight: float = 1.0):
+    """Spec §5, one micro-batch: z_t = √ᾱ_t·z_0 + √(1−ᾱ_t)·ε, ê = ε(z_t, t, E_θ("<s2>")),
+    L = mean((ê − ε)²) + λ·mean|ẑ_0 − z_0| with ẑ_0 = (z_t − √(1−ᾱ_t)·ê)/√ᾱ_t."""
+    a_t = _ALPHAS[t.long()].to(z0.dtype).view(-1, 1, 1, 1)
+    z_t = a_t.sqrt() * z0 + (1 - a_t).sqrt() * noise
+    eps_hat = eps_fn(z_t, t, states.expand(z0.shape[0], -1, -1))
+    loss = ((eps_hat - noise) ** 2).mean()
+    if use_l1:
+        x0 = (z_t - (1 - a_t).sqrt() * eps_hat) / a_t.sqrt()
+        loss = loss + weight * (x0 - z0).abs().mean()
+    return loss
+
+
+def concept_updates(eps_fn, states_fn, init: torch.Tensor, draws: list, *, steps: int,
+                    accum: int = 4, lr: float = 2e-3, weight_decay: float = 0.01,
+                    betas=(0.9, 0.999), eps: float = 1e-8, use_l1: bool = True,
+                    weight: float = 1.0) -> tuple[torch.Tensor, list[float]]:
+    """Spec §5: `steps` AdamW updates of the n rows, each on the mean of `accum` micro-batch
+    losses (accelerate divides each by accum); draws[i] = (z_0, t, ε) of micro-step i.
+    Returns (rows, the loss of each update)."""
+    rows = init.double()
+    adam = AdamState(rows, lr, betas, eps, weight_decay)
+    losses = []
+    for u in range(steps):
+        grad = torch.zeros_like(rows)
+        total = 0.0
+        for z0, t, noise in draws[u * accum:(u + 1) * accum]:
+            var = rows.clone().requires_grad_(True)
+            loss = concept_objective(eps_fn, states_fn(var), z0.double(), t, noise.double(),
+                                     use_l1=use_l1, weight=weight) / accum
+            (g,) = torch.autograd.grad(loss, var)
+            grad += g
+            total += float(loss.detach())
+        rows = adam.step(rows, grad)
+        losses.append(total)
+    return rows, losses
