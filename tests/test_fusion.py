@@ -374,6 +374,17 @@ def test_branch_star_reproduces_the_stage2_reconstruction(models, content, conce
     assert result.images.shape == (1, 64, 64, 3) and result.images.dtype.name == "uint8"
 
 
+def test_output_is_the_decoded_b_branch(models, content, concept):
+    """Output = VAE decode of B's latent / 0.18215, (x/2 + 0.5) clamped to [0, 1], ×255,
+    truncated to uint8 (spec §2); B* is not decoded."""
+    result = fuse(models, content, [concept], FusionConfig())
+    with torch.no_grad():
+        x = models.vae.decode(result.latents[1:] / 0.18215).sample
+    want = ((x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).astype("uint8")
+    assert result.images.shape == want.shape, "one image per B branch (spec §6)"
+    assert (result.images == want).all(), "decode, clamp, ×255, truncate (spec §2)"
+
+
 def test_empty_edit_prompt_gives_b_equal_to_b_star(models, content):
     """Invariant 5: e_ref = e_∅, so the injected maps are B's own."""
     result = fuse(models, content, [None], FusionConfig())

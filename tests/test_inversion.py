@@ -7,6 +7,7 @@ import dataclasses
 import types
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -50,6 +51,22 @@ def spec_inversion(eps, z0: torch.Tensor, T: int) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def e_null(models) -> torch.Tensor:
     return oracle.text_states(models.tokenizer, models.text_encoder)
+
+
+def test_source_preprocessing(models, images):
+    """z_0 = VAE posterior mean × 0.18215 of the center-cropped square, bicubic to the working
+    size, x/127.5 − 1 (spec §2, `ptp_inversion.load_512`)."""
+    img = Image.open(images["src_b"]).convert("RGB")  # 64×96: the crop matters
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    square = img.crop((left, top, left + side, top + side)).resize((64, 64),
+                                                                    Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.asarray(square, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    with torch.no_grad():
+        want = models.vae.encode(x[None]).latent_dist.mean * 0.18215
+    assert torch.allclose(encode_source(models, img, 64), want, atol=1e-6), (
+        "source: center crop, bicubic resize, x/127.5 − 1, posterior mean × 0.18215 (spec §2)")
 
 
 def test_grid_and_schedule_are_the_originals(models):
