@@ -280,6 +280,8 @@ def test_fit_reconstructs_much_better_than_plain_ddim(models, source, real_fit):
     assert fit_err < 0.5 * plain_err, ("fitted reconstruction beats plain DDIM (spec §10.3)",
                                        fit_err, plain_err)
     assert 20 <= sum(iterations(real_fit)) <= 20 * 10, "ΣJ_s in [T, T·J_max] (spec §10.3)"
+    assert all(p.grad is None for p in models.unet.parameters()), (
+        "the UNet is frozen: the fit's gradients reach only c_s (spec §4 [R])")
 
 
 def test_content_is_independent_of_loaded_concept_rows(models, source):
