@@ -78,8 +78,7 @@ def pinned_threads(n: int = THREADS):
 
 
 def _iterations(result) -> list[int]:
-    stats = getattr(result, "stats", None)  # issue 8: typed stats; before it, meta
-    return list(stats.iterations if stats is not None else result.meta["iterations"])
+    return list(result.stats.iterations)
 
 
 def compute(models) -> dict[str, torch.Tensor]:
