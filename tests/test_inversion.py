@@ -1,20 +1,25 @@
-"""Stage 1: DDIM inversion (spec §3, invariant §10.1)."""
+"""Stage 1: DDIM inversion (spec §3, invariant §10.1), against the spec's D written out in
+tests/golden/oracle.py, never `vct.ddim.ddim_map` or a diffusers scheduler."""
 
 from __future__ import annotations
 
+import dataclasses
 import types
+from collections import Counter
 
+import numpy as np
+import pytest
 import torch
 from PIL import Image
 
+from tests.golden import oracle
 from vct.config import ContentConfig
-from vct.ddim import alpha_at, ddim_map, make_scheduler, step_size
+from vct.ddim import make_inverse_scheduler, make_scheduler
 from vct.inversion import ddim_invert, encode_source
-from vct.text import encode_prompt
 
 
 class LatentFreeUNet(torch.nn.Module):
-    """eps depends on (t, e) only. DDIM inversion is then exactly undone by DDIM sampling, so a
+    """ε depends on (t, e) only. DDIM inversion is then exactly undone by DDIM sampling, so a
     round trip tests that both use the same grid and query the destination timestep."""
 
     def forward(self, z, t, encoder_hidden_states):
@@ -24,65 +29,130 @@ class LatentFreeUNet(torch.nn.Module):
         return types.SimpleNamespace(sample=sample)
 
 
-def _sample(models, z, cond, T):
-    sched = make_scheduler(models.scheduler_config, T, 0)
-    with torch.no_grad():
-        for t in sched.timesteps:
-            z = sched.step(models.eps(z, int(t), cond, stage="test"), t, z).prev_sample
+def spec_sampling(eps, z: torch.Tensor, T: int, offset: int = 0) -> torch.Tensor:
+    """z ← D(z, ε(z, t_s), t_s, t_s − Δ) over t_s = (T−1−s)·Δ + offset (spec §2)."""
+    dt = oracle.step_size(T)
+    for t in oracle.sampling_grid(T):
+        t = t + offset
+        z = oracle.ddim(z, eps(z, t), t, t - dt)
     return z
 
 
-def test_grid_is_the_originals(models):
+def spec_inversion(eps, z0: torch.Tensor, T: int) -> torch.Tensor:
+    """z*_{−1} = z_0; z*_k = D(z*_{k−1}, ε(z*_{k−1}, τ_k), τ_k − Δ, τ_k) (spec §3)."""
+    dt = oracle.step_size(T)
+    z, out = z0, [z0]
+    for tau in oracle.inversion_grid(T):
+        z = oracle.ddim(z, eps(z, tau), tau - dt, tau)
+        out.append(z)
+    return torch.cat(out)
+
+
+@pytest.fixture(scope="module")
+def e_null(models) -> torch.Tensor:
+    return oracle.text_states(models.tokenizer, models.text_encoder)
+
+
+def test_source_preprocessing(models, images):
+    """z_0 = VAE posterior mean × 0.18215 of the center-cropped square, bicubic to the working
+    size, x/127.5 − 1 (spec §2, `ptp_inversion.load_512`)."""
+    img = Image.open(images["src_b"]).convert("RGB")  # 64×96: the crop matters
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    square = img.crop((left, top, left + side, top + side)).resize((64, 64),
+                                                                    Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.asarray(square, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    with torch.no_grad():
+        want = models.vae.encode(x[None]).latent_dist.mean * 0.18215
+    assert torch.allclose(encode_source(models, img, 64), want, atol=1e-6), (
+        "source: center crop, bicubic resize, x/127.5 − 1, posterior mean × 0.18215 (spec §2)")
+
+
+def test_grid_and_schedule_are_the_originals(models):
     sched = make_scheduler(models.scheduler_config, 50, 0)
-    assert [int(t) for t in sched.timesteps][:3] == [980, 960, 940]
-    assert int(sched.timesteps[-1]) == 0
+    assert [int(t) for t in sched.timesteps] == oracle.sampling_grid(50), (
+        "sampling grid 980, 960, ..., 0 (steps_offset 0, spec §2)")
+    inverse = make_inverse_scheduler(models.scheduler_config, 50, 0)
+    assert [int(t) for t in inverse.timesteps] == oracle.inversion_grid(50), (
+        "inversion grid τ_k = 20k, k = 0..49 (spec §3)")
+    torch.testing.assert_close(sched.alphas_cumprod.double(), oracle.alphas_cumprod(),
+                               atol=1e-6, rtol=1e-6,
+                               msg="ᾱ of the scaled-linear β 0.00085 → 0.012 (spec §2)")
+    assert float(sched.final_alpha_cumprod) == pytest.approx(oracle.a(-20)), (
+        "a(t < 0) = ᾱ_0: set_alpha_to_one off (spec §2)")
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_inversion_chain_on_a_stub_unet(models, images, e_null, skip):
+    """ε = α·z + β·s(e)·U + (t/1000)·V: the chain is the spec's, step by step, with the UNet
+    queried at the destination τ_k on the less noisy latent; step 0 is the identity."""
+    T = 6
+    stub = oracle.StubUNet((4, 8, 8), (77, 32), alpha=0.2, beta=0.5)
+    m = dataclasses.replace(models, unet=stub, unet_evals=Counter())
+    z0 = encode_source(models, Image.open(images["src_a"]).convert("RGB"), 64)
+    inv = ddim_invert(m, z0, e_null.float(), ContentConfig(num_inference_steps=T,
+                                                           skip_identity_step=skip))
+    want = spec_inversion(lambda z, t: stub.formula(z, t, e_null), z0.double(), T)
+    for k in range(T):
+        assert torch.allclose(inv.latents[k + 1].double(), want[k + 1], atol=1e-5, rtol=1e-5), (
+            f"z*_{k} = D(z*_{k-1}, ε(z*_{k-1}, τ_k, e_∅), τ_k − Δ, τ_k), ε at the destination "
+            "timestep (spec §3)")
+    assert inv.timesteps == oracle.inversion_grid(T), "ascending grid τ_k = kΔ (spec §3)"
+    assert m.unet_evals["inversion"] == (T - 1 if skip else T), (
+        "one UNet call per inversion step; the identity step 0 may skip its call (spec §3)")
 
 
 def test_inversion_then_sampling_returns_to_source(models, images):
     z0 = encode_source(models, Image.open(images["src_a"]).convert("RGB"), None)
-    cond = encode_prompt(models, "")
-    real_unet = models.unet
-    models.unet = LatentFreeUNet()
-    try:
-        cfg = ContentConfig(num_inference_steps=50)
-        inv = ddim_invert(models, z0, cond, cfg)
-        back = _sample(models, inv.x_T, cond, 50)
-        assert (inv.x_T - z0).abs().max() > 0.1  # it did travel
-        torch.testing.assert_close(back, z0, atol=1e-4, rtol=1e-4)
-        # a grid off by one step (steps_offset 1 on the way back) does not come back
-        wrong = make_scheduler(models.scheduler_config, 50, 1)
-        z = inv.x_T
-        for t in wrong.timesteps:
-            z = wrong.step(models.eps(z, int(t), cond, stage="test"), t, z).prev_sample
-        assert (z - z0).abs().max() > 1e-2
-    finally:
-        models.unet = real_unet
+    e = oracle.text_states(models.tokenizer, models.text_encoder).float()
+    unet = LatentFreeUNet()
+    m = dataclasses.replace(models, unet=unet, unet_evals=Counter())
+
+    def eps(z, t):
+        return unet(z, t, e).sample.double()
+
+    inv = ddim_invert(m, z0, e, ContentConfig(num_inference_steps=50))
+    back = spec_sampling(eps, inv.x_T.double(), 50)
+    assert (inv.x_T - z0).abs().max() > 0.1  # it did travel
+    torch.testing.assert_close(back.float(), z0, atol=1e-4, rtol=1e-4,
+                               msg="inversion is undone by the spec's sampling (spec §3)")
+    # the test has power: a grid off by one timestep on the way back does not come back
+    wrong = spec_sampling(eps, inv.x_T.double(), 50, offset=1)
+    assert (wrong.float() - z0).abs().max() > 1e-2
 
 
-def test_inversion_matches_hand_written_map_and_first_step_is_identity(models, images):
+def test_inversion_matches_hand_written_map_and_first_step_is_identity(models, images, e_null):
+    """Invariant 1 on the real tiny UNet: the scheduler loop equals the spec's D chain and
+    z*_0 == z_0; skipping the identity step's UNet call changes nothing beyond rounding."""
     z0 = encode_source(models, Image.open(images["src_b"]).convert("RGB"), None)
-    cond = encode_prompt(models, "")
     T = 10
-    full = ddim_invert(models, z0, cond, ContentConfig(num_inference_steps=T,
-                                                       skip_identity_step=False))
-    sched = make_scheduler(models.scheduler_config, T, 0)
-    dt = step_size(sched)
-    z, manual = z0, [z0]
-    with torch.no_grad():
-        for t in reversed([int(t) for t in sched.timesteps]):
-            z = ddim_map(z, models.eps(z, t, cond, stage="test"), alpha_at(sched, t - dt),
-                         alpha_at(sched, t))
-            manual.append(z)
-    torch.testing.assert_close(full.latents, torch.cat(manual), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(full.latents[1], z0[0], atol=1e-6, rtol=1e-6)  # z*_0 == z_0
-    skipped = ddim_invert(models, z0, cond, ContentConfig(num_inference_steps=T))
-    assert torch.equal(skipped.latents[1], z0[0])
-    torch.testing.assert_close(skipped.latents, full.latents, atol=1e-4, rtol=1e-3)
-    assert full.latents.shape == (T + 1, 4, 8, 8)
+    e = e_null.float()
+    full = ddim_invert(models, z0, e, ContentConfig(num_inference_steps=T,
+                                                    skip_identity_step=False))
+
+    def eps(z, t):
+        with torch.no_grad():
+            return models.unet(z.float(), torch.tensor(t), encoder_hidden_states=e).sample.double()
+
+    dt = oracle.step_size(T)
+    for k, tau in enumerate(oracle.inversion_grid(T)):  # one step at a time: no drift
+        prev = full.latents[k:k + 1]
+        want = oracle.ddim(prev.double(), eps(prev, tau), tau - dt, tau)
+        assert torch.allclose(full.latents[k + 1:k + 2].double(), want, atol=1e-6, rtol=1e-6), (
+            f"S1 step {k} equals the hand-written D(z*_{{k−1}}, ε(z*_{{k−1}}, τ_k), τ_k − Δ, τ_k) "
+            "(spec §10.1)")
+    torch.testing.assert_close(full.latents[1], z0[0], atol=1e-6, rtol=1e-6,
+                               msg="z*_0 == z_0: step 0 is the identity (spec §3, §10.1)")
+    skipped = ddim_invert(models, z0, e, ContentConfig(num_inference_steps=T))
+    assert torch.equal(skipped.latents[1], z0[0]), "skipped identity step: z*_0 is z_0 exactly"
+    torch.testing.assert_close(skipped.latents, full.latents, atol=1e-4, rtol=1e-3,
+                               msg="the identity-step skip changes x_T by rounding only")
 
 
 def test_unet_evaluations_are_counted(models, images):
     z0 = encode_source(models, Image.open(images["src_a"]).convert("RGB"), None)
     before = models.unet_evals["inversion"]
-    ddim_invert(models, z0, encode_prompt(models, ""), ContentConfig(num_inference_steps=10))
-    assert models.unet_evals["inversion"] - before == 9  # the identity step is skipped
+    e = oracle.text_states(models.tokenizer, models.text_encoder).float()
+    ddim_invert(models, z0, e, ContentConfig(num_inference_steps=10))
+    assert models.unet_evals["inversion"] - before == 9, "identity step skipped (spec §3, §13)"
