@@ -20,7 +20,7 @@ from vct.batch import engine
 MAX_DIFF = 1
 MAX_FRACTION = 0.01
 SETTINGS = {"concept": {"max_train_steps": 2, "batch_microsteps": True},
-            "content": {"num_inference_steps": 12, "num_inner_steps": 1}, "threads": 2}
+            "content": {"num_inference_steps": 12, "num_inner_steps": 1}, "threads": 1}
 
 
 def test_a_pair_fused_alone_or_beside_another_concept_differs_by_at_most_one(tmp_path,

@@ -170,6 +170,14 @@ def test_a_poll_of_many_finished_manifests_writes_nothing_and_says_one_line(pref
                                          for c in found.candidates] == ["new.csv"]
 
 
+def test_a_manifest_removed_after_the_listing_is_not_claimed(prefix):
+    uri = _drop(prefix, "m.csv")
+    found = incoming.poll(prefix)
+    storage.delete(uri)
+    assert incoming.claim(_only(found), "a", FAST, key="k") is None
+    assert not storage.exists(incoming.marker_uri(uri))
+
+
 def test_lease_policy_is_checked():
     with pytest.raises(ConfigError, match="renew_seconds"):
         LeasePolicy(lease_s=10, renew_s=6)

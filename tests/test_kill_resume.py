@@ -250,8 +250,11 @@ def test_a_sigterm_crashes_the_incoming_run_and_releases_its_claim(tmp_path, tin
             "model": str(tiny_model_dir), "settings": slow, "lease_seconds": 600,
             "renew_seconds": 5}
     log = (tmp_path / "flow.log").open("wb")
+    from vct.cli import EMBEDDED_PREFECT_SETTINGS  # a flow called directly: no `vct run`
+
     proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(args)], cwd=ROOT,
-                            env=embedded_env(tmp_path), stdout=log, stderr=subprocess.STDOUT)
+                            env=embedded_env(tmp_path, **EMBEDDED_PREFECT_SETTINGS),
+                            stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:

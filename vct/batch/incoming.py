@@ -301,10 +301,13 @@ def claim(candidate: Candidate, owner: str, policy: LeasePolicy, key: str = "",
           now: float | None = None) -> Lease | None:
     """Claim one candidate of a poll: create its marker (new) or replace the one the poll
     judged (expired, released, changed, unreadable), only if nobody did first. None when
-    another poller won; the lease is registered under ``key`` (the flow run id) for
-    :func:`release_held`."""
+    another poller won or the manifest was removed since the listing; the lease is registered
+    under ``key`` (the flow run id) for :func:`release_held`."""
     now = time.time() if now is None else now
-    data = storage.read_input(candidate.manifest.uri)
+    try:
+        data = storage.read_input(candidate.manifest.uri)
+    except storage.StorageNotFound:
+        return None
     previous = candidate.previous
     record = {"status": RUNNING, "owner": owner, "manifest_uri": candidate.manifest.uri,
               "manifest_etag": candidate.manifest.etag, "manifest_sha256": _sha256(data),
