@@ -58,15 +58,15 @@ def _mover(progress_id, spans: dict, kind: str):
 
     def moved(fraction: float) -> None:
         if fraction > 0:
-            logger.info("%ss: %.0f%% of the jobs done", kind, 100 * fraction)
+            logger.info("%s: %.0f%% done", kind, 100 * fraction)
         update_progress_artifact(progress_id, progress=min(100.0, start + span * fraction))
 
     return moved
 
 
 plan_task = task(name="plan", **TASK)(engine.plan)
-stage_task = task(name="stage", **TASK)(engine.run_stage)
 fusion_task = task(name="fusion-and-outputs", **TASK)(engine.fuse_and_write)
+pool_task = task(name="jobs", **TASK)(engine.run_pool)
 report_task = task(name="report", **TASK)(engine.finish)
 
 
@@ -107,13 +107,13 @@ def restyle(manifest_uri: str, output_uri: str, model: str,
         if runner.report is not None:  # who computed, awaited or failed each fusion
             fused.stage = runner.report
         details["shards"] = fleet.rows
-    else:
-        stages = {kind: stage_task.with_options(name=f"{kind}s")(
-            kind, plan.jobs(kind), executor, _mover(progress, spans, kind))
-            for kind in ("concept", "content")}
-        fused = fusion_task(plan, stages, executor, run_info, _mover(progress, spans, "fusion"))
-    summary: RunSummary = engine.summarize(plan, fused.pairs, {**stages, "fusion": fused.stage},
-                                           details)
+        results, stages = fused.pairs, {**stages, "fusion": fused.stage}
+    else:  # one job pool: every job on this machine's workers, outputs as fusions finish
+        outcome = pool_task(plan, executor, run_info,
+                            _mover(progress, {"jobs": (0.0, 99.0)}, "jobs"))
+        results, stages = outcome.pairs, outcome.stages
+        details.update(engine.pool_details(outcome))
+    summary: RunSummary = engine.summarize(plan, results, stages, details)
     data = report_task(summary, started, run_info["flow_run_id"])
     update_progress_artifact(progress, progress=100.0)
     create_markdown_artifact(key="restyle-report", markdown=report.markdown_summary(data),

@@ -89,18 +89,33 @@ def _manifest(tmp_path: Path, rows: list[str], prefix: str = "") -> Path:
     return path
 
 
-def _run(tmp_path: Path, manifest: Path, runner: FakeRunner, **settings):
-    """One engine run with the fake runner: plan (fake model identity), stages, outputs."""
+def _plan(tmp_path: Path, manifest: Path, **settings):
     cfg = RunSettings.build({"content": {"num_inference_steps": T}, **settings})
     parsed = parse_manifest(manifest.read_bytes(), str(manifest))
     hashes = hash_inputs([u for r in parsed.rows for u in (r.source, r.reference)],
                          storage.read_bytes)
     plan = plan_run(parsed, hashes, "m" * 64, cfg, str(tmp_path / "out" / "run"), "run")
-    executor = ExecutorSettings(model="unused", cache_uri=str(tmp_path / "cache"))
-    stages = {kind: engine.run_stage(kind, plan.jobs(kind), executor, runner=runner)
-              for kind in ("concept", "content")}
-    fused = engine.fuse_and_write(plan, stages, executor, runner=runner)
-    summary = engine.summarize(plan, fused.pairs, {**stages, "fusion": fused.stage})
+    return plan, ExecutorSettings(model="unused", cache_uri=str(tmp_path / "cache"))
+
+
+@pytest.fixture(params=["pool", "stages"])
+def path(request) -> str:
+    """The rules hold on both paths: the job pool of a run, the phases of a sharded one."""
+    return request.param
+
+
+def _run(tmp_path: Path, manifest: Path, runner: FakeRunner, path: str = "pool", **settings):
+    """One engine run with the fake runner: plan (fake model identity), jobs, outputs."""
+    plan, executor = _plan(tmp_path, manifest, **settings)
+    if path == "pool":
+        outcome = engine.run_pool(plan, executor, runner=runner)
+        results, stages = outcome.pairs, outcome.stages
+    else:
+        stages = {kind: engine.run_stage(kind, plan.jobs(kind), executor, runner=runner)
+                  for kind in ("concept", "content")}
+        fused = engine.fuse_and_write(plan, stages, executor, runner=runner)
+        results, stages = fused.pairs, {**stages, "fusion": fused.stage}
+    summary = engine.summarize(plan, results, stages)
     data = engine.finish(summary, "2026-01-01T00:00:00+00:00", write_report=False)
     return summary, data
 
@@ -109,11 +124,11 @@ def _status(summary) -> dict[str, str]:
     return {p.pair_id: p.status for p in summary.pairs}
 
 
-def test_a_complete_run_writes_every_output_under_its_name_and_success(tmp_path, inputs):
+def test_a_complete_run_writes_every_output_under_its_name_and_success(tmp_path, inputs, path):
     m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},house",
                              f"{inputs['b']},{inputs['ref1']},tree"], prefix="id-")
     runner = FakeRunner()
-    summary, data = _run(tmp_path, m, runner)
+    summary, data = _run(tmp_path, m, runner, path)
     assert _status(summary) == {"id-house": "ok", "id-tree": "ok"}
     run = tmp_path / "out" / "run"
     assert summary.status == "complete" == data["status"]
@@ -128,13 +143,13 @@ def test_a_complete_run_writes_every_output_under_its_name_and_success(tmp_path,
         assert (run / pair["output_file"]).is_file() and (run / pair["sidecar_file"]).is_file()
 
 
-def test_a_rerun_computes_nothing_and_rewrites_nothing(tmp_path, inputs):
+def test_a_rerun_computes_nothing_and_rewrites_nothing(tmp_path, inputs, path):
     m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},house"])
-    _run(tmp_path, m, FakeRunner())
+    _run(tmp_path, m, FakeRunner(), path)
     png = tmp_path / "out" / "run" / "house.png"
     stamp = png.stat().st_mtime_ns
     again = FakeRunner()
-    summary, _ = _run(tmp_path, m, again)
+    summary, _ = _run(tmp_path, m, again, path)
     assert _status(summary) == {"house": "skipped"} and summary.status == "complete"
     assert not again.ran and png.stat().st_mtime_ns == stamp
     assert summary.counts["concepts_cached"] == 1 and summary.counts["contents_cached"] == 1
@@ -150,11 +165,11 @@ def test_a_truncated_png_is_redone_not_kept(tmp_path, inputs):
     assert _status(summary) == {"house": "ok"} and png.read_bytes() == good
 
 
-def test_a_failed_concept_fails_only_its_pairs(tmp_path, inputs):
+def test_a_failed_concept_fails_only_its_pairs(tmp_path, inputs, path):
     m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},p1",
                              f"{inputs['a']},{inputs['ref2']},p2",
                              f"{inputs['b']},{inputs['ref2']},p3"])
-    summary, data = _run(tmp_path, m, FakeRunner(fail={str(inputs["ref2"])}))
+    summary, data = _run(tmp_path, m, FakeRunner(fail={str(inputs["ref2"])}), path)
     assert _status(summary) == {"p1": "ok", "p2": "failed", "p3": "failed"}
     assert summary.status == "partial" == data["status"]
     assert summary.counts["concepts_failed"] == 1 and summary.counts["pairs_failed"] == 2
@@ -163,24 +178,24 @@ def test_a_failed_concept_fails_only_its_pairs(tmp_path, inputs):
     assert "2 failed" in summary.message
 
 
-def test_a_failed_content_fails_only_its_pairs(tmp_path, inputs):
+def test_a_failed_content_fails_only_its_pairs(tmp_path, inputs, path):
     m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},p1",
                              f"{inputs['b']},{inputs['ref1']},p2"])
-    summary, _ = _run(tmp_path, m, FakeRunner(fail={str(inputs["b"])}))
+    summary, _ = _run(tmp_path, m, FakeRunner(fail={str(inputs["b"])}), path)
     assert _status(summary) == {"p1": "ok", "p2": "failed"}
     assert summary.counts["contents_failed"] == 1 and summary.counts["fusions_computed"] == 1
 
 
-def test_every_pair_failing_is_a_failed_run_without_success(tmp_path, inputs):
+def test_every_pair_failing_is_a_failed_run_without_success(tmp_path, inputs, path):
     m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},p1"])
     (tmp_path / "out" / "run").mkdir(parents=True)
     (tmp_path / "out" / "run" / "_SUCCESS").write_text("stale")
-    summary, data = _run(tmp_path, m, FakeRunner(fail={str(inputs["ref1"])}))
+    summary, data = _run(tmp_path, m, FakeRunner(fail={str(inputs["ref1"])}), path)
     assert summary.status == "failed" == data["status"]
     assert not (tmp_path / "out" / "run" / "_SUCCESS").exists()
 
 
-def test_a_failed_fusion_fails_its_group_only(tmp_path, inputs):
+def test_a_failed_fusion_fails_its_group_only(tmp_path, inputs, path):
     m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},p1",
                              f"{inputs['b']},{inputs['ref1']},p2"])
 
@@ -189,7 +204,7 @@ def test_a_failed_fusion_fails_its_group_only(tmp_path, inputs):
             self.fail = {str(inputs["b"])} if jobs[0].kind == "fusion" else set()
             return super().__call__(jobs, settings, **kw)
 
-    summary, _ = _run(tmp_path, m, FusionOfBFails())
+    summary, _ = _run(tmp_path, m, FusionOfBFails(), path)
     assert _status(summary) == {"p1": "ok", "p2": "failed"}
     assert summary.counts["fusions_failed"] == 1 and summary.status == "partial"
     assert next(p for p in summary.pairs if p.pair_id == "p2").reason == "fusion: boom fusion"
@@ -304,21 +319,21 @@ def test_prepare_refuses_an_unusable_output_or_device(tmp_path):
         engine.prepare("m.csv", str(tmp_path / "out"), "some/model", {"device": "cuda:63"})
 
 
-def test_a_resumed_group_is_fused_as_before_not_regrouped(tmp_path, inputs):
+def test_a_resumed_group_is_fused_as_before_not_regrouped(tmp_path, inputs, path):
     """Two pairs share a source, so one fusion job makes both. If only one was written before
     a kill, the rerun fuses the same group (its cached result: nothing recomputed) and writes
     the missing pair with the same bytes, instead of fusing it alone (another batch, other
     bytes)."""
     m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},p1",
                              f"{inputs['a']},{inputs['ref2']},p2"])
-    _run(tmp_path, m, FakeRunner())
+    _run(tmp_path, m, FakeRunner(), path)
     run = tmp_path / "out" / "run"
     first = (run / "p2.png").read_bytes()
     stamp = (run / "p1.png").stat().st_mtime_ns
     (run / "p2.png").unlink()
     (run / "p2.json").unlink()
     again = FakeRunner()
-    summary, _ = _run(tmp_path, m, again)
+    summary, _ = _run(tmp_path, m, again, path)
     assert _status(summary) == {"p1": "skipped", "p2": "ok"}
     assert not again.ran and summary.counts["fusions_cached"] == 1
     assert (run / "p2.png").read_bytes() == first
@@ -381,12 +396,12 @@ def test_unreadable_inputs_fail_only_their_rows_at_plan_time(tmp_path, inputs, t
     assert "not found" in reasons["missing"]
 
 
-def test_success_is_removed_before_a_folder_is_rewritten(tmp_path, inputs):
+def test_success_is_removed_before_a_folder_is_rewritten(tmp_path, inputs, path):
     """A finished folder whose input is edited in place and rerun: _SUCCESS is gone before the
     first job of the rewrite, so a kill mid-rewrite never leaves a folder claiming success
     beside a mix of new and old files; it comes back last."""
     m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},house"])
-    _run(tmp_path, m, FakeRunner())
+    _run(tmp_path, m, FakeRunner(), path)
     success = tmp_path / "out" / "run" / "_SUCCESS"
     assert success.exists()
     make_image(5, (16, 16)).save(inputs["a"])  # edited in place: a new content key
@@ -398,7 +413,7 @@ def test_success_is_removed_before_a_folder_is_rewritten(tmp_path, inputs):
                 seen.append(success.exists())
             return super().__call__(jobs, settings, **kw)
 
-    summary, _ = _run(tmp_path, m, Watching())
+    summary, _ = _run(tmp_path, m, Watching(), path)
     assert summary.counts["pairs_ok"] == 1 and seen == [False] and success.exists()
 
 

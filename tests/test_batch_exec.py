@@ -18,7 +18,7 @@ import torch
 from vct.artifacts import load_result
 from vct.batch import engine
 from vct.batch.exec import ExecutorSettings, accelerate, local, run_jobs
-from vct.batch.jobs import Job, JobOutcome, assign
+from vct.batch.jobs import Job, JobOutcome
 from vct.batch.keys import concept_key, content_key
 from vct.cache import StageCache
 from vct.config import ConceptConfig, ContentConfig, to_dict
@@ -169,7 +169,6 @@ def test_job_and_outcome_round_trip_and_validation(good_jobs) -> None:
         Job("content", "not-a-key", "x.png", {})
     with pytest.raises(ValueError):
         ExecutorSettings(model="m", cache_uri="c", mode="threads")
-    assert assign(good_jobs, 2) == [[2, 0], [1]]  # costs 12, 20, 25
 
 
 # ---------------------------------------------------------------- accelerate mode
@@ -202,21 +201,25 @@ def test_accelerate_uses_both_ranks_and_isolates_failures(accelerate_run, bad_im
                                 "(UnidentifiedImageError)"
     assert not StageCache(str(cache)).contains("content", jobs[3].key)
     assert all(o.seconds > 0 and o.unet_evals for o in outcomes[:3])
-    assert sorted((e["rank"], e["done"], e["total"]) for e in events) == [
-        (0, 1, 2), (0, 2, 2), (1, 1, 2), (1, 2, 2)]
+    assert sorted(e["done"] for e in events) == [1, 2, 3, 4]
+    assert {e["rank"] for e in events} == {0, 1}
 
 
-# A stand-in for `accelerate launch`: rank 0 finishes its first job, then the launcher dies.
+# A stand-in for `accelerate launch`: rank 0 finishes its first unit, then the launcher dies.
 _CRASH = textwrap.dedent("""
-    import json, sys
+    import json, sys, time
     from pathlib import Path
     from vct.cache import StageCache
     workdir = Path(sys.argv[-1])
     spec = json.loads((workdir / "jobs.json").read_text())
-    job = spec["jobs"][2]  # rank 0's first job: the biggest
+    inbox = workdir / "inbox-0.jsonl"
+    while not inbox.exists() or not inbox.read_text().strip():
+        time.sleep(0.05)
+    unit = json.loads(inbox.read_text().splitlines()[0])
+    job = unit["jobs"][0]  # rank 0's first unit: the biggest job
     StageCache(spec["settings"]["cache_uri"]).put(job["kind"], job["key"], b"entry")
     line = {"kind": job["kind"], "key": job["key"], "ok": True, "rank": 0, "seconds": 1.0,
-            "index": 2}
+            "unit": unit["unit"], "index": 0}
     (workdir / "rank-0.jsonl").write_text(json.dumps(line) + "\\n")
     print("Traceback: rank 1 was killed (OOM)", file=sys.stderr)
     sys.exit(7)
@@ -232,7 +235,8 @@ def test_dead_rank_fails_only_unfinished_jobs(tiny_model_dir, tmp_path, monkeypa
     settings = _settings(tiny_model_dir, tmp_path, mode="accelerate", cpu=True, num_processes=2)
     outcomes = run_jobs(jobs, settings)
     assert len(outcomes) == 3 and [o.ok for o in outcomes] == [False, False, True]
-    # Ranks by biggest-first round robin: [2, 0] on rank 0, [1] on rank 1.
+    # Units biggest first, each to the rank with the fewest outstanding: 2 and 0 on rank 0,
+    # 1 on rank 1.
     assert outcomes[0].rank == 0 and outcomes[1].rank == 1 and outcomes[2].rank == 0
     assert outcomes[1].error.startswith("source /img/1.png: worker rank 1 exited with code 7")
     assert "rank 1 was killed (OOM)" in outcomes[1].error

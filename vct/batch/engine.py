@@ -8,11 +8,13 @@ the UI) and ``vct translate`` (one reference, an in-memory manifest). The steps:
    anything is read or written.
 2. :func:`plan`: read the manifest and every input once, refuse bad rows with their line, key
    every job (:mod:`vct.batch.keys`).
-3. :func:`run_stage` for concepts and contents: answer what the cache can, run the rest on the
-   executor; a failed job fails only the pairs that need it.
-4. :func:`fuse_and_write`: apply the resume rule (a pair whose verified output exists is
-   skipped), fuse the rest in shared-B* groups, write each PNG then its sidecar.
-5. :func:`finish`: run.json, the report, and ``_SUCCESS`` only when the run is complete.
+3. :func:`run_pool`: every concept, content and fusion job of the run in one job pool
+   (:mod:`vct.batch.pool`) on the executor's workers, launched once; each pair's PNG and
+   sidecar are written as soon as its fusion is done, and a pair whose verified output exists
+   is skipped (the resume rule). A failed job fails only the pairs that need it.
+   Sharded runs (:mod:`vct.batch.shards`) run the same jobs phase by phase instead:
+   :func:`run_stage` for concepts and contents, then :func:`fuse_and_write`.
+4. :func:`finish`: run.json, the report, and ``_SUCCESS`` only when the run is complete.
 """
 
 from __future__ import annotations
@@ -26,14 +28,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from vct import report, storage
-from vct.batch import outputs, preflight
+from vct.batch import outputs, pairs, pool, preflight
 from vct.batch.claims import Claims, chunk_for, run_claimed
 from vct.batch.exec import ExecutorSettings, run_jobs
 from vct.batch.jobs import Job, JobOutcome, ProgressFactory, load
 from vct.batch.plan import (
     PairPlan,
     Plan,
-    branch_keys,
     default_run_id,
     fusion_groups,
     fusion_job,
@@ -45,7 +46,6 @@ from vct.batch.summary import PairResult, RunSummary, StageReport, counts, run_s
 from vct.cache import StageCache
 from vct.config import ConfigError
 from vct.faults import checkpoint
-from vct.images import png_bytes
 from vct.manifest import (
     SAFE_NAME_RE,
     Manifest,
@@ -54,7 +54,6 @@ from vct.manifest import (
     read_manifest_bytes,
 )
 from vct.models import local_model_folder, model_identity
-from vct.sidecar import build_sidecar
 
 log = logging.getLogger("vct.batch")
 
@@ -215,16 +214,6 @@ def run_stage(kind: str, jobs: list[Job], executor: ExecutorSettings,
     return report_
 
 
-def _pair_result(pair: PairPlan, status: str, reason: str | None = None,
-                 timings: dict | None = None) -> PairResult:
-    written = status in ("ok", "skipped")
-    return PairResult(pair_id=pair.row.pair_id, line=pair.row.line, status=status,
-                      source_uri=pair.row.source, reference_uri=pair.row.reference,
-                      png_name=pair.png_name if written else None,
-                      sidecar_name=pair.sidecar_name if written else None,
-                      reason=reason, timings=timings or {})
-
-
 @dataclass
 class FusionOutcome:
     """What :func:`fuse_and_write` returns: every planned pair's result and the fusion stage."""
@@ -235,11 +224,18 @@ class FusionOutcome:
     extra: dict = field(default_factory=dict)
 
 
+def hit_test(stages: dict[str, StageReport]) -> pairs.Hit:
+    """Whether a stage result came from the cache, or from another process's claim (awaited)."""
+    hits = {kind: set(r.cached) | set(r.awaited) for kind, r in stages.items()}
+    return lambda kind, key: key in hits.get(kind, ())
+
+
 def fuse_and_write(the_plan: Plan, stages: dict[str, StageReport], executor: ExecutorSettings,
                    run_info: dict | None = None, on_fraction: Fraction | None = None,
                    progress: ProgressFactory | None = None,
                    runner: Runner = run_jobs) -> FusionOutcome:
-    """Resume rule, fusion of what is left, then each pair's PNG and sidecar.
+    """Resume rule, fusion of what is left, then each pair's PNG and sidecar (the stage-by-stage
+    path of shard phases; a run in one place uses :mod:`vct.batch.pool`).
 
     A pair fails when its concept or content failed, when its fusion failed, or when writing
     its files failed; the others are unaffected. ``_SUCCESS`` is removed before the first file
@@ -247,20 +243,15 @@ def fuse_and_write(the_plan: Plan, stages: dict[str, StageReport], executor: Exe
     """
     results: dict[str, PairResult] = {}
     fusable: list[PairPlan] = []
-    todo: set[str] = set()
     for pair in the_plan.pairs:
         failed = (stages["concept"].failed.get(pair.concept_key)
                   or stages["content"].failed.get(pair.content_key))
         if failed:
-            results[pair.row.pair_id] = _pair_result(pair, "failed", failed)
-            continue
-        fusable.append(pair)
-        if (kept := outputs.finished_sidecar(pair.sidecar_uri, pair.png_uri,
-                                             pair.output_key)) is not None:
-            results[pair.row.pair_id] = _pair_result(pair, "skipped",
-                                                     timings=kept.get("timings", {}))
+            results[pair.row.pair_id] = pairs.pair_result(pair, "failed", failed)
         else:
-            todo.add(pair.row.pair_id)
+            fusable.append(pair)
+    kept, todo = pairs.resume_state(fusable)
+    results.update(kept)
     if todo:
         storage.delete(storage.join(the_plan.run_uri, outputs.SUCCESS))
     # Groups are formed over every pair that can be fused, finished or not, so a resumed run
@@ -272,62 +263,42 @@ def fuse_and_write(the_plan: Plan, stages: dict[str, StageReport], executor: Exe
     jobs = [fusion_job(group) for group in groups]
     fusion = run_stage("fusion", jobs, executor, on_fraction, progress, runner)
     cache = StageCache(executor.cache_uri)
+    hit = hit_test({**stages, "fusion": fusion})
     for group, job in zip(groups, jobs):
-        try:
-            if job.key in fusion.failed:
-                raise RuntimeError(fusion.failed[job.key])
-            fused = load(cache, "fusion", job.key)
-            if fused is None:
-                raise RuntimeError(f"fusion result {job.key[:12]} vanished from the cache")
-            for pair, timings in _write_group(group, fused, stages, fusion, job.key,
-                                              run_info or {}, todo):
-                results[pair.row.pair_id] = _pair_result(pair, "ok", timings=timings)
-        except Exception as exc:  # noqa: BLE001 - one group's failure must not stop the run
-            text = str(exc).strip()
-            reason = text.splitlines()[0] if text else type(exc).__name__
-            unfinished = [p for p in group if p.row.pair_id in todo]
-            log.error("fusion failed for %s: %s", [p.row.pair_id for p in unfinished], reason)
-            for pair in unfinished:
-                results.setdefault(pair.row.pair_id,
-                                   _pair_result(pair, "failed", f"fusion: {reason}"))
+        error = fusion.failed.get(job.key)
+        fused = None if error else load(cache, "fusion", job.key)
+        pairs.write_fused(group, fused, error, hit, job.key, run_info or {}, todo, results)
     return FusionOutcome(pairs=results, stage=fusion)
 
 
-def _write_group(group: list[PairPlan], fused, stages: dict[str, StageReport],
-                 fusion: StageReport, fusion_key: str, run_info: dict, todo: set[str]):
-    """Each unfinished pair of a fused group: PNG, then its sidecar (identical pairs share a
-    branch; finished pairs of the group are left as they are)."""
-    branches = branch_keys(group)
-    prov = fused.provenance
-    hits = {kind: set(report_.cached) | set(report_.awaited)  # awaited: another run's work
-            for kind, report_ in (("concept", stages["concept"]), ("content", stages["content"]),
-                                  ("fusion", fusion))}
-    for pair in group:
-        if pair.row.pair_id not in todo:
-            continue
-        i = branches.index(pair.concept_key)
-        stage_meta = {"concept": prov["concepts"][i], "content": prov["content"],
-                      "fusion": {"seconds": prov["fusion_seconds"],
-                                 "unet_evals": prov["unet_evals"]}}
-        sidecar = build_sidecar(
-            source=pair.row.source, source_sha256=pair.source_sha256,
-            reference=pair.row.reference, reference_sha256=pair.reference_sha256,
-            model=prov["model"],
-            config={"concept": pair.concept.model_dump(mode="json"),
-                    "content": pair.content.model_dump(mode="json"),
-                    "fusion": pair.fusion.model_dump(mode="json")},
-            seed=pair.concept.seed, stage_meta=stage_meta,
-            extra={"pair_id": pair.row.pair_id, "line": pair.row.line,
-                   "output_key": pair.output_key, "png": pair.png_name,
-                   "cache": {kind: {"key": key, "hit": key in hits[kind]}
-                             for kind, key in (("concept", pair.concept_key),
-                                               ("content", pair.content_key),
-                                               ("fusion", fusion_key))},
-                   "shared_branch_with": [p.row.pair_id for p in group if p is not pair],
-                   **run_info})
-        outputs.write_pair(pair.png_uri, png_bytes(fused.result.images[i].numpy()),
-                           pair.sidecar_uri, sidecar)
-        yield pair, sidecar["timings"]
+def _backend(the_plan: Plan, executor: ExecutorSettings, runner: Runner | None,
+             progress: ProgressFactory | None):
+    if executor.mode == "accelerate" and runner is None:
+        from vct.batch.exec.accelerate import AccelerateBackend
+
+        units = len(the_plan.concept_jobs) + len(the_plan.content_jobs) + len(the_plan.pairs)
+        return AccelerateBackend(executor, world=units)
+    from vct.batch.exec.local import LocalBackend
+
+    return LocalBackend(executor, runner, progress)
+
+
+def run_pool(the_plan: Plan, executor: ExecutorSettings, run_info: dict | None = None,
+             on_fraction: Fraction | None = None, progress: ProgressFactory | None = None,
+             runner: Runner | None = None) -> pool.PoolOutcome:
+    """Step 3: the run's jobs in one pool on the executor's workers (in process, or one
+    accelerate launch for the whole run); ``runner`` replaces the in-process worker (tests).
+    Returns every pair's result, the three stage reports and per-rank utilization."""
+    return pool.run_pool(the_plan, _backend(the_plan, executor, runner, progress),
+                         executor.cache_uri, content_batch=executor.content_batch,
+                         run_info=run_info, on_fraction=on_fraction)
+
+
+def pool_details(outcome: pool.PoolOutcome) -> dict:
+    """What run.json says of the pool: per rank jobs, busy and ready seconds, utilization."""
+    utils = [r["utilization"] for r in outcome.ranks if r.get("utilization") is not None]
+    return {"ranks": outcome.ranks, "pool": {"wall_s": round(outcome.wall_s, 4),
+                                             "min_utilization": min(utils) if utils else None}}
 
 
 # ---------------------------------------------------------------- the end of a run
@@ -394,17 +365,12 @@ def finish(summary: RunSummary, started_at: str, flow_run_id: str = "",
 # ---------------------------------------------------------------- all of it
 def run(request: RunRequest, *, manifest: Manifest | None = None, run_uri: str | None = None,
         progress: ProgressFactory | None = None, write_report: bool = True,
-        run_info: dict | None = None, runner: Runner = run_jobs) -> RunSummary:
+        run_info: dict | None = None, runner: Runner | None = None) -> RunSummary:
     """Every step in order, without Prefect: what `vct translate` and the tests call."""
     started = datetime.now(UTC).isoformat()
     the_plan = plan(request, manifest, run_uri)
-    executor = request.executor()
-    stages = {kind: run_stage(kind, the_plan.jobs(kind), executor, progress=progress,
-                              runner=runner)
-              for kind in ("concept", "content")}
-    fused = fuse_and_write(the_plan, stages, executor, run_info, progress=progress,
-                           runner=runner)
-    stages["fusion"] = fused.stage
-    summary = summarize(the_plan, fused.pairs, stages, details={"model": request.model})
+    outcome = run_pool(the_plan, request.executor(), run_info, progress=progress, runner=runner)
+    summary = summarize(the_plan, outcome.pairs, outcome.stages,
+                        details={"model": request.model, **pool_details(outcome)})
     finish(summary, started, write_report=write_report)
     return summary

@@ -17,8 +17,10 @@ import logging
 import math
 import re
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -120,10 +122,75 @@ def error_line(job: Job, exc: BaseException) -> str:
 
 
 # ---------------------------------------------------------------- reading the cache
+class ResultMemo:
+    """Verified results of one run kept in memory, so a cache hit is read and verified once
+    and then used (a pool checks a content, then its fusion job uses it; a fusion result is
+    stored, then its pair files are written from it). Entries are content-addressed, so a
+    memoised result is the stored one. Bounded by the bytes of the entries it holds (least
+    recently used first out)."""
+
+    def __init__(self, max_bytes: int = 512 * 2**20):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple[str, str, str], tuple[Stored, int]] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, ident: tuple[str, str, str]) -> Stored | None:
+        item = self._items.get(ident)
+        if item is None:
+            return None
+        self._items.move_to_end(ident)
+        return item[0]
+
+    def put(self, ident: tuple[str, str, str], stored: Stored, size: int) -> None:
+        if size > self.max_bytes or ident in self._items:
+            return
+        self._items[ident] = (stored, size)
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            _, (_, dropped) = self._items.popitem(last=False)
+            self._bytes -= dropped
+
+
+_memo: ContextVar[ResultMemo | None] = ContextVar("vct_result_memo", default=None)
+
+
+@contextmanager
+def result_memo(max_bytes: int = 512 * 2**20) -> Iterator[ResultMemo]:
+    """Within the block (one run, one thread), :func:`load` and :func:`store` share a memo."""
+    memo = ResultMemo(max_bytes)
+    token = _memo.set(memo)
+    try:
+        yield memo
+    finally:
+        _memo.reset(token)
+
+
 def load(cache: StageCache, kind: str, key: str) -> Stored | None:
     """The verified entry for (kind, key), or None when missing or failing verification (a
-    bad entry is never trusted; its recomputation overwrites it atomically)."""
-    return cache.get(kind, key, lambda data: load_result(kind, data, key=key))
+    bad entry is never trusted; its recomputation overwrites it atomically). Inside
+    :func:`result_memo` an entry is read and verified once."""
+    memo, ident = _memo.get(), (cache.root_uri, kind, key)
+    if memo is not None and (stored := memo.get(ident)) is not None:
+        return stored
+    size = [0]
+
+    def verify(data: bytes) -> Stored:
+        size[0] = len(data)
+        return load_result(kind, data, key=key)
+
+    stored = cache.get(kind, key, verify)
+    if memo is not None and stored is not None:
+        memo.put(ident, stored, size[0])
+    return stored
+
+
+def store(cache: StageCache, kind: str, key: str, stored: Stored) -> None:
+    """Write a result to the cache (atomically) and, inside :func:`result_memo`, keep it as
+    read back from those bytes (not the object given: storing may change dtypes)."""
+    data = result_bytes(kind, stored)
+    cache.put(kind, key, data)
+    if (memo := _memo.get()) is not None:  # what a later read would give, bit for bit
+        memo.put((cache.root_uri, kind, key), load_result(kind, data, key=key), len(data))
 
 
 def require(cache: StageCache, kind: str, key: str) -> Stored:
@@ -279,7 +346,7 @@ def run_job(models: VCTModels, job: Job, cache: StageCache, rank: int = 0,
             stored = _contents(models, [job], bar)[0]
         else:
             stored = _fusion(models, job, cache, bar)
-        cache.put(job.kind, job.key, result_bytes(job.kind, stored))
+        store(cache, job.kind, job.key, stored)
         checkpoint(f"{job.kind}.stored")
     except Exception as exc:  # one job's failure must not end the batch
         error = error_line(job, exc)
@@ -313,7 +380,7 @@ def run_content_batch(models: VCTModels, jobs: list[Job], cache: StageCache,
             stored = _contents(models, [jobs[n] for n in ready], None)
             seconds = (time.perf_counter() - start) / len(ready)
             for n, item in zip(ready, stored):
-                cache.put("content", jobs[n].key, result_bytes("content", item))
+                store(cache, "content", jobs[n].key, item)
                 checkpoint("content.stored")
                 outcomes[n] = JobOutcome("content", jobs[n].key, ok=True, rank=rank,
                                          seconds=seconds,
@@ -349,13 +416,3 @@ def run_in_order(models: VCTModels, jobs: list[Job], order: list[int], cache: St
 def biggest_first(jobs: list[Job]) -> list[int]:
     """Indices of jobs by cost, largest first; ties keep input order (stable sort)."""
     return sorted(range(len(jobs)), key=lambda i: -jobs[i].cost)
-
-
-def assign(jobs: list[Job], world: int) -> list[list[int]]:
-    """Each rank's job indices: biggest-first, dealt round-robin (``order[rank::world]``).
-
-    Parent and ranks both call this, so the parent knows which rank owed which job when a
-    rank dies, and can report per-rank progress totals.
-    """
-    order = biggest_first(jobs)
-    return [order[rank::world] for rank in range(world)]

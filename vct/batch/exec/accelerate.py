@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from vct.batch.exec import ExecutorSettings, ProgressCallback, notify
-from vct.batch.jobs import ROLE, Job, JobOutcome, assign, failed
+from vct.batch.jobs import ROLE, Job, JobOutcome, failed
 from vct.cache import StageCache
 
 log = logging.getLogger("vct.batch")
@@ -97,37 +97,49 @@ def _child_env(cpu: bool) -> dict[str, str]:
 
 
 def rank_file(workdir: Path, rank: int) -> Path:
+    """Where a rank appends its events (ready, outcomes), one JSON line each."""
     return workdir / f"rank-{rank}.jsonl"
 
 
-class _RankReader:
-    """Reads the outcome lines ranks append, only complete lines, remembering the offset."""
+def inbox_file(workdir: Path, rank: int) -> Path:
+    """Where the parent appends a rank's units of work (and finally ``{"stop": true}``)."""
+    return workdir / f"inbox-{rank}.jsonl"
 
-    def __init__(self, workdir: Path, world: int):
-        self.workdir = workdir
-        self.offsets = [0] * world
-        self.partial = [b""] * world
 
-    def poll(self) -> list[tuple[int, dict]]:
-        new: list[tuple[int, dict]] = []
-        for rank in range(len(self.offsets)):
-            try:
-                with open(rank_file(self.workdir, rank), "rb") as fh:
-                    fh.seek(self.offsets[rank])
-                    chunk = fh.read()
-            except FileNotFoundError:
+class LineTail:
+    """Reads the JSON lines another process appends to a file: only complete lines, from where
+    the last call stopped. An unreadable line is logged and skipped."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = 0
+        self.partial = b""
+
+    def poll(self) -> list[dict]:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                chunk = fh.read()
+        except FileNotFoundError:
+            return []
+        self.offset += len(chunk)
+        *lines, self.partial = (self.partial + chunk).split(b"\n")
+        out = []
+        for line in lines:
+            if not line.strip():
                 continue
-            self.offsets[rank] += len(chunk)
-            data = self.partial[rank] + chunk
-            *lines, self.partial[rank] = data.split(b"\n")
-            for line in lines:
-                if not line.strip():
-                    continue
-                try:
-                    new.append((rank, json.loads(line)))
-                except json.JSONDecodeError:
-                    log.warning("rank %d wrote an unreadable outcome line (ignored)", rank)
-        return new
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("%s: an unreadable line (ignored)", self.path.name)
+        return out
+
+
+def append_line(path: Path, record: dict) -> None:
+    """One JSON line, written and flushed in one call so a reader never sees half of it."""
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
 
 
 def _tail(path: Path, lines: int = STDERR_TAIL_LINES) -> str:
@@ -151,70 +163,197 @@ def _terminate(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+class AccelerateBackend:
+    """The pool's workers: one ``accelerate launch`` for the whole run, one rank per GPU.
+
+    Each rank loads the model once, then serves the units the parent appends to its inbox
+    (:mod:`vct.batch.exec.rank`), at most :data:`SLOTS_PER_RANK` outstanding per rank so a rank
+    never waits for the parent between two jobs; units go to the rank with the fewest
+    outstanding. If the launcher dies (torchrun takes every rank down with one), the units
+    still outstanding fail with its exit code and the tail of its stderr, and anything
+    submitted later fails at once: nothing hangs, and finished results stay in the cache.
+    """
+
+    SLOTS_PER_RANK = 2
+
+    def __init__(self, settings: ExecutorSettings, world: int | None = None,
+                 on_progress: ProgressCallback | None = None):
+        self.settings = settings
+        self.cache = StageCache(settings.cache_uri)
+        self.on_progress = on_progress
+        cpu = _use_cpu(settings)
+        self.world = max(1, min(_num_processes(settings), world or 1 << 30))
+        self.workdir = Path(tempfile.mkdtemp(prefix="vct-exec-"))
+        self.units: dict[int, tuple[int, list[Job]]] = {}  # unit id -> (rank, jobs)
+        self.pending: dict[int, dict[int, JobOutcome]] = {}  # unit id -> outcomes so far
+        self.per_rank = [0] * self.world
+        self.usage_ = [{"rank": r, "jobs": 0, "busy_s": 0.0, "load_s": 0.0, "ready_at": None}
+                       for r in range(self.world)]
+        self.ready: list[JobOutcome] = []
+        self.done = 0
+        self.next_unit = 0
+        self.exit_error: str | None = None
+        self.cpu = cpu
+        self.proc: subprocess.Popen | None = None
+        self.tails = [LineTail(rank_file(self.workdir, r)) for r in range(self.world)]
+
+    def _start(self) -> None:
+        """Launch at the first unit: a run whose jobs are all cached loads no model at all."""
+        settings, cpu = self.settings, self.cpu
+        config_file = config_path(settings, self.world, cpu)
+        (self.workdir / JOBS_FILE).write_text(json.dumps({
+            "settings": settings.to_dict(), "world": self.world, "parent_pid": os.getpid()}))
+        argv = launcher_argv(config_file, self.world, self.workdir)
+        log.info("launching %d rank(s): %s", self.world, " ".join(argv))
+        with open(self.workdir / LAUNCHER_STDOUT, "wb") as out, \
+                open(self.workdir / LAUNCHER_STDERR, "wb") as err:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                         env=_child_env(cpu), cwd=str(self.workdir),
+                                         start_new_session=True)
+
+    # ---------------------------------------------------------------- the pool's side
+    def free_slots(self) -> int:
+        if self.exit_error is not None:
+            return 1 << 30  # whatever is left fails at once
+        return sum(max(0, self.SLOTS_PER_RANK - n) for n in self.per_rank)
+
+    def outstanding(self) -> int:
+        return len(self.units) + (1 if self.ready else 0)
+
+    def submit(self, unit: list[Job]) -> None:
+        uid, self.next_unit = self.next_unit, self.next_unit + 1
+        rank = min(range(self.world), key=lambda r: (self.per_rank[r], r))
+        self.units[uid] = (rank, unit)
+        self.pending[uid] = {}
+        self.per_rank[rank] += 1
+        if self.proc is None and self.exit_error is None:
+            try:
+                self._start()
+            except Exception as exc:  # a missing accelerate config, say: every unit fails
+                self.exit_error = f"could not be launched: {type(exc).__name__}: {exc}"
+        if self.exit_error is not None:
+            self._fail_outstanding()
+            return
+        append_line(inbox_file(self.workdir, rank),
+                    {"unit": uid, "jobs": [job.to_dict() for job in unit]})
+
+    def poll(self, timeout: float) -> list[JobOutcome]:
+        deadline = time.monotonic() + timeout
+        while True:
+            self._collect()
+            if self.ready or not self.units:
+                break
+            if self.proc is not None and self.proc.poll() is not None:
+                self._collect()  # lines written just before the exit
+                self._launcher_died()
+                break
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+        out, self.ready = self.ready, []
+        return out
+
+    def usage(self) -> list[dict]:
+        return [dict(u) for u in self.usage_]
+
+    def close(self) -> None:
+        try:
+            if self.proc is not None and self.proc.poll() is None:
+                for rank in range(self.world):
+                    append_line(inbox_file(self.workdir, rank), {"stop": True})
+                try:
+                    self.proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    _terminate(self.proc)
+        except BaseException:
+            self.cancel()
+            raise
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def cancel(self) -> None:
+        """Cancelled (Ctrl-C, flow cancellation): take the ranks down too."""
+        if self.proc is not None:
+            _terminate(self.proc)
+
+    # ---------------------------------------------------------------- the ranks' lines
+    def _collect(self) -> None:
+        for rank, tail in enumerate(self.tails):
+            for line in tail.poll():
+                self._line(rank, line)
+
+    def _line(self, rank: int, line: dict) -> None:
+        if line.get("event") == "ready":
+            self.usage_[rank]["ready_at"] = time.time()
+            self.usage_[rank]["load_s"] = float(line.get("load_s", 0.0))
+            return
+        uid, index = line.get("unit"), line.get("index")
+        entry = self.units.get(uid) if isinstance(uid, int) else None
+        if entry is None or not isinstance(index, int) or not 0 <= index < len(entry[1]) \
+                or entry[1][index].key != line.get("key") or index in self.pending[uid]:
+            log.warning("rank %d reported an unknown job (ignored): %s", rank, line)
+            return
+        job = entry[1][index]
+        outcome = JobOutcome.from_dict(line)
+        if outcome.ok and not self.cache.contains(job.kind, job.key):
+            outcome = failed(job, outcome.rank,
+                             f"{ROLE[job.kind]} {job.input_uri}: rank {outcome.rank} reported "
+                             f"success but {self.cache.uri(job.kind, job.key)} is missing")
+        self.usage_[rank]["jobs"] += 1
+        self.usage_[rank]["busy_s"] += max(0.0, outcome.seconds)
+        self._deliver(uid, index, outcome)
+
+    def _deliver(self, uid: int, index: int, outcome: JobOutcome) -> None:
+        rank, unit = self.units[uid]
+        self.pending[uid][index] = outcome
+        self.ready.append(outcome)
+        self.done += 1
+        notify(self.on_progress, {"rank": outcome.rank, "done": self.done, "key": outcome.key,
+                                  "kind": outcome.kind, "ok": outcome.ok})
+        if len(self.pending[uid]) == len(unit):
+            del self.units[uid], self.pending[uid]
+            self.per_rank[rank] -= 1
+
+    def _launcher_died(self) -> None:
+        code = self.proc.returncode if self.proc is not None else None
+        tail = _tail(self.workdir / LAUNCHER_STDERR)
+        self.exit_error = (f"exited with code {code}" if code != 0
+                           else "exited without reporting this job (code 0)")
+        if tail:
+            self.exit_error += f"; launcher stderr: {tail}"
+        self._fail_outstanding()
+
+    def _fail_outstanding(self) -> None:
+        for uid in sorted(self.units):
+            rank, unit = self.units[uid]
+            for index, job in enumerate(unit):
+                if index not in self.pending.get(uid, {}):
+                    self._deliver(uid, index, failed(
+                        job, rank, f"{ROLE[job.kind]} {job.input_uri}: worker rank {rank} "
+                                   f"{self.exit_error}"))
+
+
 def run(jobs: list[Job], settings: ExecutorSettings,
         on_progress: ProgressCallback | None) -> list[JobOutcome]:
-    cache = StageCache(settings.cache_uri)
-    cpu = _use_cpu(settings)
-    world = min(_num_processes(settings), len(jobs))  # an idle rank only costs a model load
-    shares = assign(jobs, world)
-    owner = {j: rank for rank, share in enumerate(shares) for j in share}
-    workdir = Path(tempfile.mkdtemp(prefix="vct-exec-"))
+    """Independent jobs on one launch (a stage of the stage-by-stage path): biggest first,
+    content batches as :func:`vct.batch.jobs.run_in_order` forms them. One outcome per job,
+    in input order."""
+    from vct.batch.pool import JobQueue
+
+    queue = JobQueue(settings.content_batch)
+    for job in jobs:
+        queue.push(job)
+    backend = AccelerateBackend(settings, len(jobs), on_progress)
+    got: dict[str, JobOutcome] = {}
     try:
-        config_file = config_path(settings, world, cpu)
-        (workdir / JOBS_FILE).write_text(json.dumps({
-            "settings": settings.to_dict(), "world": world,
-            "jobs": [job.to_dict() for job in jobs]}))
-        argv = launcher_argv(config_file, world, workdir)
-        log.info("launching %d rank(s) for %d job(s): %s", world, len(jobs), " ".join(argv))
-        with open(workdir / LAUNCHER_STDOUT, "wb") as out, \
-                open(workdir / LAUNCHER_STDERR, "wb") as err:
-            proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                    env=_child_env(cpu), cwd=str(workdir),
-                                    start_new_session=True)
-        reader = _RankReader(workdir, world)
-        done = [0] * world
-        got: dict[int, JobOutcome] = {}
-
-        def collect() -> None:
-            for rank, line in reader.poll():
-                outcome = JobOutcome.from_dict(line)
-                j = line.get("index")
-                if not isinstance(j, int) or not 0 <= j < len(jobs) or j in got \
-                        or jobs[j].key != outcome.key:
-                    log.warning("rank %d reported an unknown job (ignored): %s", rank, line)
-                    continue
-                got[j] = outcome
-                done[rank] += 1
-                notify(on_progress, {"rank": rank, "done": done[rank],
-                                     "total": len(shares[rank]), "key": outcome.key,
-                                     "kind": outcome.kind, "ok": outcome.ok})
-
-        try:
-            while proc.poll() is None:
-                collect()
-                time.sleep(POLL_SECONDS)
-        except BaseException:  # cancelled (Ctrl-C, flow cancellation): take the ranks down too
-            _terminate(proc)
-            raise
-        collect()
-        code = proc.returncode
-        tail = _tail(workdir / LAUNCHER_STDERR)
-        outcomes = []
-        for j, job in enumerate(jobs):
-            outcome = got.get(j)
-            if outcome is None:
-                rank = owner[j]
-                error = f"worker rank {rank} exited with code {code}"
-                if code == 0:
-                    error = f"worker rank {rank} exited without reporting this job (code 0)"
-                outcome = failed(job, rank, f"{ROLE[job.kind]} {job.input_uri}: {error}"
-                                 + (f"; launcher stderr: {tail}" if tail else ""))
-            elif outcome.ok and not cache.contains(job.kind, job.key):
-                outcome = failed(job, outcome.rank,
-                                 f"{ROLE[job.kind]} {job.input_uri}: rank {outcome.rank} "
-                                 f"reported success but {cache.uri(job.kind, job.key)} is "
-                                 "missing")
-            outcomes.append(outcome)
-        return outcomes
+        while len(queue) or backend.outstanding():
+            while backend.free_slots() > 0 and len(queue):
+                backend.submit(queue.pop_unit())
+            for outcome in backend.poll(timeout=POLL_SECONDS):
+                got[outcome.key] = outcome
+    except BaseException:
+        backend.cancel()
+        raise
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        backend.close()
+    return [got[job.key] for job in jobs]

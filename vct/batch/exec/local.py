@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 
 from vct.batch.exec import ExecutorSettings, ProgressCallback, notify
@@ -70,3 +71,50 @@ def run(jobs: list[Job], settings: ExecutorSettings, on_progress: ProgressCallba
             notify(on_progress, {"rank": 0, "done": done, "total": len(jobs),
                                  "key": outcome.key, "kind": outcome.kind, "ok": outcome.ok})
     return [o for o in outcomes if o is not None]
+
+
+class LocalBackend:
+    """The pool's in-process worker: one unit at a time, run when the pool polls (rank 0).
+
+    ``runner`` runs one unit into the cache; by default this module's :func:`run` through
+    :func:`vct.batch.exec.run_jobs` (the models memoised per process), or a fake in tests."""
+
+    def __init__(self, settings: ExecutorSettings, runner=None,
+                 progress: ProgressFactory | None = None):
+        from vct.batch.exec import run_jobs
+
+        self.settings = settings
+        self.runner = runner or run_jobs
+        self.progress = progress
+        self._queue: list[list[Job]] = []
+        self._jobs = 0
+        self._busy = 0.0
+        self._ready_at = time.time()
+
+    def free_slots(self) -> int:
+        return 0 if self._queue else 1
+
+    def outstanding(self) -> int:
+        return len(self._queue)
+
+    def submit(self, unit: list[Job]) -> None:
+        self._queue.append(unit)
+
+    def poll(self, timeout: float) -> list[JobOutcome]:
+        if not self._queue:
+            return []
+        unit = self._queue.pop(0)
+        start = time.perf_counter()
+        outcomes = self.runner(unit, self.settings, progress=self.progress)
+        self._busy += time.perf_counter() - start
+        self._jobs += len(unit)
+        return outcomes
+
+    def usage(self) -> list[dict]:
+        return [{"rank": 0, "jobs": self._jobs, "busy_s": self._busy, "load_s": 0.0,
+                 "ready_at": self._ready_at}]
+
+    def close(self) -> None:
+        self._queue.clear()
+
+    cancel = close

@@ -1,0 +1,180 @@
+"""The job pool: one queue for concepts, contents and fusions, biggest first; a fusion runs as
+soon as its inputs exist; claims of other processes are awaited; the outputs are bit-identical
+to the stage-by-stage path, in process and on 2 accelerate CPU ranks; utilization is recorded."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_image
+from tests.test_batch_engine import FakeRunner, _manifest, _plan
+from tests.test_batch_engine import inputs as inputs  # the fixture
+from vct.batch import engine
+from vct.batch.claims import Claims, Owner
+from vct.batch.jobs import Job
+from vct.batch.pool import JobQueue
+from vct.batch.settings import RunSettings
+
+
+def _job(kind: str, n: int, cost: float, config: dict | None = None) -> Job:
+    return Job(kind, f"{n:064x}", f"/img/{n}.png", config or {}, cost=cost)
+
+
+def test_the_queue_is_biggest_first_and_ties_keep_their_order() -> None:
+    queue = JobQueue()
+    for job in (_job("concept", 1, 5.0), _job("content", 2, 9.0), _job("content", 3, 5.0),
+                _job("fusion", 4, 7.0)):
+        queue.push(job)
+    order = []
+    while unit := queue.pop_unit():
+        order += [int(j.key, 16) for j in unit]
+    assert order == [2, 4, 1, 3]
+
+
+def test_content_batches_take_the_next_contents_of_the_same_config() -> None:
+    queue = JobQueue(content_batch=2)
+    jobs = [_job("content", 1, 9.0, {"t": 1}), _job("content", 2, 8.0, {"t": 2}),
+            _job("concept", 3, 8.5), _job("content", 4, 7.0, {"t": 1}),
+            _job("content", 5, 6.0, {"t": 1})]
+    for job in jobs:
+        queue.push(job)
+    units = []
+    while unit := queue.pop_unit():
+        units.append([int(j.key, 16) for j in unit])
+    # 1 takes 4 (same config, next biggest); 5 is alone at the end; 2 has no partner.
+    assert units == [[1, 4], [3], [2], [5]]
+
+
+class Recording(FakeRunner):
+    """The fake runner, also recording the order in which jobs ran."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.order: list[tuple[str, str]] = []
+
+    def __call__(self, jobs, settings, **kw):
+        self.order += [(j.kind, j.input_uri) for j in jobs]
+        return super().__call__(jobs, settings, **kw)
+
+
+def test_a_fusion_runs_as_soon_as_its_inputs_exist(tmp_path, inputs) -> None:
+    """Source a (with ref1) is fused before source b's content runs: no stage barrier."""
+    m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},p1",
+                             f"{inputs['b']},{inputs['ref2']},p2"])
+    # Costs: concepts 2*1 = 2 each, contents T*(1+2) = 9 each, fusions 2*(1+1)*T = 12 each.
+    plan, executor = _plan(tmp_path, m, concept={"max_train_steps": 2},
+                           content={"num_inference_steps": 3, "num_inner_steps": 1})
+    runner = Recording()
+    outcome = engine.run_pool(plan, executor, runner=runner)
+    assert [kind for kind, _ in runner.order] == ["content", "content", "concept", "fusion",
+                                                  "concept", "fusion"]
+    assert runner.order[3] == ("fusion", str(inputs["a"]))
+    assert {p.status for p in outcome.pairs.values()} == {"ok"}
+    assert (tmp_path / "out" / "run" / "p1.png").is_file()
+
+
+def test_a_key_claimed_elsewhere_is_awaited_not_computed(tmp_path, inputs, monkeypatch) -> None:
+    monkeypatch.setenv("VCT_CLAIM_POLL_S", "0.05")
+    m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},p1"])
+    plan, executor = _plan(tmp_path, m)
+    concept = plan.concept_jobs[0]
+    other = Claims(executor.cache_uri, Owner(worker="elsewhere"), lease_s=30.0)
+    claim = other.acquire("concept", concept.key)
+    assert claim is not None
+
+    def the_other_process_finishes() -> None:
+        time.sleep(0.5)
+        FakeRunner()([concept], executor)
+        other.release(claim)
+
+    thread = threading.Thread(target=the_other_process_finishes)
+    thread.start()
+    runner = Recording()
+    outcome = engine.run_pool(plan, executor, runner=runner)
+    thread.join()
+    assert ("concept", concept.input_uri) not in runner.order
+    assert outcome.stages["concept"].awaited == [concept.key]
+    assert outcome.pairs["p1"].status == "ok"
+
+
+def test_utilization_is_recorded_per_rank(tmp_path, inputs) -> None:
+    m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},p1"])
+    plan, executor = _plan(tmp_path, m)
+    outcome = engine.run_pool(plan, executor, runner=FakeRunner())
+    [rank] = outcome.ranks
+    assert rank["rank"] == 0 and rank["jobs"] == 3
+    assert 0 < rank["busy_s"] <= rank["ready_s"] and 0 < rank["utilization"] <= 1
+    assert engine.pool_details(outcome)["pool"]["min_utilization"] == rank["utilization"]
+
+
+# ---------------------------------------------------------------- the real model
+FAST = {"concept": {"max_train_steps": 2, "gradient_accumulation_steps": 1,
+                    "reference_resolution": 32},
+        "content": {"num_inference_steps": 3, "num_inner_steps": 2, "resolution": 32},
+        "fusion": {}}
+
+
+@pytest.fixture(scope="module")
+def crossed(tmp_path_factory) -> Path:
+    """3 sources x 2 references, crossed: 6 pairs, 2 concepts, 3 contents, 3 fusion groups."""
+    root = tmp_path_factory.mktemp("crossed")
+    rows = []
+    for s in range(3):
+        make_image(s, (32, 32)).save(root / f"s{s}.png")
+    for r in range(2):
+        make_image(4 + r, (32, 32)).save(root / f"r{r}.png")
+    for s in range(3):
+        for r in range(2):
+            rows.append(f"{root}/s{s}.png,{root}/r{r}.png,s{s}r{r}")
+    (root / "m.csv").write_text("source,reference,output_name\n" + "\n".join(rows) + "\n")
+    return root
+
+
+def _pngs(run_uri: str) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(run_uri).glob("*.png"))
+            if not p.name.startswith(("contact_sheet", "report"))}
+
+
+def _settings(tmp: Path, **extra) -> RunSettings:
+    return RunSettings.build({**FAST, "cache_uri": str(tmp / "cache"), "threads": 1, **extra})
+
+
+def test_the_pool_gives_the_stage_by_stage_bytes(crossed, tiny_model_dir, tmp_path) -> None:
+    pooled = engine.run(engine.prepare(str(crossed / "m.csv"), str(tmp_path / "pool"),
+                                       str(tiny_model_dir), _settings(tmp_path / "p")))
+    assert pooled.status == "complete"
+    request = engine.prepare(str(crossed / "m.csv"), str(tmp_path / "stages"),
+                             str(tiny_model_dir), _settings(tmp_path / "s"))
+    plan = engine.plan(request)
+    executor = request.executor()
+    stages = {kind: engine.run_stage(kind, plan.jobs(kind), executor)
+              for kind in ("concept", "content")}
+    fused = engine.fuse_and_write(plan, stages, executor)
+    assert {p.status for p in fused.pairs.values()} == {"ok"}
+    got, want = _pngs(pooled.run_uri), _pngs(plan.run_uri)
+    assert len(want) == 6 and got == want
+
+
+def test_two_accelerate_ranks_share_one_pool_with_the_same_bytes(crossed, tiny_model_dir,
+                                                                 tmp_path) -> None:
+    """One launch for the whole run: both ranks serve concept, content and fusion jobs; the
+    PNGs equal the in-process run's; run.json records each rank's utilization."""
+    import json
+
+    local = engine.run(engine.prepare(str(crossed / "m.csv"), str(tmp_path / "local"),
+                                      str(tiny_model_dir), _settings(tmp_path / "l")))
+    acc = engine.run(engine.prepare(
+        str(crossed / "m.csv"), str(tmp_path / "acc"), str(tiny_model_dir),
+        _settings(tmp_path / "a", executor="accelerate", num_processes=2, device="cpu")))
+    assert acc.status == "complete", acc.message
+    assert _pngs(acc.run_uri) == _pngs(local.run_uri)
+    ranks = json.loads((Path(acc.run_uri) / "run.json").read_text())["details"]["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["jobs"] > 0 for r in ranks)
+    assert all(0 < r["utilization"] <= 1 and r["load_s"] > 0 for r in ranks)
+    for kind in ("concept", "content", "fusion"):
+        assert acc.stages[kind].computed, kind
+    assert set(acc.stages["fusion"].ranks) | set(acc.stages["content"].ranks) == {0, 1}

@@ -1,0 +1,109 @@
+"""A pair's outcome and its files: what both the job pool and the stage-by-stage path write.
+
+One place builds a pair's result and its sidecar and writes a fused group's files, so a pair
+gets the same bytes and the same sidecar whichever path fused it (the pool of one run, or the
+shard phases of a fleet run).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+from vct.artifacts import Stored
+from vct.batch import outputs
+from vct.batch.plan import PairPlan, branch_keys
+from vct.batch.summary import PairResult
+from vct.images import png_bytes
+from vct.sidecar import build_sidecar
+
+log = logging.getLogger("vct.batch")
+
+Hit = Callable[[str, str], bool]
+"""(kind, key) -> whether that stage result came from the cache (or another run's claim)."""
+
+
+def pair_result(pair: PairPlan, status: str, reason: str | None = None,
+                timings: dict | None = None) -> PairResult:
+    written = status in ("ok", "skipped")
+    return PairResult(pair_id=pair.row.pair_id, line=pair.row.line, status=status,
+                      source_uri=pair.row.source, reference_uri=pair.row.reference,
+                      png_name=pair.png_name if written else None,
+                      sidecar_name=pair.sidecar_name if written else None,
+                      reason=reason, timings=timings or {})
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def write_group(group: list[PairPlan], fused: Stored, hit: Hit, fusion_key: str,
+                run_info: dict, todo: set[str]) -> Iterator[tuple[PairPlan, dict]]:
+    """Each unfinished pair of a fused group: PNG, then its sidecar (identical pairs share a
+    branch; finished pairs of the group are left as they are). Yields (pair, timings)."""
+    branches = branch_keys(group)
+    prov = fused.provenance
+    for pair in group:
+        if pair.row.pair_id not in todo:
+            continue
+        i = branches.index(pair.concept_key)
+        stage_meta = {"concept": prov["concepts"][i], "content": prov["content"],
+                      "fusion": {"seconds": prov["fusion_seconds"],
+                                 "unet_evals": prov["unet_evals"]}}
+        sidecar = build_sidecar(
+            source=pair.row.source, source_sha256=pair.source_sha256,
+            reference=pair.row.reference, reference_sha256=pair.reference_sha256,
+            model=prov["model"],
+            config={"concept": pair.concept.model_dump(mode="json"),
+                    "content": pair.content.model_dump(mode="json"),
+                    "fusion": pair.fusion.model_dump(mode="json")},
+            seed=pair.concept.seed, stage_meta=stage_meta,
+            extra={"pair_id": pair.row.pair_id, "line": pair.row.line,
+                   "output_key": pair.output_key, "png": pair.png_name,
+                   "cache": {kind: {"key": key, "hit": hit(kind, key)}
+                             for kind, key in (("concept", pair.concept_key),
+                                               ("content", pair.content_key),
+                                               ("fusion", fusion_key))},
+                   "shared_branch_with": [p.row.pair_id for p in group if p is not pair],
+                   **run_info})
+        outputs.write_pair(pair.png_uri, png_bytes(fused.result.images[i].numpy()),
+                           pair.sidecar_uri, sidecar)
+        yield pair, sidecar["timings"]
+
+
+def write_fused(group: list[PairPlan], fused: Stored | None, error: str | None, hit: Hit,
+                fusion_key: str, run_info: dict, todo: set[str],
+                results: dict[str, PairResult]) -> None:
+    """The files of one fused group into ``results``: ok for each pair written; a fusion that
+    failed, a result that vanished or a write that failed fails the group's unfinished pairs
+    only (one group's failure never stops the run)."""
+    try:
+        if error is not None:
+            raise RuntimeError(error)
+        if fused is None:
+            raise RuntimeError(f"fusion result {fusion_key[:12]} vanished from the cache")
+        for pair, timings in write_group(group, fused, hit, fusion_key, run_info, todo):
+            results[pair.row.pair_id] = pair_result(pair, "ok", timings=timings)
+    except Exception as exc:  # noqa: BLE001 - one group's failure must not stop the run
+        reason = one_line(exc)
+        unfinished = [p for p in group if p.row.pair_id in todo]
+        log.error("fusion failed for %s: %s", [p.row.pair_id for p in unfinished], reason)
+        for pair in unfinished:
+            results.setdefault(pair.row.pair_id, pair_result(pair, "failed",
+                                                             f"fusion: {reason}"))
+
+
+def resume_state(pairs: list[PairPlan]) -> tuple[dict[str, PairResult], set[str]]:
+    """The resume rule over planned pairs: the skipped results (a verified output with the same
+    output key exists) and the ids of the pairs still to write."""
+    results: dict[str, PairResult] = {}
+    todo: set[str] = set()
+    for pair in pairs:
+        kept = outputs.finished_sidecar(pair.sidecar_uri, pair.png_uri, pair.output_key)
+        if kept is not None:
+            results[pair.row.pair_id] = pair_result(pair, "skipped",
+                                                    timings=kept.get("timings", {}))
+        else:
+            todo.add(pair.row.pair_id)
+    return results, todo
