@@ -1,4 +1,5 @@
-# Two commands a newcomer needs: `make demo` and `make test`. Both set everything up first.
+# Two commands a newcomer needs: `make demo` and `make check`. Both set everything up first.
+# `make test` is the fast suite of every change (minutes); `make check` is what CI runs.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -15,7 +16,7 @@ unexport PREFECT_API_URL
 # The tiny test model is built here (workers set VCT_HOME / VCT_MODEL_CACHE themselves).
 export VCT_HOME ?= $(CURDIR)/.models
 
-.PHONY: setup demo test test-fleet test-reliability lint browser bench clean
+.PHONY: setup demo check test test-fleet test-reliability lint browser bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -38,6 +39,9 @@ browser:
 
 test: $(STAMP) lint browser
 	$(PY) -m pytest -q -m "not fleet and not reliability"
+
+# Every suite, as CI runs it (.ci/run): the fast one, the kill-and-resume harness, the fleet.
+check: test test-reliability test-fleet
 
 # A Prefect server, a pool, two workers and moto as subprocesses (minutes): sharded runs for real.
 test-fleet: $(STAMP)

@@ -16,23 +16,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
 
-
-def _picture(kind: int, size: tuple[int, int]) -> Image.Image:
-    """The test pictures: a disc (even kind) or stripes (odd), as in tests/conftest.py."""
-    import numpy as np
-
-    rng = np.random.default_rng(kind)
-    bg, fg = (tuple(int(v) for v in rng.integers(0, 255, 3)) for _ in range(2))
-    img = Image.new("RGB", size, bg)
-    draw = ImageDraw.Draw(img)
-    if kind % 2:
-        for x in range(0, size[0], 8):
-            draw.rectangle((x, 0, x + 3, size[1]), fill=fg)
-    else:
-        draw.ellipse((size[0] // 5, size[1] // 6, size[0] * 4 // 5, size[1] * 5 // 6), fill=fg)
-    return img
+from tests.conftest import make_image as _picture  # the test pictures
 
 
 def _iterations(result) -> list[int]:
