@@ -209,8 +209,8 @@ def test_incoming_state_hooks_release_what_a_cancelled_or_crashed_run_holds(tmp_
 
 def test_accelerate_fan_out_gives_the_same_outputs_as_in_process(prefect_harness, tiny_model_dir,
                                                                   tmp_path):
-    """Two CPU ranks (gloo) vs this process, every process at 1 torch thread: CPU float
-    reductions are bit-stable only for a fixed thread count."""
+    """Two CPU ranks (gloo) serving one job pool vs this process, every process at 1 torch
+    thread: CPU float reductions are bit-stable only for a fixed thread count."""
     from flows.restyle import restyle
 
     for name, kind in (("s1.png", 0), ("s2.png", 2), ("r1.png", 1), ("r2.png", 3)):
@@ -223,7 +223,13 @@ def test_accelerate_fan_out_gives_the_same_outputs_as_in_process(prefect_harness
     fanned = restyle(output_uri=str(tmp_path / "acc"), **common, settings={
         **one, "executor": "accelerate", "num_processes": 2})
     assert fanned["counts"]["concepts_computed"] == 2 and fanned["counts"]["pairs_ok"] == 3
-    assert sorted(fanned["details"]["stages"]["concept"]["ranks"]) == [0, 1]
+    # One pool, one launch: both ranks took concept, content and fusion jobs, and each
+    # rank's busy time over its ready time is in run.json.
+    stages = fanned["details"]["stages"]
+    assert all(sorted(stages[kind]["ranks"]) == [0, 1] for kind in ("concept", "content"))
+    ranks = fanned["details"]["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1] and sum(r["jobs"] for r in ranks) == 6
+    assert all(0 < r["utilization"] <= 1 and r["load_s"] > 0 for r in ranks)
     for pair in local["pairs"]:
         name = pair["output_file"]
         assert (tmp_path / "local" / local["run_id"] / name).read_bytes() == \

@@ -1,6 +1,7 @@
 """The job pool: one queue for concepts, contents and fusions, biggest first; a fusion runs as
 soon as its inputs exist; claims of other processes are awaited; the outputs are bit-identical
-to the stage-by-stage path, in process and on 2 accelerate CPU ranks; utilization is recorded."""
+to the stage-by-stage path; utilization is recorded. On 2 accelerate CPU ranks, through the
+flow: tests/test_flow.py::test_accelerate_fan_out_gives_the_same_outputs_as_in_process."""
 
 from __future__ import annotations
 
@@ -157,24 +158,3 @@ def test_the_pool_gives_the_stage_by_stage_bytes(crossed, tiny_model_dir, tmp_pa
     assert {p.status for p in fused.pairs.values()} == {"ok"}
     got, want = _pngs(pooled.run_uri), _pngs(plan.run_uri)
     assert len(want) == 6 and got == want
-
-
-def test_two_accelerate_ranks_share_one_pool_with_the_same_bytes(crossed, tiny_model_dir,
-                                                                 tmp_path) -> None:
-    """One launch for the whole run: both ranks serve concept, content and fusion jobs; the
-    PNGs equal the in-process run's; run.json records each rank's utilization."""
-    import json
-
-    local = engine.run(engine.prepare(str(crossed / "m.csv"), str(tmp_path / "local"),
-                                      str(tiny_model_dir), _settings(tmp_path / "l")))
-    acc = engine.run(engine.prepare(
-        str(crossed / "m.csv"), str(tmp_path / "acc"), str(tiny_model_dir),
-        _settings(tmp_path / "a", executor="accelerate", num_processes=2, device="cpu")))
-    assert acc.status == "complete", acc.message
-    assert _pngs(acc.run_uri) == _pngs(local.run_uri)
-    ranks = json.loads((Path(acc.run_uri) / "run.json").read_text())["details"]["ranks"]
-    assert [r["rank"] for r in ranks] == [0, 1] and all(r["jobs"] > 0 for r in ranks)
-    assert all(0 < r["utilization"] <= 1 and r["load_s"] > 0 for r in ranks)
-    for kind in ("concept", "content", "fusion"):
-        assert acc.stages[kind].computed, kind
-    assert set(acc.stages["fusion"].ranks) | set(acc.stages["content"].ranks) == {0, 1}
