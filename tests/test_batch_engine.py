@@ -93,8 +93,7 @@ def _run(tmp_path: Path, manifest: Path, runner: FakeRunner, **settings):
     """One engine run with the fake runner: plan (fake model identity), stages, outputs."""
     cfg = RunSettings.build({"content": {"num_inference_steps": T}, **settings})
     parsed = parse_manifest(manifest.read_bytes(), str(manifest))
-    hashes = hash_inputs([u for r in parsed.rows for u in (r.source, r.reference)],
-                         storage.read_bytes)
+    hashes = hash_inputs([u for r in parsed.rows for u in (r.source, r.reference)])
     plan = plan_run(parsed, hashes, "m" * 64, cfg, str(tmp_path / "out" / "run"), "run")
     executor = ExecutorSettings(model="unused", cache_uri=str(tmp_path / "cache"))
     stages = {kind: engine.run_stage(kind, plan.jobs(kind), executor, runner=runner)

@@ -19,7 +19,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from vct import storage
@@ -58,6 +58,9 @@ class Job:
     input_uri: str
     config: dict
     cost: float = 1.0
+    # What is stored beside the result, not how it is computed (never in ``config``): for a
+    # content job, {"keep_trajectories": True} keeps the inversion latents and reconstruction.
+    store: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Caller bugs, not job failures: refuse them when the job is built.
@@ -192,6 +195,9 @@ def _contents(models: VCTModels, jobs: list[Job], progress: Progress | None) -> 
     with _Counted(models) as counted:
         results = invert_contents(models, [image for _, image in inputs],
                                   from_dict(ContentConfig, jobs[0].config), progress=step)
+    if not jobs[0].store.get("keep_trajectories"):  # fusion needs x_T and the embeddings only
+        results = [replace(r, inversion_latents=None, reconstruction=None)
+                   for r in results]
     out = []
     n = len(jobs)
     for job, (data, _), result in zip(jobs, inputs, results):
@@ -340,7 +346,8 @@ def run_in_order(models: VCTModels, jobs: list[Job], order: list[int], cache: St
             yield i, run_job(models, job, cache, rank, progress)
             continue
         group = [i] + [k for k in pending if jobs[k].kind == "content"
-                       and jobs[k].config == job.config][:content_batch - 1]
+                       and jobs[k].config == job.config
+                       and jobs[k].store == job.store][:content_batch - 1]
         for k in group[1:]:
             pending.remove(k)
         yield from zip(group, run_content_batch(models, [jobs[k] for k in group], cache, rank))
