@@ -178,14 +178,17 @@ def _concept(models: VCTModels, job: Job, progress: Progress | None) -> Stored:
     return Stored(result, _provenance(models, job, counted, reference_sha256=sha256_bytes(data)))
 
 
-def _contents(models: VCTModels, jobs: list[Job], progress: Progress | None) -> list[Stored]:
+def _contents(models: VCTModels, jobs: list[Job], progress: Progress | None,
+              inputs: list | None = None) -> list[Stored]:
     """Several sources of one content config in one batched fit. The batch's UNet evaluations
     are counted once; each source is attributed its own gradient evaluations (its fit
-    iterations, one per evaluation) and an equal share of the batched no-grad ones."""
+    iterations, one per evaluation) and an equal share of the batched no-grad ones.
+    ``inputs``: the jobs' (bytes, image) when the caller has decoded them already."""
     from vct.batch.keys import sha256_bytes
     from vct.content import invert_contents
 
-    inputs = [_decode_input(job) for job in jobs]
+    if inputs is None:
+        inputs = [_decode_input(job) for job in jobs]
 
     def step(i: int, n: int) -> None:  # a named kill point inside the job (vct.faults)
         checkpoint("content.step")
@@ -299,15 +302,15 @@ def run_job(models: VCTModels, job: Job, cache: StageCache, rank: int = 0,
 
 def run_content_batch(models: VCTModels, jobs: list[Job], cache: StageCache,
                       rank: int = 0) -> list[JobOutcome]:
-    """Several content jobs as one batched fit. Unreadable inputs fail alone before the batch;
-    if the batch itself fails (say, out of memory) each job is retried on its own."""
-    from vct.images import decode_image
-
+    """Several content jobs as one batched fit. Unreadable inputs fail alone before the batch
+    (each input is read and decoded once, here, for the batch); if the batch itself fails (say,
+    out of memory) each job is retried on its own."""
     outcomes: dict[int, JobOutcome] = {}
     ready: list[int] = []
+    decoded: dict[int, tuple] = {}
     for n, job in enumerate(jobs):
         try:
-            decode_image(storage.read_input(job.input_uri), f"{ROLE[job.kind]} {job.input_uri}")
+            decoded[n] = _decode_input(job)
             ready.append(n)
         except Exception as exc:  # noqa: BLE001 - this input's failure only
             outcomes[n] = failed(job, rank, error_line(job, exc))
@@ -316,7 +319,8 @@ def run_content_batch(models: VCTModels, jobs: list[Job], cache: StageCache,
     elif ready:
         start = time.perf_counter()
         try:
-            stored = _contents(models, [jobs[n] for n in ready], None)
+            stored = _contents(models, [jobs[n] for n in ready], None,
+                               inputs=[decoded[n] for n in ready])
             seconds = (time.perf_counter() - start) / len(ready)
             for n, item in zip(ready, stored):
                 cache.put("content", jobs[n].key, result_bytes("content", item))
