@@ -14,7 +14,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import load
 
@@ -68,12 +68,13 @@ def png_with_big_metadata(path: Path) -> bytes:
     return data
 
 
-@pytest.fixture
-def no_decoding(monkeypatch):
-    """Any pixel decode while planning fails the test."""
+def forbid_decoding(monkeypatch) -> None:
+    """From here on, any pixel decode of a file fails the test (call it once the inputs are
+    written)."""
     def refuse(*_a, **_k):
         raise AssertionError("planning decoded pixels")
-    monkeypatch.setattr(Image.Image, "load", refuse)
+    Image.init()  # Pillow's lazy plugin imports build images of their own
+    monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
     monkeypatch.setattr(images, "decode_image", refuse)
 
 
@@ -106,7 +107,7 @@ def test_digest_applies_the_input_rules_of_read_input(tmp_path, monkeypatch):
         storage.digest_input(str(tmp_path / "missing.png"))
 
 
-def test_digest_and_planning_on_s3(s3_bucket, tmp_path, no_decoding):
+def test_digest_and_planning_on_s3(s3_bucket, tmp_path, monkeypatch):
     """On a real S3 server: the streamed hash of a large object, its head, and the same row
     errors (bomb, non-image, missing) as locally, with several reads at once."""
     big = big_png(tmp_path / "big.png")
@@ -117,6 +118,7 @@ def test_digest_and_planning_on_s3(s3_bucket, tmp_path, no_decoding):
                "text.png": b"not an image"}
     for name, data in objects.items():
         storage.write_bytes(f"{s3_bucket}/in/{name}", data)
+    forbid_decoding(monkeypatch)
     # one client serves every planning thread without discarding connections
     assert storage.s3_config().max_pool_connections >= RunSettings.model_fields[
         "plan_threads"].metadata[1].le
@@ -213,7 +215,7 @@ def test_plan_threads_is_a_checked_flag():
 
 # ---------------------------------------------------------------- header checks
 def test_a_decompression_bomb_is_refused_from_its_header(tmp_path, tiny_model_dir,
-                                                        no_decoding):
+                                                        monkeypatch):
     """A few hundred bytes claiming 10^10 pixels (past Pillow's own limit) and one claiming
     81 MP (under Pillow's, over ours): both rows fail at plan time naming the file, nothing is
     decoded, and the bomb with a long tail is never read past its head."""
@@ -221,6 +223,7 @@ def test_a_decompression_bomb_is_refused_from_its_header(tmp_path, tiny_model_di
     (tmp_path / "quiet.png").write_bytes(bomb_png(9000, 9000, tail=2 * storage.HEAD_BYTES))
     make_image(1, (16, 16)).save(tmp_path / "ref.png")
     make_image(0, (16, 16)).save(tmp_path / "good.png")
+    forbid_decoding(monkeypatch)
     refused = []
 
     def no_full_read(uri):
@@ -262,13 +265,14 @@ def test_the_pixel_cap_is_vct_max_pixels(tmp_path, monkeypatch):
             images.max_pixels()
 
 
-def test_non_images_and_missing_files_fail_their_rows(tmp_path, tiny_model_dir, no_decoding):
+def test_non_images_and_missing_files_fail_their_rows(tmp_path, tiny_model_dir, monkeypatch):
     (tmp_path / "notes.png").write_text("not an image")
     (tmp_path / "empty.png").write_bytes(b"")
     junk = b"\xff" * (storage.HEAD_BYTES + 1000)
     (tmp_path / "junk.png").write_bytes(b"\x89PNG\r\n\x1a\n" + junk)  # big, broken header
     make_image(1, (16, 16)).save(tmp_path / "ref.png")
     make_image(0, (16, 16)).save(tmp_path / "good.png")
+    forbid_decoding(monkeypatch)
     m = tmp_path / "m.csv"
     names = ("notes", "empty", "junk", "missing")
     m.write_text("source,reference,pair_id\n" + "".join(
@@ -279,7 +283,8 @@ def test_non_images_and_missing_files_fail_their_rows(tmp_path, tiny_model_dir, 
     reasons = {e.pair_id: e.reason for e in plan.errors}
     assert set(reasons) == set(names)
     for name in names:
-        assert f"source {tmp_path / f'{name}.png'}" in reasons[name], reasons[name]
+        reason = reasons[name]
+        assert reason.startswith("source ") and str(tmp_path / f"{name}.png") in reason, reason
     assert "not a readable image" in reasons["notes"] and "empty file" in reasons["empty"]
     assert "not a readable image" in reasons["junk"] and "not found" in reasons["missing"]
 
