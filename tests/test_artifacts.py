@@ -54,6 +54,27 @@ def test_results_round_trip_bit_exactly(content, concept):
         assert result_bytes(kind, back) == data
 
 
+def test_a_lean_content_entry_stores_and_loads_without_trajectories(content):
+    """What the job layer stores by default (no keep_trajectories): x_T and the embeddings
+    only; a half-lean entry is refused."""
+    import dataclasses
+
+    from safetensors.torch import load
+
+    lean = dataclasses.replace(content, inversion_latents=None, reconstruction=None)
+    data = result_bytes("content", Stored(lean, {}))
+    assert set(load(data)) == {"x_T", "embeddings"}
+    back = load_result("content", data).result
+    assert back.inversion_latents is None and back.reconstruction is None
+    assert torch.equal(back.x_T, content.x_T) and torch.equal(back.embeddings, content.embeddings)
+    full = result_bytes("content", Stored(content, {}))
+    assert set(load(full)) == {"x_T", "embeddings", "inversion_latents", "reconstruction"}
+    assert len(data) < len(full)
+    half = dataclasses.replace(content, reconstruction=None)
+    with pytest.raises(ArtifactError, match="do not match"):
+        load_result("content", result_bytes("content", Stored(half, {})))
+
+
 def test_header_records_what_made_it(content):
     fields = _header(result_bytes("content", Stored(content, {"model": "m"})))["fields"]
     assert fields["config"]["guidance_scale"] == 7.5

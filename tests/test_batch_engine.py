@@ -92,8 +92,7 @@ def _manifest(tmp_path: Path, rows: list[str], prefix: str = "") -> Path:
 def _plan(tmp_path: Path, manifest: Path, **settings):
     cfg = RunSettings.build({"content": {"num_inference_steps": T}, **settings})
     parsed = parse_manifest(manifest.read_bytes(), str(manifest))
-    hashes = hash_inputs([u for r in parsed.rows for u in (r.source, r.reference)],
-                         storage.read_bytes)
+    hashes = hash_inputs([u for r in parsed.rows for u in (r.source, r.reference)])
     plan = plan_run(parsed, hashes, "m" * 64, cfg, str(tmp_path / "out" / "run"), "run")
     return plan, ExecutorSettings(model="unused", cache_uri=str(tmp_path / "cache"))
 

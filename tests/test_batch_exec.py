@@ -33,8 +33,10 @@ def _sha(path: Path) -> str:
 
 
 def content_job(models, path: Path, cost: float = 20.0) -> Job:
-    return Job("content", content_key(_sha(path), models.identity, CONTENT), str(path),
-               to_dict(CONTENT), cost)
+    """With the trajectories kept: the tests below compare them across executors and batches."""
+    return Job("content", content_key(_sha(path), models.identity, CONTENT,
+                                      keep_trajectories=True), str(path),
+               to_dict(CONTENT), cost, store={"keep_trajectories": True})
 
 
 def concept_job(models, path: Path, cost: float = 12.0) -> Job:

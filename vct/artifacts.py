@@ -118,12 +118,16 @@ _TENSORS = {
     "concept": ("vectors",),
     "fusion": ("images",),
 }
+# Tensors an entry may lack (stored as None: a lean content entry, the default).
+_OPTIONAL = {"content": ("inversion_latents", "reconstruction")}
 
 
 def result_bytes(kind: str, stored: Stored) -> bytes:
     """Serialise a stage result with its provenance (the config and stats go in the header)."""
     result = stored.result
     tensors = {name: getattr(result, name) for name in _TENSORS[kind]}
+    tensors = {name: t for name, t in tensors.items()
+               if not (t is None and name in _OPTIONAL.get(kind, ()))}
     fields: dict[str, Any] = {"provenance": stored.provenance}
     if kind in ("content", "concept"):
         fields["config"] = to_dict(result.config)
@@ -134,8 +138,11 @@ def result_bytes(kind: str, stored: Stored) -> bytes:
 def load_result(kind: str, data: bytes, *, key: str | None = None) -> Stored:
     """Parse and verify a stored result; with `key`, the recorded cache key must match."""
     tensors, fields = decode(kind, data)
-    if set(tensors) != set(_TENSORS[kind]):
+    optional = set(_OPTIONAL.get(kind, ()))
+    if set(tensors) not in (set(_TENSORS[kind]), set(_TENSORS[kind]) - optional):
         raise ArtifactError(f"tensors {sorted(tensors)} do not match {sorted(_TENSORS[kind])}")
+    if optional and not optional & set(tensors):
+        tensors = {**tensors, **dict.fromkeys(optional)}
     provenance = fields.get("provenance") or {}
     if key is not None and provenance.get("cache_key") != key:
         raise ArtifactError(f"cache_key is {provenance.get('cache_key')!r}, expected {key!r}")

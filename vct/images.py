@@ -20,12 +20,18 @@ silently computed on the wrong pixels:
   Pillow; a 48-bit RGB PNG already arrives as 8-bit RGB, taken from each sample's high byte.)
 
 Every decode is bounded: the pixel count is checked from the header before any pixel is
-decoded (:data:`MAX_PIXELS`), and :func:`probe_image` validates a file from its header alone.
+decoded, and :func:`probe_image` validates a file from its header alone. The cap is
+:func:`max_pixels`: ``VCT_MAX_PIXELS`` (read at each call, like ``VCT_MAX_INPUT_BYTES``, so the
+planner, every job and every accelerate rank or worker apply the same one), else
+:data:`MAX_PIXELS` (64 MP). Pillow's own decompression-bomb check follows it: its warning is an
+error below the cap and ignored above, and its hard limit (twice ``Image.MAX_IMAGE_PIXELS``,
+about 179 MP) bounds the variable.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +43,7 @@ from PIL import Image, UnidentifiedImageError
 from vct.errors import UserError
 
 MAX_PIXELS = 64_000_000  # refuse decompression bombs with a clear error, not an OOM
+ENV_MAX_PIXELS = "VCT_MAX_PIXELS"
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _EXIF_ORIENTATION = 0x0112
@@ -56,24 +63,55 @@ class ImageError(UserError, ValueError):
     """The bytes are not a usable image; the message names the file."""
 
 
+class ImageTooLarge(ImageError):
+    """The header claims more pixels than the cap (a decompression bomb, or just too big)."""
+
+
+def _pillow_hard_limit() -> int | None:
+    """Pillow refuses images above twice ``Image.MAX_IMAGE_PIXELS`` whatever we say."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return None if limit is None else 2 * int(limit)
+
+
+def max_pixels() -> int:
+    """The pixel cap: ``VCT_MAX_PIXELS`` if set (an integer from 1 to Pillow's hard limit,
+    else a ValueError naming the variable), else :data:`MAX_PIXELS`."""
+    raw = os.environ.get(ENV_MAX_PIXELS, "").strip()
+    if not raw:
+        return MAX_PIXELS
+    hard = _pillow_hard_limit()
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_MAX_PIXELS} must be an integer, got {raw!r}") from None
+    if value < 1 or (hard is not None and value > hard):
+        bound = f" and at most {hard} (Pillow's own limit)" if hard is not None else ""
+        raise ValueError(f"{ENV_MAX_PIXELS} must be at least 1{bound}, got {value}")
+    return value
+
+
 @contextmanager
-def _opened(data: bytes, name: str) -> Iterator[Image.Image]:
+def _opened(data: bytes, name: str, cap: int | None = None) -> Iterator[Image.Image]:
     """The lazily opened image (header parsed, no pixels decoded), size-checked against the
-    pixel cap; Pillow's own bomb warning counts as an error, not a log line."""
+    pixel cap (``cap``, default :func:`max_pixels`); Pillow's own bomb warning counts as an
+    error below the cap, not a log line."""
+    cap = max_pixels() if cap is None else int(cap)
     if not data:
         raise ImageError(f"{name}: empty file, not an image")
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        pillow = Image.MAX_IMAGE_PIXELS
+        warnings.simplefilter("ignore" if pillow is not None and cap > pillow else "error",
+                              Image.DecompressionBombWarning)
         try:
             img = Image.open(io.BytesIO(data))
         except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-            raise ImageError(f"{name}: larger than the {MAX_PIXELS} pixel cap") from None
+            raise ImageTooLarge(f"{name}: larger than the {cap} pixel cap") from None
         except _DECODE_ERRORS as exc:
             raise ImageError(f"{name}: not a readable image ({type(exc).__name__})") from None
         with img:
-            if img.width * img.height > MAX_PIXELS:
-                raise ImageError(f"{name}: {img.width}x{img.height} is larger than the "
-                                 f"{MAX_PIXELS} pixel cap")
+            if img.width * img.height > cap:
+                raise ImageTooLarge(f"{name}: {img.width}x{img.height} is larger than the "
+                                    f"{cap} pixel cap")
             if img.width < 1 or img.height < 1:
                 raise ImageError(f"{name}: image has no pixels")
             yield img
@@ -96,16 +134,17 @@ def _orientation(img: Image.Image, *, header_only: bool = False) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def probe_image(data: bytes, name: str, *, apply_exif: bool = True) -> tuple[str, int, int, str]:
+def probe_image(data: bytes, name: str, *, apply_exif: bool = True,
+                max_pixels: int | None = None) -> tuple[str, int, int, str]:
     """``(format, width, height, mode)`` from the header alone, without decoding pixels.
 
     For plan time: it refuses what is not an image, has no pixels or exceeds the pixel cap in
     milliseconds and without memory, whatever the file's size. Width and height are those
     :func:`decode_image` will return (swapped for a 90-degree EXIF orientation unless
     ``apply_exif`` is false). A file whose pixel data is broken passes the probe; only decoding
-    can find that.
+    can find that. ``max_pixels`` overrides the cap (default: :func:`max_pixels`).
     """
-    with _opened(data, name) as img:
+    with _opened(data, name, max_pixels) as img:
         width, height = img.size
         if apply_exif and _orientation(img, header_only=True) in _SWAPS_AXES:
             width, height = height, width

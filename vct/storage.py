@@ -11,10 +11,11 @@ Guarantees the callers rely on:
   on S3 a single PUT (or the transfer manager's multipart upload, which also only makes the
   object visible once complete). :func:`sweep_temp_files` removes what killed writers left.
 - Reads only ever read a regular file or an object, and never more than a cap when one is given:
-  :func:`read_bytes` (``max_bytes``: none by default, for the pipeline's own objects) and
+  :func:`read_bytes` (``max_bytes``: none by default, for the pipeline's own objects),
   :func:`read_input` (for bytes a user pointed us at: capped at ``VCT_MAX_INPUT_BYTES``, default
-  :data:`MAX_INPUT_BYTES`). A FIFO, a device such as ``/dev/zero``, a socket or a folder is
-  refused before a single byte is read, and the cap is enforced while reading, so neither a
+  :data:`MAX_INPUT_BYTES`) and :func:`digest_input` (the same, streamed through sha256 keeping
+  only a head of :data:`HEAD_BYTES`, for planning). A FIFO, a device such as ``/dev/zero``, a
+  socket or a folder is refused before a single byte is read, and the cap is enforced while reading, so neither a
   huge object nor an endless stream can exhaust memory or hang a run.
 - Every failure of an operation on one object is a :class:`StorageError` whose one-line message
   names the URI and what happened: :class:`StorageNotFound`, :class:`StorageAccessDenied`
@@ -38,7 +39,7 @@ Guarantees the callers rely on:
 Environment variables (read at each call, so a changed value takes effect at once; a bad value is
 a ValueError naming the variable). Defaults in parentheses:
 
-- ``VCT_MAX_INPUT_BYTES`` (64 MiB): the cap of :func:`read_input`.
+- ``VCT_MAX_INPUT_BYTES`` (64 MiB): the cap of :func:`read_input` and :func:`digest_input`.
 - ``VCT_S3_MAX_ATTEMPTS`` (5): HTTP requests botocore makes per S3 call (standard retry mode).
 - ``VCT_S3_CONNECT_TIMEOUT`` (10 s), ``VCT_S3_READ_TIMEOUT`` (60 s): per request.
 - ``VCT_STORAGE_ATTEMPTS`` (4): tries of one storage operation (each with botocore's retries).
@@ -65,7 +66,7 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -101,10 +102,18 @@ _READ_CHUNK = 1024 * 1024
 # pixel cap of vct.images), far below what would hurt a worker's memory.
 MAX_INPUT_BYTES = 64 * 1024 * 1024
 ENV_MAX_INPUT_BYTES = "VCT_MAX_INPUT_BYTES"
+# What digest_input keeps of an input for a header probe: a PNG, GIF or WebP header and a
+# JPEG's frame header after its EXIF/ICC segments fit in far less (a TIFF whose first IFD
+# follows its pixels does not: the planner then reads the whole file).
+HEAD_BYTES = 256 * 1024
 # botocore, per S3 call: its default (3 attempts) gives up inside one short burst of SlowDown.
 DEFAULT_S3_MAX_ATTEMPTS = 5
 DEFAULT_S3_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_S3_READ_TIMEOUT_S = 60.0
+# Connections one client keeps (botocore's default is 10): the planner reads with up to
+# RunSettings.plan_threads (at most 256) threads through the one shared client; connections are
+# opened only as needed, so a high ceiling costs nothing when few threads read.
+S3_MAX_POOL_CONNECTIONS = 256
 ENV_S3_MAX_ATTEMPTS = "VCT_S3_MAX_ATTEMPTS"
 ENV_S3_CONNECT_TIMEOUT = "VCT_S3_CONNECT_TIMEOUT"
 ENV_S3_READ_TIMEOUT = "VCT_S3_READ_TIMEOUT"
@@ -433,7 +442,8 @@ def s3_config() -> botocore.config.Config:
     return botocore.config.Config(
         retries={"mode": "standard", "total_max_attempts": attempts},
         connect_timeout=_env_float(ENV_S3_CONNECT_TIMEOUT, DEFAULT_S3_CONNECT_TIMEOUT_S, 0.001),
-        read_timeout=_env_float(ENV_S3_READ_TIMEOUT, DEFAULT_S3_READ_TIMEOUT_S, 0.001))
+        read_timeout=_env_float(ENV_S3_READ_TIMEOUT, DEFAULT_S3_READ_TIMEOUT_S, 0.001),
+        max_pool_connections=S3_MAX_POOL_CONNECTIONS)
 
 
 def reset_clients() -> None:
@@ -620,11 +630,8 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
     """
     if max_bytes is not None and max_bytes < 0:
         raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
-    if is_s3(uri):
-        bucket, key = _require_key(uri)
-        return retrying(lambda: _read_s3(uri, bucket, key, max_bytes), uri=uri, action="read")
-    path = _local_path(uri)
-    return retrying(lambda: _read_local(uri, path, max_bytes), uri=uri, action="read")
+    opener = _opened_stream(uri, max_bytes)
+    return retrying(lambda: _read_all(uri, opener, max_bytes), uri=uri, action="read")
 
 
 def read_input(uri: str, max_bytes: int | None = None) -> bytes:
@@ -657,7 +664,10 @@ _OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTT
                | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
 
 
-def _read_local(uri: str, path: Path, max_bytes: int | None) -> bytes:
+@contextlib.contextmanager
+def _open_local(uri: str, path: Path, max_bytes: int | None) -> Iterator[BinaryIO]:
+    """The opened regular file (refused before opening if it is not one, checked again on what
+    was opened), after its ``st_size`` passed the cap."""
     _require_regular(uri, _path_mode(path))
     fd = os.open(path, _OPEN_FLAGS)
     try:
@@ -671,32 +681,87 @@ def _read_local(uri: str, path: Path, max_bytes: int | None) -> bytes:
         os.close(fd)
         raise
     with fh:
-        # A buffered read(n) loops until n bytes or EOF; n = cap + 1 tells "over" from "exactly".
-        data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
-    if max_bytes is not None and len(data) > max_bytes:
-        raise _too_large(uri, max_bytes, None)
-    return data
+        yield fh
 
 
-def _read_s3(uri: str, bucket: str, key: str, max_bytes: int | None) -> bytes:
+@contextlib.contextmanager
+def _open_s3(uri: str, bucket: str, key: str, max_bytes: int | None) -> Iterator[Any]:
+    """The object's body stream, after its ``ContentLength`` passed the cap (before reading
+    any of the body); closed on the way out."""
     response = s3_client().get_object(Bucket=bucket, Key=key)
     body = response["Body"]
     try:
         size = response.get("ContentLength")
-        if max_bytes is None:
-            return body.read()
-        if size is not None and size > max_bytes:
-            raise _too_large(uri, max_bytes, size)  # before reading any of the body
-        chunks: list[bytes] = []
-        received = 0
-        while chunk := body.read(min(_READ_CHUNK, max_bytes + 1 - received)):
-            received += len(chunk)
-            chunks.append(chunk)
-            if received > max_bytes:
-                raise _too_large(uri, max_bytes, None)
-        return b"".join(chunks)
+        if max_bytes is not None and size is not None and size > max_bytes:
+            raise _too_large(uri, max_bytes, size)
+        yield body
     finally:
         body.close()
+
+
+def _pump(uri: str, read: Callable[[int], bytes], max_bytes: int | None,
+          sink: Callable[[bytes], None]) -> int:
+    """Feed ``read``'s chunks to ``sink`` until EOF; returns the byte count. With a cap, never
+    asks for more than ``max_bytes + 1`` bytes in all (one byte over tells "over" from
+    "exactly") and raises InputTooLarge as soon as the cap is passed, whatever the size the
+    file or response claimed."""
+    received = 0
+    while True:
+        want = _READ_CHUNK if max_bytes is None else min(_READ_CHUNK, max_bytes + 1 - received)
+        chunk = read(want)
+        if not chunk:
+            return received
+        received += len(chunk)
+        if max_bytes is not None and received > max_bytes:
+            raise _too_large(uri, max_bytes, None)
+        sink(chunk)
+
+
+def _opened_stream(uri: str, max_bytes: int | None) -> Callable[[], Any]:
+    """What opens ``uri`` for one try of a read (a context manager giving a ``read(n)``)."""
+    if is_s3(uri):
+        bucket, key = _require_key(uri)
+        return lambda: _open_s3(uri, bucket, key, max_bytes)
+    path = _local_path(uri)
+    return lambda: _open_local(uri, path, max_bytes)
+
+
+def _read_all(uri: str, opener: Callable[[], Any], max_bytes: int | None) -> bytes:
+    chunks: list[bytes] = []
+    with opener() as stream:
+        _pump(uri, stream.read, max_bytes, chunks.append)
+    return b"".join(chunks)
+
+
+def digest_input(uri: str, max_bytes: int | None = None,
+                 head_bytes: int = HEAD_BYTES) -> tuple[str, bytes, int]:
+    """``(sha256 hex, head, size)`` of an input, streamed: the bytes pass through hashlib in
+    chunks and only the first ``head_bytes`` (the whole object if smaller) are kept, for a
+    header probe. Same rules as :func:`read_input`: capped at ``max_bytes`` or
+    :func:`max_input_bytes`, regular files and objects only, the same errors, and the whole
+    read retried (from the first byte, with a fresh hash) on transient failures.
+
+    ``len(head) == size`` says the head is the whole object.
+    """
+    cap = max_input_bytes() if max_bytes is None else max_bytes
+    if cap < 0:
+        raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+    if head_bytes < 0:
+        raise ValueError(f"head_bytes must be >= 0, got {head_bytes}")
+    opener = _opened_stream(uri, cap)
+
+    def once() -> tuple[str, bytes, int]:
+        h = hashlib.sha256()
+        head = bytearray()
+
+        def sink(chunk: bytes) -> None:
+            h.update(chunk)
+            if len(head) < head_bytes:
+                head.extend(chunk[:head_bytes - len(head)])
+        with opener() as stream:
+            size = _pump(uri, stream.read, cap, sink)
+        return h.hexdigest(), bytes(head), size
+    return retrying(once, uri=uri, action="read")
 
 
 def write_bytes(uri: str, data: bytes, content_type: str | None = None) -> None:

@@ -138,7 +138,7 @@ def plan(request: RunRequest, manifest: Manifest | None = None,
     preflight.check_model(folder, settings)  # one line for a wrong folder, before any hashing
     identity = model_identity(folder)
     hashes = hash_inputs([u for row in manifest.rows for u in (row.source, row.reference)],
-                         storage.read_input)
+                         threads=settings.plan_threads)
     run_id = request.run_id or default_run_id(
         request.manifest_uri, manifest_bytes,
         {"model": identity, "settings": settings.stage_dict()})

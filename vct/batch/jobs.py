@@ -21,7 +21,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from vct import storage
@@ -60,6 +60,9 @@ class Job:
     input_uri: str
     config: dict
     cost: float = 1.0
+    # What is stored beside the result, not how it is computed (never in ``config``): for a
+    # content job, {"keep_trajectories": True} keeps the inversion latents and reconstruction.
+    store: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Caller bugs, not job failures: refuse them when the job is built.
@@ -242,14 +245,17 @@ def _concept(models: VCTModels, job: Job, progress: Progress | None) -> Stored:
     return Stored(result, _provenance(models, job, counted, reference_sha256=sha256_bytes(data)))
 
 
-def _contents(models: VCTModels, jobs: list[Job], progress: Progress | None) -> list[Stored]:
+def _contents(models: VCTModels, jobs: list[Job], progress: Progress | None,
+              inputs: list | None = None) -> list[Stored]:
     """Several sources of one content config in one batched fit. The batch's UNet evaluations
     are counted once; each source is attributed its own gradient evaluations (its fit
-    iterations, one per evaluation) and an equal share of the batched no-grad ones."""
+    iterations, one per evaluation) and an equal share of the batched no-grad ones.
+    ``inputs``: the jobs' (bytes, image) when the caller has decoded them already."""
     from vct.batch.keys import sha256_bytes
     from vct.content import invert_contents
 
-    inputs = [_decode_input(job) for job in jobs]
+    if inputs is None:
+        inputs = [_decode_input(job) for job in jobs]
 
     def step(i: int, n: int) -> None:  # a named kill point inside the job (vct.faults)
         checkpoint("content.step")
@@ -259,6 +265,9 @@ def _contents(models: VCTModels, jobs: list[Job], progress: Progress | None) -> 
     with _Counted(models) as counted:
         results = invert_contents(models, [image for _, image in inputs],
                                   from_dict(ContentConfig, jobs[0].config), progress=step)
+    if not jobs[0].store.get("keep_trajectories"):  # fusion needs x_T and the embeddings only
+        results = [replace(r, inversion_latents=None, reconstruction=None)
+                   for r in results]
     out = []
     n = len(jobs)
     for job, (data, _), result in zip(jobs, inputs, results):
@@ -360,15 +369,15 @@ def run_job(models: VCTModels, job: Job, cache: StageCache, rank: int = 0,
 
 def run_content_batch(models: VCTModels, jobs: list[Job], cache: StageCache,
                       rank: int = 0) -> list[JobOutcome]:
-    """Several content jobs as one batched fit. Unreadable inputs fail alone before the batch;
-    if the batch itself fails (say, out of memory) each job is retried on its own."""
-    from vct.images import decode_image
-
+    """Several content jobs as one batched fit. Unreadable inputs fail alone before the batch
+    (each input is read and decoded once, here, for the batch); if the batch itself fails (say,
+    out of memory) each job is retried on its own."""
     outcomes: dict[int, JobOutcome] = {}
     ready: list[int] = []
+    decoded: dict[int, tuple] = {}
     for n, job in enumerate(jobs):
         try:
-            decode_image(storage.read_input(job.input_uri), f"{ROLE[job.kind]} {job.input_uri}")
+            decoded[n] = _decode_input(job)
             ready.append(n)
         except Exception as exc:  # noqa: BLE001 - this input's failure only
             outcomes[n] = failed(job, rank, error_line(job, exc))
@@ -377,7 +386,8 @@ def run_content_batch(models: VCTModels, jobs: list[Job], cache: StageCache,
     elif ready:
         start = time.perf_counter()
         try:
-            stored = _contents(models, [jobs[n] for n in ready], None)
+            stored = _contents(models, [jobs[n] for n in ready], None,
+                               inputs=[decoded[n] for n in ready])
             seconds = (time.perf_counter() - start) / len(ready)
             for n, item in zip(ready, stored):
                 store(cache, "content", jobs[n].key, item)
@@ -407,7 +417,8 @@ def run_in_order(models: VCTModels, jobs: list[Job], order: list[int], cache: St
             yield i, run_job(models, job, cache, rank, progress)
             continue
         group = [i] + [k for k in pending if jobs[k].kind == "content"
-                       and jobs[k].config == job.config][:content_batch - 1]
+                       and jobs[k].config == job.config
+                       and jobs[k].store == job.store][:content_batch - 1]
         for k in group[1:]:
             pending.remove(k)
         yield from zip(group, run_content_batch(models, [jobs[k] for k in group], cache, rank))

@@ -26,9 +26,15 @@ def concept_key(reference_sha256: str, model_identity: str, cfg: ConceptConfig) 
                                  "config": to_dict(cfg), "format_version": FORMAT_VERSION})
 
 
-def content_key(source_sha256: str, model_identity: str, cfg: ContentConfig) -> str:
-    return cache_key("content", {"source": source_sha256, "model": model_identity,
-                                 "config": to_dict(cfg), "format_version": FORMAT_VERSION})
+def content_key(source_sha256: str, model_identity: str, cfg: ContentConfig, *,
+                keep_trajectories: bool = False) -> str:
+    """``keep_trajectories`` (RunSettings) changes what the entry holds, so it is in the key,
+    but only when on: a default (lean) entry keeps the key it has always had."""
+    parts = {"source": source_sha256, "model": model_identity, "config": to_dict(cfg),
+             "format_version": FORMAT_VERSION}
+    if keep_trajectories:
+        parts["trajectories"] = True
+    return cache_key("content", parts)
 
 
 def fusion_key(content_k: str, concept_keys: list[str], fusion: FusionConfig) -> str:

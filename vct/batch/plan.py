@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,7 @@ from vct.batch.settings import RunSettings
 from vct.config import ConceptConfig, ConfigError, ContentConfig, FusionConfig, to_dict
 from vct.config import with_overrides as override
 from vct.errors import UserError
-from vct.images import decode_image
+from vct.images import ImageError, ImageTooLarge, probe_image
 from vct.manifest import Manifest, PairRow, RowError
 
 
@@ -70,19 +71,62 @@ def default_run_id(manifest_uri: str, manifest_bytes: bytes, settings_blob: dict
     return f"{safe}-{digest}"
 
 
-def hash_inputs(uris: list[str], read: Callable[[str], bytes]) -> dict[str, str | Exception]:
-    """sha256 of each distinct input, or the error that makes it unusable (missing, not an
-    image, unreadable for any reason). Decoding here means a hostile file fails its rows at
-    plan time, not mid-run; one input's error never stops the others."""
-    out: dict[str, str | Exception] = {}
-    for uri in dict.fromkeys(uris):
+Digest = Callable[[str], tuple[str, bytes, int]]
+"""uri -> (sha256 hex, head bytes, size): :func:`vct.storage.digest_input`'s shape."""
+DEFAULT_PLAN_THREADS = 8
+
+
+def check_input(uri: str, digest: Digest | None = None,
+                read: Callable[[str], bytes] | None = None,
+                max_pixels: int | None = None) -> str:
+    """The sha256 of one input that passed the header probe (format, size, the pixel cap), or
+    the error that makes it unusable. The bytes are hashed while streaming; only the head is
+    kept for the probe. If the head was cut short and is not enough for the probe (a TIFF whose
+    directory follows its pixels, a JPEG with huge metadata segments), the whole input is read
+    (capped like every input read) and probed and hashed instead. A header over the pixel cap
+    is refused from the head alone: no bomb is ever read whole or decoded. ``digest`` and
+    ``read`` default to :func:`vct.storage.digest_input` and :func:`vct.storage.read_input`;
+    ``max_pixels`` to :func:`vct.images.max_pixels` (``VCT_MAX_PIXELS``)."""
+    sha, head, size = (digest or storage.digest_input)(uri)
+    try:
+        probe_image(head, uri, max_pixels=max_pixels)
+        return sha
+    except ImageTooLarge:
+        raise
+    except ImageError:
+        if len(head) >= size:  # the head was the whole input: nothing more to read
+            raise
+    data = (read or storage.read_input)(uri)
+    probe_image(data, uri, max_pixels=max_pixels)
+    return hashlib.sha256(data).hexdigest()
+
+
+def hash_inputs(uris: list[str], digest: Digest | None = None, *,
+                threads: int = DEFAULT_PLAN_THREADS,
+                read: Callable[[str], bytes] | None = None,
+                max_pixels: int | None = None) -> dict[str, str | Exception]:
+    """sha256 of each distinct input (in first-seen order), or the error that makes it unusable
+    (missing, too large, not an image, over the pixel cap, unreadable for any reason).
+
+    Inputs are read by at most ``threads`` threads at once (``RunSettings.plan_threads``): on
+    S3 planning is latency-bound, so a manifest of thousands of inputs takes seconds, not
+    minutes. Each input is checked by :func:`check_input` (streamed hash plus header probe),
+    so a hostile file fails its rows at plan time, not mid-run, without being decoded; pixels
+    are decoded once, by the job that uses them. One input's error never stops the others."""
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    distinct = list(dict.fromkeys(uris))
+
+    def one(uri: str) -> str | Exception:
         try:
-            data = read(uri)
-            decode_image(data, uri)
-            out[uri] = hashlib.sha256(data).hexdigest()
+            return check_input(uri, digest, read, max_pixels)
         except (UserError, OSError) as exc:
-            out[uri] = exc
-    return out
+            return exc
+    if threads == 1 or len(distinct) <= 1:
+        return {uri: one(uri) for uri in distinct}
+    with ThreadPoolExecutor(max_workers=min(threads, len(distinct)),
+                            thread_name_prefix="vct-plan") as pool:
+        return dict(zip(distinct, pool.map(one, distinct)))
 
 
 def _row_configs(row: PairRow, settings: RunSettings) -> tuple[ConceptConfig, FusionConfig]:
@@ -122,13 +166,15 @@ def plan_run(manifest: Manifest, hashes: dict[str, str | Exception], model_ident
             continue
         src_sha, ref_sha = hashes[row.source], hashes[row.reference]
         k_concept = keys.concept_key(ref_sha, model_identity, concept)
-        k_content = keys.content_key(src_sha, model_identity, content)
+        k_content = keys.content_key(src_sha, model_identity, content,
+                                     keep_trajectories=settings.keep_trajectories)
         concept_jobs.setdefault(k_concept, Job(
             kind="concept", key=k_concept, input_uri=row.reference, config=to_dict(concept),
             cost=float(concept.max_train_steps * concept.gradient_accumulation_steps)))
         content_jobs.setdefault(k_content, Job(
             kind="content", key=k_content, input_uri=row.source, config=to_dict(content),
-            cost=float(content.num_inference_steps * (content.num_inner_steps + 2))))
+            cost=float(content.num_inference_steps * (content.num_inner_steps + 2)),
+            store={"keep_trajectories": True} if settings.keep_trajectories else {}))
         names = output_names(row.output_name)
         pairs.append(PairPlan(
             row=row, concept=concept, content=content, fusion=fusion,

@@ -47,6 +47,13 @@ class RunSettings(BaseModel):
     shards: int = Field(1, ge=1, le=1024, description="split the run's jobs into this many "
                         "shard flow runs of the restyle-shard deployment, taken by any workers "
                         "of its pool (1 = no sharding: everything in this flow run)")
+    plan_threads: int = Field(8, ge=1, le=256, description="inputs read and hashed at once "
+                              "while planning (threads; each streams one input through sha256 "
+                              "and probes its header, S3 latency bound)")
+    keep_trajectories: bool = Field(False, description="also store each source's inversion "
+                                    "latents and stage-2 reconstruction (about 6.6 MB per "
+                                    "source at 512 px) in its content entry, for debugging; a "
+                                    "separate content cache key, so outputs are re-fused once")
     concept: ConceptConfig = Field(default_factory=ConceptConfig,
                                    description="stage 3, concept inversion (per reference)")
     content: ContentConfig = Field(default_factory=ContentConfig,
