@@ -79,18 +79,20 @@ class Recorder:
 def test_versioned_objects_swap_only_from_the_version_seen(root: str) -> None:
     uri = storage.join(root, "lease.json")
     assert storage.read_versioned(uri) is None
-    v1 = storage.create_versioned(uri, b"one")
-    assert v1 and storage.create_versioned(uri, b"again") is None
+    v1 = storage.conditional_put(uri, b"one", None)
+    assert v1 and storage.conditional_put(uri, b"again", None) is None
     assert storage.read_versioned(uri) == (b"one", v1)
-    v2 = storage.replace_if_match(uri, b"two", v1)
+    # The version a listing shows is the one a swap compares with.
+    assert [o.etag for o in storage.list_objects(root, (".json",))] == [v1]
+    v2 = storage.conditional_put(uri, b"two", v1)
     assert v2 and v2 != v1
-    assert storage.replace_if_match(uri, b"stale", v1) is None  # someone swapped meanwhile
+    assert storage.conditional_put(uri, b"stale", v1) is None  # someone swapped meanwhile
     assert storage.read_versioned(uri)[0] == b"two"
     assert storage.delete_if_match(uri, v1) is False
     assert storage.read_versioned(uri)[0] == b"two"
     assert storage.delete_if_match(uri, v2) is True
     assert storage.read_versioned(uri) is None
-    assert storage.replace_if_match(uri, b"x", v2) is None  # gone: nothing to replace
+    assert storage.conditional_put(uri, b"x", v2) is None  # gone: nothing to replace
     assert storage.delete_if_match(uri, v2) is False
 
 

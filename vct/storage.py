@@ -922,30 +922,135 @@ def list_uris(prefix_uri: str) -> list[str]:
 
 
 
-# ---------------------------------------------------------------- exclusive create
-def create_if_absent(uri: str, data: bytes) -> bool:
-    """Write data only if nothing exists at uri; True if this call created it.
+# ---------------------------------------------------------------- compare-and-swap
+# Claims (vct.batch.claims) and incoming-manifest markers (vct.batch.incoming) are created once,
+# then renewed, taken over or released only by whoever holds their current *version*:
+# compare-and-swap. A version is the S3 ETag (quotes removed: the MD5 of a single-part upload)
+# or, locally, the MD5 of the file's bytes, so "same version, same object" holds on both and a
+# listing's ETag (:func:`list_objects`) can be compared with it.
+#
+# - Create (expected version None): on S3 a conditional PUT ``If-None-Match: *`` (S3 since 2024,
+#   moto >= 5.0.14); locally a fully written temp file hard-linked to the target (``link``
+#   fails if it exists, and readers only ever see complete content).
+# - Replace / delete (expected version given): on S3 ``If-Match``; locally under an flock on
+#   the object's folder (released by the kernel when its holder dies; works on NFSv4 too),
+#   comparing the current MD5 first. A create cannot conflict with a swap: one needs the object absent, the
+#   other present.
+#
+# 412 PreconditionFailed (or 404 for an expected object that is gone) means someone else won:
+# the call returns None/False and writes nothing. A retried PUT may meet its own earlier attempt
+# (the first succeeded, its response was lost, the retry gets 412), so after a retry a 412 reads
+# the object back and counts as ours if it holds exactly ``data``: callers put something unique
+# in ``data`` (an owner token and a timestamp) for "first writer wins" to stay exact. 409
+# ConditionalRequestConflict, throttling and connection errors are retried (:func:`retrying`).
 
-    Used as a lock/claim ("first writer wins"), so it must be exclusive, not check-then-write.
-    Locally the content goes into a fully written temp file which is then hard-linked to the
-    target: ``link`` fails if the target exists, and readers only ever see complete content.
-    On S3 it is a conditional PUT (``If-None-Match: *``, supported by S3 since 2024 and by
-    moto >= 5.0.14); 412 PreconditionFailed means someone else created it. A 409
-    ConditionalRequestConflict (a concurrent conditional write in flight), throttling and
-    connection errors are retried (:func:`retrying`).
 
-    A retried PUT may meet its own earlier attempt: the first PUT succeeded but its response was
-    lost, and the retry gets 412. So after a retry a 412 reads the object back and counts as
-    created if it holds exactly ``data``: callers must put something unique in ``data`` (the
-    flows' claim holds the flow run id and a timestamp) for "first writer wins" to stay exact.
-    """
+def version_of(data: bytes) -> str:
+    """The version an object holding ``data`` has (the MD5 hex S3 gives a single-part PUT)."""
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def _etag(value: object) -> str:
+    return str(value or "").strip('"')
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    return _error_code(exc) == "PreconditionFailed" or _http_status(exc) == 412
+
+
+def read_versioned(uri: str) -> tuple[bytes, str] | None:
+    """The object's bytes and version, or None when it is absent."""
     if is_s3(uri):
-        return _s3_create_if_absent(uri, data)
+        bucket, key = _require_key(uri)
+
+        def get() -> tuple[bytes, str] | None:
+            try:
+                response = s3_client().get_object(Bucket=bucket, Key=key)
+            except botocore.exceptions.ClientError as exc:
+                if _is_not_found(exc):
+                    return None
+                raise
+            with contextlib.closing(response["Body"]) as body:
+                return body.read(), _etag(response["ETag"])
+        return retrying(get, uri=uri, action="read")
+    try:
+        data = read_bytes(uri)
+    except StorageNotFound:
+        return None
+    return data, version_of(data)
+
+
+def conditional_put(uri: str, data: bytes, expect: str | None) -> str | None:
+    """Write ``data`` only if the object is absent (``expect`` None) or still has version
+    ``expect``; the new version, or None when the condition failed (nothing was written)."""
+    action = "create" if expect is None else "conditional write"
+    if is_s3(uri):
+        bucket, key = _require_key(uri)
+        condition = {"IfNoneMatch": "*"} if expect is None else {"IfMatch": f'"{expect}"'}
+        tries = 0
+
+        def put() -> str | None:
+            nonlocal tries
+            tries += 1
+            try:
+                response = s3_client().put_object(Bucket=bucket, Key=key, Body=data,
+                                                  **condition)
+                return _etag(response.get("ETag")) or version_of(data)
+            except botocore.exceptions.ClientError as exc:
+                if not (_precondition_failed(exc) or (expect is not None and _is_not_found(exc))):
+                    raise
+                retried = tries > 1 or exc.response.get("ResponseMetadata", {}).get(
+                    "RetryAttempts")
+                return _own_lost_put(bucket, key, data) if retried else None
+        return retrying(put, uri=uri, action=action)
     target = _local_path(uri)
-    return retrying(lambda: _local_create_if_absent(target, data), uri=uri, action="create")
+    if expect is None:
+        return retrying(lambda: version_of(data) if _local_create(target, data) else None,
+                        uri=uri, action=action)
+
+    def swap() -> str | None:
+        with _local_swap_lock(target):
+            current = read_versioned(uri)
+            if current is None or current[1] != expect:
+                return None
+            _atomic_local_write(target, lambda fh: _write_all(fh, data))
+            return version_of(data)
+    return retrying(swap, uri=uri, action=action)
 
 
-def _local_create_if_absent(target: Path, data: bytes) -> bool:
+def create_if_absent(uri: str, data: bytes) -> bool:
+    """Write data only if nothing exists at uri; True if this call created it (first writer
+    wins: exclusive, never check-then-write)."""
+    return conditional_put(uri, data, None) is not None
+
+
+def delete_if_match(uri: str, version: str) -> bool:
+    """Delete the object only if its current version is ``version``; True if this call did."""
+    if is_s3(uri):
+        bucket, key = _require_key(uri)
+
+        def drop() -> bool:
+            try:
+                s3_client().delete_object(Bucket=bucket, Key=key, IfMatch=f'"{version}"')
+            except botocore.exceptions.ClientError as exc:
+                if _is_not_found(exc) or _precondition_failed(exc):
+                    return False
+                raise
+            return True
+        return retrying(drop, uri=uri, action="delete")
+    target = _local_path(uri)
+
+    def unlink() -> bool:
+        with _local_swap_lock(target):
+            current = read_versioned(uri)
+            if current is None or current[1] != version:
+                return False
+            os.unlink(target)
+            return True
+    return retrying(unlink, uri=uri, action="delete")
+
+
+def _local_create(target: Path, data: bytes) -> bool:
     tmp = _write_tmp(target, lambda fh: _write_all(fh, data))
     try:
         os.link(tmp, target)
@@ -975,87 +1080,6 @@ def _create_exclusive_nolink(target: Path, data: bytes) -> bool:
     return True
 
 
-def _s3_create_if_absent(uri: str, data: bytes) -> bool:
-    bucket, key = _require_key(uri)
-    tries = 0
-
-    def put() -> bool:
-        nonlocal tries
-        tries += 1
-        try:
-            s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
-            return True
-        except botocore.exceptions.ClientError as exc:
-            if _error_code(exc) != "PreconditionFailed" and _http_status(exc) != 412:
-                raise
-            retried = tries > 1 or exc.response.get("ResponseMetadata", {}).get("RetryAttempts")
-            if not retried:
-                return False
-            # Maybe our own lost PUT: ours if the object is byte-for-byte what we sent.
-            body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
-            with contextlib.closing(body):
-                return bool(body.read(len(data) + 1) == data)
-    return retrying(put, uri=uri, action="create")
-
-
-# ---------------------------------------------------------------- versioned objects (leases)
-# A lease (vct.batch.claims) is created once, then renewed, taken over or released only by
-# whoever holds its current version: compare-and-swap. On S3 the version is the ETag and the
-# swap a conditional PUT/DELETE (If-Match); locally it is the sha256 of the content and the swap
-# happens under an flock on a sibling ``.<name>.lock`` file (released by the kernel when its
-# holder dies, so a crash can never leave it held). Creation stays create_if_absent's exclusive
-# link, which cannot conflict with a swap: one needs the object absent, the other present.
-
-
-def _digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def read_versioned(uri: str) -> tuple[bytes, str] | None:
-    """The object's bytes and version (S3 ETag, local sha256), or None when it is absent."""
-    if is_s3(uri):
-        bucket, key = _require_key(uri)
-
-        def get() -> tuple[bytes, str] | None:
-            try:
-                response = s3_client().get_object(Bucket=bucket, Key=key)
-            except botocore.exceptions.ClientError as exc:
-                if _is_not_found(exc):
-                    return None
-                raise
-            with contextlib.closing(response["Body"]) as body:
-                return body.read(), str(response["ETag"])
-        return retrying(get, uri=uri, action="read")
-    try:
-        data = read_bytes(uri)
-    except StorageNotFound:
-        return None
-    return data, _digest(data)
-
-
-def create_versioned(uri: str, data: bytes) -> str | None:
-    """:func:`create_if_absent` that returns the new object's version (None: it existed)."""
-    if not is_s3(uri):
-        return _digest(data) if create_if_absent(uri, data) else None
-    bucket, key = _require_key(uri)
-    tries = 0
-
-    def put() -> str | None:
-        nonlocal tries
-        tries += 1
-        try:
-            return str(s3_client().put_object(Bucket=bucket, Key=key, Body=data,
-                                              IfNoneMatch="*")["ETag"])
-        except botocore.exceptions.ClientError as exc:
-            if _error_code(exc) != "PreconditionFailed" and _http_status(exc) != 412:
-                raise
-            retried = tries > 1 or exc.response.get("ResponseMetadata", {}).get("RetryAttempts")
-            if not retried:
-                return None
-            return _own_lost_put(bucket, key, data)  # as in _s3_create_if_absent
-    return retrying(put, uri=uri, action="create")
-
-
 def _own_lost_put(bucket: str, key: str, data: bytes) -> str | None:
     """After a retried conditional PUT got 412: the version if the object is exactly ours."""
     try:
@@ -1065,7 +1089,7 @@ def _own_lost_put(bucket: str, key: str, data: bytes) -> str | None:
             return None
         raise
     with contextlib.closing(response["Body"]) as body:
-        return str(response["ETag"]) if body.read(len(data) + 1) == data else None
+        return _etag(response["ETag"]) if body.read(len(data) + 1) == data else None
 
 
 @contextlib.contextmanager
@@ -1073,7 +1097,7 @@ def _local_swap_lock(target: Path):
     import fcntl
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(target.with_name(f".{target.name}.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    fd = os.open(target.parent, os.O_RDONLY)  # the folder: no lock files beside the objects
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -1081,75 +1105,11 @@ def _local_swap_lock(target: Path):
         os.close(fd)  # closing releases the flock
 
 
-def replace_if_match(uri: str, data: bytes, version: str) -> str | None:
-    """Replace the object with data only if its current version is ``version``; the new
-    version, or None when it changed meanwhile or is gone (someone else won the swap)."""
-    if is_s3(uri):
-        bucket, key = _require_key(uri)
-        tries = 0
-
-        def put() -> str | None:
-            nonlocal tries
-            tries += 1
-            try:
-                return str(s3_client().put_object(Bucket=bucket, Key=key, Body=data,
-                                                  IfMatch=version)["ETag"])
-            except botocore.exceptions.ClientError as exc:
-                if _is_not_found(exc):
-                    return None
-                if _error_code(exc) != "PreconditionFailed" and _http_status(exc) != 412:
-                    raise
-                retried = tries > 1 or exc.response.get("ResponseMetadata", {}).get(
-                    "RetryAttempts")
-                return _own_lost_put(bucket, key, data) if retried else None
-        return retrying(put, uri=uri, action="replace")
-    target = _local_path(uri)
-
-    def swap() -> str | None:
-        with _local_swap_lock(target):
-            current = read_versioned(uri)
-            if current is None or current[1] != version:
-                return None
-            _atomic_local_write(target, lambda fh: _write_all(fh, data))
-            return _digest(data)
-    return retrying(swap, uri=uri, action="replace")
-
-
-def delete_if_match(uri: str, version: str) -> bool:
-    """Delete the object only if its current version is ``version``; True if this call did."""
-    if is_s3(uri):
-        bucket, key = _require_key(uri)
-
-        def drop() -> bool:
-            try:
-                s3_client().delete_object(Bucket=bucket, Key=key, IfMatch=version)
-            except botocore.exceptions.ClientError as exc:
-                if _is_not_found(exc) or _error_code(exc) == "PreconditionFailed" \
-                        or _http_status(exc) == 412:
-                    return False
-                raise
-            return True
-        return retrying(drop, uri=uri, action="delete")
-    target = _local_path(uri)
-
-    def unlink() -> bool:
-        with _local_swap_lock(target):
-            current = read_versioned(uri)
-            if current is None or current[1] != version:
-                return False
-            os.unlink(target)
-            return True
-    return retrying(unlink, uri=uri, action="delete")
-
-
-# ---------------------------------------------------------------- listings and compare-and-swap
+# ---------------------------------------------------------------- listings
 @dataclass(frozen=True)
 class ObjectInfo:
-    """One object of a listing: its URI, ETag, size and modification time (epoch seconds).
-
-    The ETag identifies the content: S3's (quotes removed; the MD5 of a single-part upload),
-    locally the MD5 of the file's bytes, so the same rule, "same ETag, same object", holds on
-    both and :func:`conditional_put` can compare against it."""
+    """One object of a listing: its URI, version (:func:`version_of`: the ETag), size and
+    modification time (epoch seconds)."""
 
     uri: str
     etag: str
@@ -1157,19 +1117,15 @@ class ObjectInfo:
     modified: float
 
 
-def _md5(data: bytes) -> str:
-    return hashlib.md5(data, usedforsecurity=False).hexdigest()
-
-
 def list_objects(prefix_uri: str, suffixes: tuple[str, ...] = ()) -> list[ObjectInfo]:
     """Every object under a folder/prefix (recursively, sorted by URI) with its ETag, in one
-    listing; only names ending with one of ``suffixes`` (ignoring case) when given. Locally the ETag is
-    computed by reading each file, so keep this to small prefixes (an incoming folder of
+    listing; only names ending with one of ``suffixes`` (ignoring case) when given. Locally the
+    ETag is computed by reading each file, so keep this to small prefixes (an incoming folder of
     manifests and markers) and pass ``suffixes``."""
     ends = tuple(s.lower() for s in suffixes)
     if is_s3(prefix_uri):
         bucket, _, objects = _s3_objects(prefix_uri)
-        return [ObjectInfo(_s3_uri(bucket, o["Key"]), str(o.get("ETag", "")).strip('"'),
+        return [ObjectInfo(_s3_uri(bucket, o["Key"]), _etag(o.get("ETag")),
                            int(o.get("Size", 0)), o["LastModified"].timestamp())
                 for o in objects if not ends or o["Key"].lower().endswith(ends)]
     out = []
@@ -1182,80 +1138,8 @@ def list_objects(prefix_uri: str, suffixes: tuple[str, ...] = ()) -> list[Object
             modified = path.stat().st_mtime
         except (StorageNotFound, FileNotFoundError, NotARegularFile):
             continue  # removed (or swapped for something else) since the listing
-        out.append(ObjectInfo(uri, _md5(data), len(data), modified))
+        out.append(ObjectInfo(uri, version_of(data), len(data), modified))
     return out
-
-
-def conditional_put(uri: str, data: bytes, expect_etag: str | None) -> str | None:
-    """Compare-and-swap: write ``data`` only if the object is absent (``expect_etag`` None) or
-    still has ``expect_etag``; returns the new ETag, or None when the condition failed (someone
-    else created or changed it first: nothing was written).
-
-    This is what makes a lease safe to renew, release and take over: two writers that read the
-    same marker can never both replace it. On S3 a conditional PUT (``If-None-Match: *`` /
-    ``If-Match``, 412 PreconditionFailed when the condition fails, 404 when an expected object
-    is gone); a retried PUT that meets its own earlier success reads the object back and counts
-    as written if it holds exactly ``data``, so ``data`` must be unique per writer (a lease
-    record holds its owner and a timestamp). Locally an exclusive ``flock`` on the folder
-    serializes every conditional write in it (one host; ``flock`` also works on NFSv4), and
-    the new content replaces the old atomically.
-    """
-    if is_s3(uri):
-        return _s3_conditional_put(uri, data, expect_etag)
-    target = _local_path(uri)
-    return retrying(lambda: _local_conditional_put(target, data, expect_etag), uri=uri,
-                    action="conditional write")
-
-
-def _local_conditional_put(target: Path, data: bytes, expect_etag: str | None) -> str | None:
-    import fcntl
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            current = _md5(target.read_bytes()) if target.is_file() else None
-        except FileNotFoundError:
-            current = None
-        if current != expect_etag:
-            return None
-        _atomic_local_write(target, lambda fh: _write_all(fh, data))
-        return _md5(data)
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _s3_conditional_put(uri: str, data: bytes, expect_etag: str | None) -> str | None:
-    bucket, key = _require_key(uri)
-    condition = {"IfNoneMatch": "*"} if expect_etag is None else {"IfMatch": f'"{expect_etag}"'}
-    tries = 0
-
-    def put() -> str | None:
-        nonlocal tries
-        tries += 1
-        try:
-            response = s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)
-            return str(response.get("ETag", "")).strip('"') or _md5(data)
-        except botocore.exceptions.ClientError as exc:
-            failed_condition = (_error_code(exc) == "PreconditionFailed"
-                                or _http_status(exc) == 412
-                                or (expect_etag is not None and _is_not_found(exc)))
-            if not failed_condition:
-                raise
-            retried = tries > 1 or exc.response.get("ResponseMetadata", {}).get("RetryAttempts")
-            if not retried:
-                return None
-            try:  # maybe our own PUT whose response was lost
-                got = s3_client().get_object(Bucket=bucket, Key=key)
-            except botocore.exceptions.ClientError as again:
-                if _is_not_found(again):
-                    return None
-                raise
-            with contextlib.closing(got["Body"]) as body:
-                same = body.read(len(data) + 1) == data
-            return str(got.get("ETag", "")).strip('"') if same else None
-    return retrying(put, uri=uri, action="conditional write")
 
 
 # ---------------------------------------------------------------- stale temp files

@@ -167,18 +167,18 @@ class Claims:
         None when someone else holds a live claim (or won the race for an expired one)."""
         uri = self.uri(kind, key)
         record = self._record(kind, key)
-        version = storage.create_versioned(uri, self._bytes(record))
+        version = storage.conditional_put(uri, self._bytes(record), None)
         if version is not None:
             return Claim(kind, key, uri, version, record)
         current = self.read(kind, key)
         if current is None:  # released between our create and our read: try once more
-            version = storage.create_versioned(uri, self._bytes(record))
+            version = storage.conditional_put(uri, self._bytes(record), None)
             return Claim(kind, key, uri, version, record) if version is not None else None
         theirs, their_version = current
         if float(theirs["expires_at"]) > self.clock():
             return None
         record = self._record(kind, key, took_over=theirs.get("owner"))
-        version = storage.replace_if_match(uri, self._bytes(record), their_version)
+        version = storage.conditional_put(uri, self._bytes(record), their_version)
         if version is None:
             return None  # renewed meanwhile, or another waiter took it first
         log.warning("%s %s: took over the claim of %s, whose lease expired", kind, key[:12],
@@ -195,7 +195,7 @@ class Claims:
             now = self.clock()
             record = {**claim.record, "expires_at": now + self.lease_s,
                       "renewed_at": datetime.fromtimestamp(now, UTC).isoformat()}
-            version = storage.replace_if_match(claim.uri, self._bytes(record), claim.version)
+            version = storage.conditional_put(claim.uri, self._bytes(record), claim.version)
             if version is None:
                 claim.lost = True
                 log.warning("%s %s: lost its claim (lease expired and taken over); the result "
