@@ -473,7 +473,6 @@ def test_s3_permanent_403_fails_fast_and_is_not_retried(fault_proxy: FaultProxy,
     uri = storage.join(s3_bucket, "secret.png")
     _put_direct(s3_server, uri, b"pixels")
     fault_proxy.fail("secret.png", 403, "AccessDenied")
-    start = time.monotonic()
     with pytest.raises(storage.StorageAccessDenied) as caught:
         storage.read_bytes(uri)
     assert str(caught.value) == f"permission denied: {uri} (read: HTTP 403 AccessDenied)"
@@ -481,8 +480,7 @@ def test_s3_permanent_403_fails_fast_and_is_not_retried(fault_proxy: FaultProxy,
     assert fault_proxy.count("secret.png") == 1
     with pytest.raises(storage.StorageAccessDenied, match="HTTP 403"):
         storage.exists(uri)  # a HEAD: no error body, still a clear 403
-    assert fault_proxy.count("secret.png") == 2
-    assert time.monotonic() - start < 2.0
+    assert fault_proxy.count("secret.png") == 2  # one request each: failed fast, no retry
 
 
 def test_s3_permanent_500_fails_after_bounded_retries(fault_proxy: FaultProxy, s3_server: str,
