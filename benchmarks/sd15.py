@@ -49,7 +49,7 @@ SD15_SPEC = ModelSpec(
          "sample_size": 512, "scaling_factor": 0.18215},
     scheduler={"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
-               "steps_offset": 1, "clip_sample": False},
+               "steps_offset": 1},
     scheduler_class="PNDMScheduler",
     vocab_size=49408,
     save_dtype="float16",
