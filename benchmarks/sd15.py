@@ -11,7 +11,7 @@ CLIP's 49408 entries with filler tokens, so BOS/EOS are CLIP's ids 49406/49407 a
 encoder has the real vocabulary size. The build is `vct.tiny_model.build_random_model` with the
 spec below: atomic, idempotent, deterministic for a seed.
 
-Weights are saved in fp16 (about 2.1 GB instead of 4.3 GB in fp32): `load_models` loads the UNet
+Weights are saved in fp16 (2.0 GB on disk instead of about 4 GB in fp32): `load_models` loads the UNet
 in the precision asked for and the text encoder and VAE in fp32, and fp16 values are exact in
 fp32, so an fp32 run sees the very weights an fp16 run does (bf16 rounds them further).
 
@@ -55,7 +55,7 @@ SD15_SPEC = ModelSpec(
     save_dtype="float16",
 )
 DISK_NEEDED = 5 * 2**30
-"""Free bytes asked for before a build: the 2.1 GB folder staged next to its target, plus
+"""Free bytes asked for before a build: the 2.0 GB folder staged next to its target, plus
 margin (the fp32 components exist only in memory, about 4.3 GB of RAM)."""
 
 
@@ -67,7 +67,7 @@ def default_folder(seed: int = 0) -> Path:
 
 def build_sd15_model(out_dir: str | Path | None = None, seed: int = 0) -> Path:
     """The SD 1.5-architecture random model's folder, built on first use (a minute or two of
-    CPU) and then found. Refuses, before building, when the disk lacks room."""
+    CPU; 3.5 minutes on 2 busy cores) and then found. Refuses, before building, when the disk lacks room."""
     folder = Path(out_dir) if out_dir is not None else default_folder(seed)
     folder = folder.expanduser().absolute()
     if not (folder / "model_index.json").is_file():
