@@ -11,8 +11,8 @@ CLIP's 49408 entries with filler tokens, so BOS/EOS are CLIP's ids 49406/49407 a
 encoder has the real vocabulary size. The build is `vct.tiny_model.build_random_model` with the
 spec below: atomic, idempotent, deterministic for a seed.
 
-Weights are saved in fp16 (2.0 GB on disk instead of about 4 GB in fp32): `load_models` loads the UNet
-in the precision asked for and the text encoder and VAE in fp32, and fp16 values are exact in
+Weights are saved in fp16 (2.0 GB on disk instead of about 4 GB in fp32): `load_models` loads
+the UNet in the precision asked for and the text encoder and VAE in fp32; fp16 values are exact in
 fp32, so an fp32 run sees the very weights an fp16 run does (bf16 rounds them further).
 
     python -m benchmarks.sd15 [DIR]   # build (or find) it; prints the folder
@@ -66,8 +66,8 @@ def default_folder(seed: int = 0) -> Path:
 
 
 def build_sd15_model(out_dir: str | Path | None = None, seed: int = 0) -> Path:
-    """The SD 1.5-architecture random model's folder, built on first use (a minute or two of
-    CPU; 3.5 minutes on 2 busy cores) and then found. Refuses, before building, when the disk lacks room."""
+    """The SD 1.5-architecture random model's folder, built on first use (3.5 minutes on 2
+    busy CPU cores) and then found. Refuses, before building, when the disk lacks room."""
     folder = Path(out_dir) if out_dir is not None else default_folder(seed)
     folder = folder.expanduser().absolute()
     if not (folder / "model_index.json").is_file():
