@@ -54,5 +54,11 @@ test-reliability: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
+# On a CUDA node (not part of `make test`): every stage at 512 px on the SD 1.5-architecture
+# random model, fp32/fp16/bf16, SDPA on and off -> benchmarks/results-gpu.json (under 8 min).
+# GPU_ARGS passes options, e.g. GPU_ARGS="--device cpu --size 64 --quick --model tiny".
+bench-gpu: $(STAMP)
+	$(PY) -m benchmarks.gpu $(GPU_ARGS)
+
 clean:
 	rm -rf demo .models .embedded-prefect .pytest_cache

@@ -122,11 +122,19 @@ _TENSORS = {
 _OPTIONAL = {"content": ("inversion_latents", "reconstruction")}
 
 
+def stored_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """What a cache entry holds: every floating tensor in fp32 (a no-op for the fp32 results
+    the stages return on every precision), integer tensors (the images, uint8) as they are.
+    One dtype on disk whatever the UNet ran in, so an entry never depends on how it is read:
+    a bf16 embedding would lose 16 of its 24 mantissa bits of a fit made in fp32."""
+    return tensor.float() if tensor.is_floating_point() else tensor
+
+
 def result_bytes(kind: str, stored: Stored) -> bytes:
     """Serialise a stage result with its provenance (the config and stats go in the header)."""
     result = stored.result
     tensors = {name: getattr(result, name) for name in _TENSORS[kind]}
-    tensors = {name: t for name, t in tensors.items()
+    tensors = {name: stored_tensor(t) for name, t in tensors.items()
                if not (t is None and name in _OPTIONAL.get(kind, ()))}
     fields: dict[str, Any] = {"provenance": stored.provenance}
     if kind in ("content", "concept"):

@@ -81,7 +81,15 @@ class AttentionController:
 
 
 def _explicit(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    return (q @ k.transpose(-1, -2) * scale).softmax(dim=-1)
+    """softmax(QK^T scale) in fp32 whatever the UNet's dtype (a no-op cast in fp32): a half
+    softmax over 77 or 4096 keys loses the small probabilities the edits mix. The fused
+    kernels also keep their softmax in fp32."""
+    return (q.float() @ k.float().transpose(-1, -2) * scale).softmax(dim=-1)
+
+
+def _weigh(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """P V in V's dtype: the fp32 probabilities are rounded to it, as fused kernels do."""
+    return probs.to(v.dtype) @ v
 
 
 class ControlledAttnProcessor:
@@ -144,7 +152,7 @@ class ControlledAttnProcessor:
         explicit = ctl.cfg.attention_impl == "explicit"
         if mode is None:
             if explicit:
-                return _explicit(q, k, scale) @ v
+                return _weigh(_explicit(q, k, scale), v)
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
         if ctl.record:
             ctl.log.append((ctl.step, self.name, mode))
@@ -154,7 +162,7 @@ class ControlledAttnProcessor:
             if explicit:
                 probs = _explicit(q, k, scale)
                 probs[edits] = probs[star:star + 1].expand_as(probs[edits])
-                return probs @ v
+                return _weigh(probs, v)
             out = F.scaled_dot_product_attention(q, k, v, scale=scale)
             n = ctl.branches - 1
             out[edits] = F.scaled_dot_product_attention(
@@ -180,8 +188,8 @@ class ControlledAttnProcessor:
         new = torch.stack(new_rows)
         if explicit:
             probs[edits] = new
-            return probs @ v
-        out[edits] = new @ v[edits]
+            return _weigh(probs, v)
+        out[edits] = _weigh(new, v[edits])
         return out
 
 

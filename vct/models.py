@@ -25,6 +25,7 @@ REQUIRED_FILES = (
     "scheduler/scheduler_config.json",
 )
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CPU_BF16_ENV = "VCT_ALLOW_CPU_BF16"
 
 
 class ModelError(UserError, ValueError):
@@ -91,16 +92,36 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def check_device(device: str, dtype: str) -> torch.device:
+def cpu_bf16_allowed(allow: bool | None = None) -> bool:
+    """Whether bf16 may run off CUDA: `allow` when given, else ``VCT_ALLOW_CPU_BF16=1``."""
+    if allow is not None:
+        return bool(allow)
+    return os.environ.get(CPU_BF16_ENV, "").strip() == "1"
+
+
+def check_device(device: str, dtype: str, *, allow_cpu_bf16: bool | None = None) -> torch.device:
     """The device and precision rules of :func:`load_models`, without loading anything, so a
     run can refuse them before any work: the device must exist here, and fp16/bf16 need
-    CUDA (on CPU they are slow or unsupported, and the inversions want fp32 anyway)."""
+    CUDA (on CPU they are slow or unsupported, and the inversions want fp32 anyway).
+
+    The one place that decides. bf16 on the CPU is allowed only on explicit opt-in
+    (`allow_cpu_bf16=True`, or ``VCT_ALLOW_CPU_BF16=1`` when the argument is None): tests and
+    the GPU script's CPU rehearsal use it to run the half-precision path without a GPU. fp16
+    is never allowed off CUDA (many CPU kernels lack it)."""
     dev = resolve_device(device)
     if dtype not in DTYPES:
         raise ModelError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     if dtype != "fp32" and dev.type != "cuda":
-        raise ModelError(f"--dtype {dtype} needs CUDA; on CPU use fp32")
+        if not (dtype == "bf16" and cpu_bf16_allowed(allow_cpu_bf16)):
+            raise ModelError(f"--dtype {dtype} needs CUDA; on CPU use fp32")
     return dev
+
+
+def precision_identity(identity: str, dtype: str) -> str:
+    """The model identity the cache keys use: the files' identity, plus the UNet precision
+    when it is not fp32, so a half-precision result never answers a faithful fp32 request
+    (nor the reverse). fp32 keys are the files' identity unchanged."""
+    return identity if dtype == "fp32" else f"{identity}+{dtype}"
 
 
 @dataclass(frozen=True)
@@ -222,17 +243,22 @@ def local_model_folder(spec: str, cache_root: Path | None = None) -> Path:
     return Path(spec).expanduser()
 
 
-def load_models(spec: str, device: str = "auto", dtype: str = "fp32") -> VCTModels:
-    """Load tokenizer, text encoder, UNet and VAE frozen, on `device`, in `dtype`.
+def load_models(spec: str, device: str = "auto", dtype: str = "fp32", *,
+                allow_cpu_bf16: bool | None = None) -> VCTModels:
+    """Load tokenizer, text encoder, UNet and VAE frozen, on `device`; the UNet in `dtype`.
 
+    The precision policy: only the UNet runs in `dtype`. The text encoder and the VAE are
+    fp32 on every device, whatever dtype their files hold (a folder saved in fp16 is upcast
+    exactly); `VCTModels.eps` casts the UNet's inputs to `dtype` and returns fp32, so every
+    latent, embedding, optimizer state and stored result stays fp32 (docs/performance.md).
     The UNet keeps diffusers' default SDPA attention processors; only fusion swaps in the
-    controller, and only for its own duration.
+    controller, and only for its own duration. `allow_cpu_bf16`: see :func:`check_device`.
     """
     if not spec:
         raise ModelError("--model is required: a diffusers SD 1.x folder or s3:// prefix")
     folder = local_model_folder(spec)
     check_layout(folder)
-    dev = check_device(device, dtype)
+    dev = check_device(device, dtype, allow_cpu_bf16=allow_cpu_bf16)
     torch_dtype = DTYPES[dtype]
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -253,10 +279,11 @@ def load_models(spec: str, device: str = "auto", dtype: str = "fp32") -> VCTMode
         module.requires_grad_(False)
         module.eval()
     # The text encoder and VAE stay fp32 on every device: they are cheap and the concept's
-    # gradients flow through the text encoder.
-    text_encoder.to(dev)
-    vae.to(dev)
-    unet.to(dev)
+    # gradients flow through the text encoder. Explicit dtypes: a loader may keep a file's own
+    # dtype (an fp16 folder), and every hand-off below assumes exactly this split.
+    text_encoder.to(dev, torch.float32)
+    vae.to(dev, torch.float32)
+    unet.to(dev, torch_dtype)
     return VCTModels(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae,
                      scheduler_config=scheduler_config, device=dev, dtype=torch_dtype,
                      identity=model_identity(folder), source=spec)

@@ -17,10 +17,12 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["MARKER_FILE", "MODEL_KIND", "WORDS", "build_tiny_model", "train_bpe"]
+__all__ = ["MARKER_FILE", "MODEL_KIND", "TINY_SPEC", "WORDS", "ModelSpec", "build_random_model",
+           "build_tiny_model", "train_bpe"]
 
 MARKER_FILE = "vct_tiny_model.json"
 MODEL_KIND = "vct-tiny-sd1"
@@ -123,11 +125,26 @@ def _write_bpe_files(folder: Path, vocab: dict[str, int], merges: list[tuple[str
     (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def _build_tokenizer():
-    """CLIPTokenizer with SD 1.5 conventions: bos/eos specials, pad == eos, max length 77."""
+def pad_vocab(vocab: dict[str, int], size: int) -> dict[str, int]:
+    """The vocabulary grown to `size` entries with filler tokens no text ever produces (no
+    merge leads to them), placed before the two special tokens, which stay last: with 49408,
+    BOS and EOS get CLIP's own ids 49406 and 49407."""
+    specials = (BOS_TOKEN, EOS_TOKEN)
+    tokens = [t for t in sorted(vocab, key=vocab.get) if t not in specials]
+    if size < len(tokens) + 2:
+        raise ValueError(f"vocabulary size {size} is below the {len(tokens) + 2} tokens needed")
+    tokens += [f"<|filler{i}|>" for i in range(size - 2 - len(tokens))]
+    return {tok: i for i, tok in enumerate([*tokens, *specials])}
+
+
+def _build_tokenizer(vocab_size: int | None = None):
+    """CLIPTokenizer with SD 1.5 conventions: bos/eos specials, pad == eos, max length 77;
+    the learnt vocabulary, or that vocabulary padded to `vocab_size` entries."""
     from transformers import CLIPTokenizer
 
     vocab, merges = train_bpe(WORDS)
+    if vocab_size is not None:
+        vocab = pad_vocab(vocab, vocab_size)
     tokenizer = CLIPTokenizer(
         vocab=vocab,
         merges=merges,
@@ -140,65 +157,66 @@ def _build_tokenizer():
     return tokenizer, vocab, merges
 
 
-def _build_pipeline(seed: int):
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a random-weight SD 1.x folder is made of: the keyword arguments of each component
+    (the text encoder's vocabulary and token ids come from the tokenizer), the scheduler, the
+    dtype its weights are saved in, and the words its errors use."""
+
+    kind: str
+    label: str
+    text: dict
+    unet: dict
+    vae: dict
+    scheduler: dict
+    scheduler_class: str = "DDIMScheduler"
+    vocab_size: int | None = None
+    save_dtype: str = "float32"
+
+
+TINY_SPEC = ModelSpec(
+    kind=MODEL_KIND,
+    label="tiny model",
+    text={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+          "num_attention_heads": 4},
+    unet={"sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": (32, 64),
+          "layers_per_block": 1, "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+          "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "cross_attention_dim": 32,
+          "attention_head_dim": 8, "norm_num_groups": 32},
+    vae={"block_out_channels": (32, 32, 64, 64), "down_block_types": ("DownEncoderBlock2D",) * 4,
+         "up_block_types": ("UpDecoderBlock2D",) * 4, "latent_channels": 4,
+         "layers_per_block": 1, "norm_num_groups": 32, "sample_size": 64,
+         "scaling_factor": 0.18215},
+    scheduler={"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+               "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1},
+)
+
+
+def _build_pipeline(seed: int, spec: ModelSpec = TINY_SPEC):
     """Construct every component under a forked, seeded global RNG (caller's RNG untouched)."""
+    import diffusers
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tokenizer, vocab, merges = _build_tokenizer()
+    tokenizer, vocab, merges = _build_tokenizer(spec.vocab_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=len(tokenizer),
-                hidden_size=32,
-                intermediate_size=37,
-                num_hidden_layers=2,
-                num_attention_heads=4,
                 max_position_embeddings=MODEL_MAX_LENGTH,
                 bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
+                **spec.text,
             )
         )
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=8,
-            norm_num_groups=32,
-        )
+        unet = UNet2DConditionModel(**spec.unet)
         torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            block_out_channels=(32, 32, 64, 64),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=32,
-            sample_size=64,
-            scaling_factor=0.18215,
-        )
-    scheduler = DDIMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+        vae = AutoencoderKL(**spec.vae)
+    scheduler = getattr(diffusers, spec.scheduler_class)(**spec.scheduler)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder.eval(),
@@ -209,6 +227,8 @@ def _build_pipeline(seed: int):
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    if spec.save_dtype != "float32":
+        pipe.to(dtype=getattr(torch, spec.save_dtype))
     return pipe, vocab, merges
 
 
@@ -221,26 +241,27 @@ def _read_marker(folder: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _is_same_tiny_model(folder: Path, seed: int) -> bool:
+def _is_same_model(folder: Path, seed: int, kind: str = MODEL_KIND) -> bool:
     marker = _read_marker(folder)
-    return bool(marker) and marker.get("kind") == MODEL_KIND and marker.get("seed") == seed
+    return bool(marker) and marker.get("kind") == kind and marker.get("seed") == seed
 
 
-def _check_target(out_dir: Path, seed: int) -> bool:
-    """True if ``out_dir`` already holds this exact tiny model; raise if it holds anything else."""
+def _check_target(out_dir: Path, seed: int, spec: ModelSpec = TINY_SPEC) -> bool:
+    """True if ``out_dir`` already holds this exact model; raise if it holds anything else."""
     if not out_dir.exists():
         return False
     if not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory; refusing to overwrite it")
     if not any(out_dir.iterdir()):
         return False
-    if _is_same_tiny_model(out_dir, seed):
+    if _is_same_model(out_dir, seed, spec.kind):
         return True
     marker = _read_marker(out_dir)
-    what = f"a tiny model built with seed {marker.get('seed')!r}" if marker else "other files"
+    what = (f"a {marker.get('kind')!r} model built with seed {marker.get('seed')!r}" if marker
+            else "other files")
     raise FileExistsError(
-        f"{out_dir} is not empty (it holds {what}); refusing to overwrite it with a tiny model "
-        f"for seed {seed}. Choose another directory or delete it first."
+        f"{out_dir} is not empty (it holds {what}); refusing to overwrite it with a "
+        f"{spec.label} for seed {seed}. Choose another directory or delete it first."
     )
 
 
@@ -255,17 +276,23 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     the same seed is returned unchanged, any other non-empty ``out_dir`` raises
     ``FileExistsError``.
     """
+    return build_random_model(out_dir, TINY_SPEC, seed)
+
+
+def build_random_model(out_dir: str | Path, spec: ModelSpec, seed: int = 0) -> Path:
+    """Build the random-weight model `spec` describes (atomic and idempotent, as
+    :func:`build_tiny_model`, which is this function with the tiny spec)."""
     out_dir = Path(out_dir).expanduser().absolute()
-    if _check_target(out_dir, seed):
+    if _check_target(out_dir, seed, spec):
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
 
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        pipe, vocab, merges = _build_pipeline(seed)
+        pipe, vocab, merges = _build_pipeline(seed, spec)
         pipe.save_pretrained(staging, safe_serialization=True)
         _write_bpe_files(staging / "tokenizer", vocab, merges)
-        marker = {"seed": seed, "kind": MODEL_KIND}
+        marker = {"seed": seed, "kind": spec.kind}
         (staging / MARKER_FILE).write_text(json.dumps(marker) + "\n", encoding="utf-8")
         try:
             # os.replace onto an empty directory is allowed on POSIX; drop it first for others.
@@ -274,7 +301,7 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
             os.replace(staging, out_dir)
         except OSError:
             # Lost a race against a concurrent builder: accept its result if it is the same model.
-            if _is_same_tiny_model(out_dir, seed):
+            if _is_same_model(out_dir, seed, spec.kind):
                 return out_dir
             raise
     finally:

@@ -53,7 +53,7 @@ from vct.manifest import (
     raise_if_bad_rows,
     read_manifest_bytes,
 )
-from vct.models import local_model_folder, model_identity
+from vct.models import local_model_folder, model_identity, precision_identity
 
 log = logging.getLogger("vct.batch")
 
@@ -136,7 +136,8 @@ def plan(request: RunRequest, manifest: Manifest | None = None,
         manifest.raise_if_errors()
     folder = local_model_folder(request.model)
     preflight.check_model(folder, settings)  # one line for a wrong folder, before any hashing
-    identity = model_identity(folder)
+    # the keys' model: the files, and the UNet precision unless fp32 (unchanged fp32 keys)
+    identity = precision_identity(model_identity(folder), settings.dtype)
     hashes = hash_inputs([u for row in manifest.rows for u in (row.source, row.reference)],
                          threads=settings.plan_threads)
     run_id = request.run_id or default_run_id(
