@@ -42,6 +42,20 @@ def plan_uri(run_uri: str) -> str:
     return storage.join(run_uri, PLAN_DIR, PLAN_FILE)
 
 
+def shard_count(n_jobs: int, shards: int, shard_jobs: int | None = None) -> int:
+    """How many shards a phase of ``n_jobs`` (distinct) jobs runs as: ``shards``, or with a
+    target of ``shard_jobs`` jobs per shard ``ceil(n_jobs / shard_jobs)``, at most ``shards``
+    (never more shards than jobs, and at least one for a phase that has any)."""
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, got {shards}")
+    if shard_jobs is not None and shard_jobs < 1:
+        raise ValueError(f"shard_jobs must be >= 1, got {shard_jobs}")
+    if n_jobs <= 0:
+        return 0
+    wanted = shards if shard_jobs is None else -(-n_jobs // shard_jobs)
+    return max(1, min(wanted, shards, n_jobs))
+
+
 def split(jobs: list[Job], shards: int) -> list[list[Job]]:
     """At most ``shards`` non-empty shards balanced by cost: biggest job first, each to the
     least loaded shard (LPT; ties to the lowest index, so the split is deterministic)."""
