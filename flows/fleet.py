@@ -11,6 +11,15 @@ child's failure does not fail its parent):
   machine died with it; nobody else will ever mark it): marked Crashed and re-dispatched once,
   same jobs, a new attempt in the idempotency key. The jobs it finished are in the cache and
   its dead claims expire, so the retry recomputes only what was unfinished.
+- Still SCHEDULED or PENDING (no worker took it: none polls the pool, or all are busy, or the
+  parent holds the only slot) for ``VCT_SHARD_START_TIMEOUT_S`` seconds (900) while no shard of
+  the phase runs or moves on: cancelled, not retried, and its jobs fail with one line naming
+  the deployment and the pool. The run ends partial or failed; what was computed is kept.
+
+Every dispatched shard flow run is recorded in ``<run>/_plan/dispatched/<parent>.json`` and
+the parent flow run gets the label ``vct.run_uri``: the parent's state hooks (cancelled,
+crashed, failed), which may run in another process (the worker's), read both to cancel every
+shard flow run that has not finished (:func:`cancel_dispatched`).
 """
 
 from __future__ import annotations
@@ -19,11 +28,14 @@ import logging
 import os
 import time
 import uuid
+from uuid import UUID
 
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
-from prefect.states import Crashed
+from prefect.states import Crashed, State
 
 from vct.batch import shards
 from vct.batch.engine import RunRequest
@@ -37,23 +49,119 @@ log = logging.getLogger("vct.flows")
 SHARD_DEPLOYMENT = "restyle-shard/shard"
 ENV_SHARD_DEPLOYMENT = "VCT_SHARD_DEPLOYMENT"
 ENV_POLL = "VCT_SHARD_POLL_S"
+ENV_START_TIMEOUT = "VCT_SHARD_START_TIMEOUT_S"
+DEFAULT_START_TIMEOUT_S = 900.0
+RUN_URI_LABEL = "vct.run_uri"
 RETRIES = 1
 FINAL_BAD = {"CRASHED", "CANCELLED", "FAILED"}
+FINAL = FINAL_BAD | {"COMPLETED"}
+WAITING = {"SCHEDULED", "PENDING"}  # no worker has started it (Late is a Scheduled state)
 
 
 def _poll_s() -> float:
     return float(os.environ.get(ENV_POLL, "2"))
 
 
+def start_timeout_s() -> float:
+    """How long a shard flow run may wait for a worker while its phase makes no progress."""
+    raw = os.environ.get(ENV_START_TIMEOUT, "").strip()
+    if not raw:
+        return DEFAULT_START_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_START_TIMEOUT} must be a number of seconds, got {raw!r}") from None
+    if not value > 0:
+        raise ValueError(f"{ENV_START_TIMEOUT} must be > 0, got {raw!r}")
+    return value
+
+
+def idempotency_key(run_id: str, parent: str, parent_run_count: int, phase: str, shard: int,
+                    attempt: int) -> str:
+    """The key of one dispatch: the same within one attempt of the parent flow run (a repeated
+    ``run_deployment`` returns the same shard flow run), new for each parent retry
+    (``run_count``) and each re-dispatch of a crashed shard (``attempt``)."""
+    return f"{run_id}:{parent}:r{parent_run_count}:{phase}:{shard}:a{attempt}"
+
+
+def _state_type(run) -> str:
+    return run.state.type.value if run.state else "PENDING"
+
+
+def cancel_run(client, run, message: str) -> str:
+    """Cancel one flow run (as read): a Scheduled one, that no worker has taken, is set
+    Cancelled; any other is set Cancelling, as `prefect flow-run cancel` does, so the worker
+    that took it stops its process (or the server, if it has none, makes it Cancelled).
+    Returns the state type it is in now."""
+    kind = StateType.CANCELLED if _state_type(run) == "SCHEDULED" else StateType.CANCELLING
+    result = client.set_flow_run_state(run.id, State(type=kind, message=message))
+    if result.state is not None:
+        return result.state.type.value
+    return _state_type(client.read_flow_run(run.id))
+
+
+def cancel_dispatched(client, parent: str, reason: str, run_uri: str | None = None) -> list[str]:
+    """Cancel every shard flow run of parent flow run ``parent`` that has not finished: the
+    ones recorded under its run folder (found through the parent's ``vct.run_uri`` label when
+    ``run_uri`` is not given) and, in case a dispatch was not recorded yet, the server's
+    subflow runs of the parent. Returns the ids it cancelled. Never raises for one run."""
+    if run_uri is None:
+        try:
+            run_uri = (client.read_flow_run(UUID(parent)).labels or {}).get(RUN_URI_LABEL)
+        except (ObjectNotFound, ValueError):
+            run_uri = None
+    ids = dict.fromkeys(r["flow_run_id"] for r in (
+        shards.read_dispatched(run_uri, parent) if run_uri else []))
+    try:
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[UUID(parent)])))
+        ids.update(dict.fromkeys(str(r.id) for r in children))
+    except ValueError:  # not a flow run id: nothing on the server
+        pass
+    cancelled = []
+    for run_id in ids:
+        try:
+            run = client.read_flow_run(UUID(run_id))
+            if _state_type(run) in FINAL:
+                continue
+            state = cancel_run(client, run, f"{reason}: cancelled with its parent flow "
+                               f"run {parent}")
+        except Exception as exc:  # noqa: BLE001 - one run must not stop the others
+            log.warning("could not cancel shard flow run %s: %s", run_id, exc)
+            continue
+        log.info("shard flow run %s (%s): %s", run_id, run.name, state)
+        cancelled.append(run_id)
+    return cancelled
+
+
 class Fleet:
     """The shard flow runs of one parent flow run (one run of one manifest)."""
 
-    def __init__(self, plan: Plan, request: RunRequest, parent_flow_run_id: str):
+    def __init__(self, plan: Plan, request: RunRequest, parent_flow_run_id: str,
+                 parent_run_count: int = 1):
         self.plan = plan
         self.request = request
+        self.labelled = not parent_flow_run_id  # no flow run of ours to label
         self.parent = parent_flow_run_id or uuid.uuid4().hex
+        self.run_count = parent_run_count
         self.rows: list[dict] = []  # run.json's details.shards, one per shard flow run
         self.deployment = os.environ.get(ENV_SHARD_DEPLOYMENT, SHARD_DEPLOYMENT)
+        self.clock = time.monotonic
+
+    def _client(self):
+        return get_client(sync_client=True)
+
+    def _label_parent(self, client) -> None:
+        """Tell the parent's state hooks where its dispatch record is (once)."""
+        if self.labelled:
+            return
+        self.labelled = True
+        try:
+            client.update_flow_run_labels(UUID(self.parent),
+                                          {RUN_URI_LABEL: self.plan.run_uri})
+        except Exception as exc:  # noqa: BLE001 - the hooks then find its subflow runs only
+            log.warning("could not label flow run %s with %s: %s", self.parent,
+                        RUN_URI_LABEL, exc)
 
     # ---------------------------------------------------------------- one phase
     def _settings(self) -> dict:
@@ -62,7 +170,8 @@ class Fleet:
             mode="json")
 
     def _start(self, uri: str, phase: str, shard: int, attempt: int):
-        key = f"{self.plan.run_id}:{self.parent}:{phase}:{shard}:a{attempt}"
+        key = idempotency_key(self.plan.run_id, self.parent, self.run_count, phase, shard,
+                              attempt)
         try:
             run = self._run_deployment(key, uri, phase, shard, attempt)
         except ObjectNotFound:
@@ -71,41 +180,60 @@ class Fleet:
                 f"{self.deployment!r} on this Prefect server (prefect deploy --all --prefect-file "
                 "infra/prefect.yaml) and workers on its pool; an embedded run cannot shard: "
                 "use shards = 1") from None
+        shards.record_dispatch(self.plan.run_uri, self.parent, {
+            "flow_run_id": str(run.id), "phase": phase, "shard": shard, "attempt": attempt,
+            "parent_run_count": self.run_count, "idempotency_key": key})
         log.info("%s shard %d attempt %d: flow run %s", phase, shard, attempt, run.id)
         return run.id
 
     def _run_deployment(self, key: str, uri: str, phase: str, shard: int, attempt: int):
         return run_deployment(
             name=self.deployment, timeout=0, idempotency_key=key,
-            flow_run_name=f"{self.plan.run_id}-{phase}-{shard}-a{attempt}",
+            flow_run_name=f"{self.plan.run_id}-{phase}-{shard}-a{attempt}"
+            + (f"-r{self.run_count}" if self.run_count > 1 else ""),
             parameters={"plan_uri": uri, "shard": shard, "phase": phase,
                         "settings": self._settings(), "model": self.request.model,
                         "attempt": attempt})
 
     def run_phase(self, phase: str, jobs: list[Job]) -> list[shards.ShardResult]:
-        """Split ``jobs`` into the configured number of shards, run them all on the pool,
-        wait for every one (retrying a crashed one once); every attempt's result."""
-        parts = shards.split(jobs, self.request.settings.shards)
+        """Split ``jobs`` into shards (``settings.shards``, or ``shard_jobs`` per shard), run
+        them all on the pool, wait for every one (retrying a crashed one once, cancelling one
+        no worker takes); every attempt's result."""
+        s: RunSettings = self.request.settings
+        count = shards.shard_count(len({(j.kind, j.key) for j in jobs}), s.shards,
+                                   s.shard_jobs)
+        parts = shards.split(jobs, count) if count else []
         if not parts:
             return []
         uri = shards.write_phase(self.plan.run_uri, self.plan.run_id, self.request.cache_uri,
                                  phase, parts)
-        live = {i: (0, self._start(uri, phase, i, 0)) for i in range(len(parts))}
+        timeout = start_timeout_s()
         results: list[shards.ShardResult] = []
-        with get_client(sync_client=True) as client:
+        with self._client() as client:
+            self._label_parent(client)
+            # shard -> (attempt, flow run id, when dispatched, last state seen)
+            live = {i: (0, self._start(uri, phase, i, 0), self.clock(), "SCHEDULED")
+                    for i in range(len(parts))}
+            moved = self.clock()  # last time a shard of this phase started, moved or ended
             while live:
                 time.sleep(_poll_s())
-                for i, (attempt, run_id) in list(live.items()):
+                seen = {}
+                for i, (attempt, run_id, since, before) in list(live.items()):
                     run = client.read_flow_run(run_id)
-                    state = run.state.type.value if run.state else "PENDING"
+                    state = _state_type(run)
+                    if state != before:
+                        moved = self.clock()
+                        live[i] = (attempt, run_id, since, state)
                     if state == "RUNNING" and shards.lease_expired(
                             self.plan.run_uri, self.plan.run_id, phase, i, str(run_id)):
                         client.set_flow_run_state(run_id, Crashed(
                             message="its shard lease expired: the worker or machine died"),
                             force=True)
                         state = "CRASHED"
-                    if state not in FINAL_BAD and state != "COMPLETED":
+                    if state not in FINAL:
+                        seen[i] = (run, state)
                         continue
+                    moved = self.clock()
                     result = shards.read_result(self.plan.run_uri, phase, i, attempt)
                     if state == "COMPLETED" and result is None:
                         state = "FAILED"  # finished without its result: treat as a crash
@@ -121,8 +249,42 @@ class Fleet:
                     if state != "COMPLETED" and attempt < RETRIES:
                         log.warning("%s shard %d ended %s; re-dispatching its unfinished jobs",
                                     phase, i, state)
-                        live[i] = (attempt + 1, self._start(uri, phase, i, attempt + 1))
+                        live[i] = (attempt + 1, self._start(uri, phase, i, attempt + 1),
+                                   self.clock(), "SCHEDULED")
+                # A shard queued behind its running siblings is waiting, not lost: only when
+                # none of the phase runs and nothing moved for the timeout are they given up.
+                if any(state not in WAITING for _, state in seen.values()):
+                    continue
+                now = self.clock()
+                for i, (run, _state) in seen.items():
+                    attempt, _run_id, since, _ = live[i]
+                    if now - max(since, moved) < timeout:
+                        continue
+                    results.append(self._not_started(client, run, phase, i, attempt,
+                                                     parts[i], timeout))
+                    del live[i]
         return results
+
+    def _not_started(self, client, run, phase: str, shard: int, attempt: int, jobs: list[Job],
+                     timeout: float) -> shards.ShardResult:
+        """Cancel a shard flow run no worker took; its jobs fail with the reason, in one line."""
+        pool = run.work_pool_name or "?"
+        queue = f" (queue {run.work_queue_name!r})" if run.work_queue_name else ""
+        stayed = run.state.name if run.state else "Pending"
+        message = (f"no worker took {phase} shard {shard} of {self.deployment} within "
+                   f"{timeout:g} s (flow run {run.name} stayed {stayed}): is a worker polling "
+                   f"pool {pool!r}{queue} with a free slot?")
+        log.error(message)
+        try:
+            state = cancel_run(client, run, message)
+        except Exception as exc:  # noqa: BLE001 - its jobs fail either way
+            log.warning("could not cancel flow run %s: %s", run.id, exc)
+            state = _state_type(run)
+        result = shards.ShardResult(phase=phase, shard=shard, attempt=attempt,
+                                    flow_run_id=str(run.id), state=state,
+                                    failed={j.key: message for j in jobs})
+        self.rows.append({**result.to_dict(), "error": message})
+        return result
 
     # ---------------------------------------------------------------- the two phases
     def stages(self) -> dict[str, StageReport]:

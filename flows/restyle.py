@@ -23,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.states import Failed
 
-from flows.fleet import Fleet
+from flows.fleet import Fleet, cancel_dispatched
 from vct import report, storage
 from vct.batch import engine, incoming, shards
 from vct.batch.settings import RunSettings
@@ -70,7 +70,38 @@ pool_task = task(name="jobs", **TASK)(engine.run_pool)
 report_task = task(name="report", **TASK)(engine.finish)
 
 
-@flow(name="restyle", log_prints=True)
+def _cancel_shards(flow, flow_run, state) -> None:
+    """State hook of restyle: a cancelled, crashed or failed parent cancels every shard flow
+    run it dispatched that is still waiting or running (any of its attempts). It may run in
+    the worker's process, not the flow's: it finds them through the run's dispatch record
+    (`<run>/_plan/dispatched/`, located by the flow run's `vct.run_uri` label) and the server's
+    subflow runs of the parent. An unsharded run dispatched none: nothing to ask the API."""
+    from prefect.client.orchestration import get_client
+    from prefect.logging.loggers import flow_run_logger
+
+    logger = flow_run_logger(flow_run, flow)  # no run context in the worker's process
+    settings = (flow_run.parameters or {}).get("settings") or {}
+    sharded = (settings.get("shards", 1) if isinstance(settings, dict)
+               else getattr(settings, "shards", 1))
+    try:
+        if int(sharded) <= 1:
+            return
+    except (TypeError, ValueError):
+        return
+    try:
+        with get_client(sync_client=True) as client:
+            cancelled = cancel_dispatched(client, str(flow_run.id),
+                                          f"parent flow run {state.name}")
+    except Exception as exc:  # noqa: BLE001 - a hook reports, it cannot fail the run again
+        logger.warning("could not cancel the shard flow runs of %s: %s", flow_run.id, exc)
+        return
+    if cancelled:
+        logger.warning("cancelled %d shard flow run(s) with the parent: %s", len(cancelled),
+                       ", ".join(cancelled))
+
+
+@flow(name="restyle", log_prints=True, on_cancellation=[_cancel_shards],
+      on_crashed=[_cancel_shards], on_failure=[_cancel_shards])
 def restyle(manifest_uri: str, output_uri: str, model: str,
             settings: RunSettings = RunSettings(), run_id: str | None = None) -> dict:
     """Restyle every (source, reference) pair of a CSV manifest.
@@ -99,7 +130,7 @@ def restyle(manifest_uri: str, output_uri: str, model: str,
     run_info = {"flow_run_id": str(flow_run.get_id() or ""), "run_id": plan.run_id}
     details: dict = {"model": request.model, "executor": request.settings.executor}
     if request.settings.shards > 1:  # the shards run the jobs, on any workers of the pool
-        fleet = Fleet(plan, request, run_info["flow_run_id"])
+        fleet = Fleet(plan, request, run_info["flow_run_id"], flow_run.get_run_count())
         stages = fleet.stages()
         runner = fleet.fusion_runner()
         fused = fusion_task(plan, stages, executor, run_info, _mover(progress, spans, "fusion"),

@@ -426,3 +426,38 @@ def test_two_runs_held_at_a_shared_key_compute_it_once(pool, tmp_path, tiny_mode
         assert _claims_left(env, cache) == []
     finally:
         storage.reset_clients()
+
+
+def test_shards_no_worker_takes_are_cancelled_and_the_run_fails_saying_why(
+        pool, tmp_path, tiny_model_dir):
+    """No worker on the pool at all: after the start timeout the parent cancels its shard flow
+    runs on the server (not waiting forever), and the run ends Failed, each job failing with
+    one line naming the deployment and the pool; the dispatch record and the label that the
+    parent's cancellation hook reads are in place."""
+    env = {**pool, "VCT_SHARD_START_TIMEOUT_S": "5"}
+    bucket = _bucket(env, "fleet-idle")
+    manifest = _put_manifest(env, bucket, "idle", refs=[1], sources=[0, 2], tmp=tmp_path)
+    output = f"{bucket}/out"
+    proc, log = _start_run(env, tmp_path, "idle", manifest, output, tiny_model_dir, 2)
+    try:
+        assert proc.wait(timeout=RUN_TIMEOUT_S) == 0, _tail(log)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc.pid)
+        pytest.fail(f"the parent waited for shards no worker takes:\n{_tail(log)}")
+    assert "DRIVER-STATE FAILED" in _tail(log, 6000), _tail(log)
+    run = _run_json(env, output)
+    assert run["status"] == "failed" and run["counts"]["pairs_ok"] == 0
+    rows = run["details"]["shards"]
+    assert [(r["phase"], r["state"]) for r in rows] == [("stage", "CANCELLED")] * 2
+    for r in rows:
+        assert r["error"].startswith(f"no worker took stage shard {r['shard']} of "
+                                     "restyle-shard/shard within 5 s")
+        assert "pool 'vct-process'" in r["error"] and not r["computed"]
+        assert _api(env, f"flow_runs/{r['flow_run_id']}")["state"]["type"] == "CANCELLED"
+    parent = run["flow_run_id"]
+    assert _api(env, f"flow_runs/{parent}")["labels"]["vct.run_uri"] == run["output_uri"]
+    bucket_name, key = run["output_uri"].removeprefix("s3://").split("/", 1)
+    record = json.loads(_s3(env).get_object(
+        Bucket=bucket_name, Key=f"{key}/_plan/dispatched/{parent}.json")["Body"].read())
+    assert sorted(r["flow_run_id"] for r in record["runs"]) == sorted(
+        r["flow_run_id"] for r in rows)

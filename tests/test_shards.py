@@ -106,3 +106,29 @@ def test_an_embedded_run_cannot_shard_and_says_why(prefect_harness, tiny_model_d
     with pytest.raises(RuntimeError, match="restyle-shard/shard.*use shards = 1"):
         restyle(manifest_uri=str(tmp_path / "m.csv"), output_uri=str(tmp_path / "out"),
                 model=str(tiny_model_dir), settings={"shards": 2})
+
+
+# ------------------------------------------------------------------ shard sizes
+def test_shard_count_targets_jobs_per_shard_at_most_shards() -> None:
+    assert shards.shard_count(10, 4) == 4  # no target: always `shards`
+    assert shards.shard_count(3, 4) == 3  # never more shards than jobs
+    assert shards.shard_count(0, 4) == 0
+    assert shards.shard_count(100, 8, shard_jobs=30) == 4  # ceil(100 / 30)
+    assert shards.shard_count(90, 8, shard_jobs=30) == 3
+    assert shards.shard_count(1000, 8, shard_jobs=30) == 8  # capped by `shards`
+    assert shards.shard_count(5, 8, shard_jobs=30) == 1
+    with pytest.raises(ValueError):
+        shards.shard_count(5, 2, shard_jobs=0)
+
+
+def test_shard_jobs_is_a_setting_and_a_flag_that_needs_shards() -> None:
+    from vct.batch.settings import RunSettings
+    from vct.cli import build_parser, settings_from
+    from vct.config import ConfigError
+
+    args = build_parser().parse_args(["run", "m.csv", "--output", "o", "--model", "tiny",
+                                      "--shards", "8", "--shard-jobs", "30"])
+    assert settings_from(args).shard_jobs == 30 and settings_from(args).shards == 8
+    assert RunSettings().shard_jobs is None
+    with pytest.raises(ConfigError, match=r"shard_jobs \(--shard-jobs\): needs shards > 1"):
+        RunSettings.build({"shard_jobs": 30})

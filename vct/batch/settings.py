@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from vct.config import ConceptConfig, ConfigError, ContentConfig, FusionConfig, config_error
 
@@ -46,7 +46,12 @@ class RunSettings(BaseModel):
                                "one-source computation")
     shards: int = Field(1, ge=1, le=1024, description="split the run's jobs into this many "
                         "shard flow runs of the restyle-shard deployment, taken by any workers "
-                        "of its pool (1 = no sharding: everything in this flow run)")
+                        "of its pool (1 = no sharding: everything in this flow run); with "
+                        "shard_jobs, the most shard flow runs one phase may use")
+    shard_jobs: int | None = Field(None, ge=1, le=1_000_000, description="target jobs per "
+                                   "shard: a phase of N jobs runs as ceil(N / shard_jobs) "
+                                   "shards, at most `shards` (needs shards > 1; empty = "
+                                   "always `shards` shards)")
     plan_threads: int = Field(8, ge=1, le=256, description="inputs read and hashed at once "
                               "while planning (threads; each streams one input through sha256 "
                               "and probes its header, S3 latency bound)")
@@ -60,6 +65,14 @@ class RunSettings(BaseModel):
                                    description="stages 1-2, content inversion (per source)")
     fusion: FusionConfig = Field(default_factory=FusionConfig,
                                  description="stage 4, fusion (per pair)")
+
+    @field_validator("shard_jobs")
+    @classmethod
+    def _shard_jobs_needs_shards(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("shards", 1) <= 1:
+            raise ValueError("needs shards > 1 (shards is then the most shard flow runs a "
+                             "phase may use)")
+        return value
 
     @classmethod
     def build(cls, values: dict[str, Any] | None = None) -> RunSettings:

@@ -9,6 +9,10 @@ and gathers their states. A shard needs nothing but the URI of the stored plan:
                                   "fusion": {"shards": [[job dict, ...], ...]}}}  added later
     <run>/_plan/results/<phase>-<shard>-a<attempt>.json   what one shard flow run did
     <run>/_plan/_claims/shard/<key>.json                  its liveness lease
+    <run>/_plan/dispatched/<parent flow run id>.json      every shard flow run one parent
+                                                          dispatched (so a state hook of the
+                                                          parent, in another process, can
+                                                          cancel them)
 
 JSON only (jobs as dicts), never pickle: a plan is read by other machines. Every job still runs
 through the engine's :func:`vct.batch.engine.run_stage`, so under a claim (a key another shard,
@@ -33,6 +37,7 @@ from vct.cache import cache_key
 PLAN_DIR = "_plan"
 PLAN_FILE = "plan.json"
 RESULTS_DIR = "results"
+DISPATCHED_DIR = "dispatched"
 PHASES = {"stage": ("concept", "content"), "fusion": ("fusion",)}
 """A shard phase and the job kinds it runs, in order: concepts and contents first, then the
 fusions whose inputs exist."""
@@ -40,6 +45,20 @@ fusions whose inputs exist."""
 
 def plan_uri(run_uri: str) -> str:
     return storage.join(run_uri, PLAN_DIR, PLAN_FILE)
+
+
+def shard_count(n_jobs: int, shards: int, shard_jobs: int | None = None) -> int:
+    """How many shards a phase of ``n_jobs`` (distinct) jobs runs as: ``shards``, or with a
+    target of ``shard_jobs`` jobs per shard ``ceil(n_jobs / shard_jobs)``, at most ``shards``
+    (never more shards than jobs, and at least one for a phase that has any)."""
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, got {shards}")
+    if shard_jobs is not None and shard_jobs < 1:
+        raise ValueError(f"shard_jobs must be >= 1, got {shard_jobs}")
+    if n_jobs <= 0:
+        return 0
+    wanted = shards if shard_jobs is None else -(-n_jobs // shard_jobs)
+    return max(1, min(wanted, shards, n_jobs))
 
 
 def split(jobs: list[Job], shards: int) -> list[list[Job]]:
@@ -87,6 +106,29 @@ def shard_jobs(plan: dict, phase: str, shard: int) -> list[Job]:
     except (KeyError, IndexError):
         raise ValueError(f"plan {plan.get('run_uri')} has no {phase} shard {shard}") from None
     return [Job.from_dict(d) for d in dicts]
+
+
+def dispatched_uri(run_uri: str, parent: str) -> str:
+    return storage.join(run_uri, PLAN_DIR, DISPATCHED_DIR, f"{parent}.json")
+
+
+def read_dispatched(run_uri: str, parent: str) -> list[dict]:
+    """The shard flow runs parent flow run ``parent`` dispatched for this run, oldest first:
+    ``{"flow_run_id", "phase", "shard", "attempt", "parent_run_count", "idempotency_key"}``."""
+    try:
+        return json.loads(storage.read_bytes(dispatched_uri(run_uri, parent)))["runs"]
+    except storage.StorageNotFound:
+        return []
+
+
+def record_dispatch(run_uri: str, parent: str, entry: dict) -> None:
+    """Add one dispatched shard flow run to the parent's record (its only writer; each write
+    replaces the file atomically, so a reader sees the list before or after, never half)."""
+    runs = [r for r in read_dispatched(run_uri, parent)
+            if r.get("flow_run_id") != entry.get("flow_run_id")]
+    body = {"parent_flow_run_id": parent, "runs": [*runs, entry]}
+    storage.write_bytes(dispatched_uri(run_uri, parent), json.dumps(body, indent=1).encode(),
+                        "application/json")
 
 
 def result_uri(run_uri: str, phase: str, shard: int, attempt: int) -> str:
