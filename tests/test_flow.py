@@ -245,7 +245,7 @@ def test_transient_storage_errors_are_retried_by_the_task(prefect_harness, tiny_
     (tmp_path / "s.png").write_bytes(_png(0))
     (tmp_path / "r.png").write_bytes(_png(1))
     (tmp_path / "m.csv").write_text("source,reference\ns.png,r.png\n")
-    real_read = storage.read_bytes
+    real_read = storage.reads.read_bytes
     calls = {"n": 0}
 
     def flaky_read(uri: str, max_bytes: int | None = None) -> bytes:
@@ -254,7 +254,10 @@ def test_transient_storage_errors_are_retried_by_the_task(prefect_harness, tiny_
             raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
         return real_read(uri, max_bytes)
 
-    monkeypatch.setattr(storage, "read_bytes", flaky_read)
+    # Wherever read_bytes is looked up: callers (storage.read_bytes), read_input (the manifest
+    # read, the first call) and read_versioned.
+    for module in (storage, storage.reads, storage.cas):
+        monkeypatch.setattr(module, "read_bytes", flaky_read)
     result = restyle(manifest_uri=str(tmp_path / "m.csv"), output_uri=str(tmp_path / "out"),
                      model=str(tiny_model_dir), settings=FAST)
     assert result["counts"]["pairs_ok"] == 1 and calls["n"] > 1

@@ -9,9 +9,15 @@ from pathlib import Path
 VCT = Path(__file__).resolve().parents[1] / "vct"
 METHOD = {"inversion", "content", "concept", "attention", "fusion", "ddim", "text", "images",
           "config", "errors"}
+# "vct.storage" is the package vct/storage/ and each of its modules.
 RUNTIME_AND_UP = ("vct.storage", "vct.cache", "vct.manifest", "vct.batch", "vct.report",
                   "vct.artifacts", "vct.sidecar", "vct.translate", "vct.cli", "flows",
                   "prefect", "boto3", "botocore")
+
+
+# vct/storage/: each module imports only those before it (no cycles), as its docstring says.
+STORAGE_ORDER = ("env", "errors", "retry", "uris", "s3", "local", "reads", "objects", "cas",
+                 "sweep", "sync")
 
 
 def _imports(path: Path) -> set[str]:
@@ -44,3 +50,14 @@ def test_nothing_in_the_library_imports_the_cli_or_prefect():
         bad = sorted(i for i in _imports(path)
                      if i.startswith(("vct.cli", "flows", "prefect")) or i == "vct.cli")
         assert not bad, f"{name} imports {bad}"
+
+
+def test_the_storage_modules_import_only_those_below_them():
+    folder = VCT / "storage"
+    assert sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__") == \
+        sorted(STORAGE_ORDER), "a module was added to or removed from vct/storage/: order it"
+    for rank, module in enumerate(STORAGE_ORDER):
+        used = {i.split(".")[2] for i in _imports(folder / f"{module}.py")
+                if i.startswith("vct.storage.")}
+        above = sorted(used - set(STORAGE_ORDER[:rank]))
+        assert not above, f"vct.storage.{module} imports {above}, not below it"

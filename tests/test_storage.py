@@ -71,7 +71,7 @@ def test_local_failed_write_leaves_no_target_and_no_temp(tmp_path: Path,
         assert len(_tmp_files(tmp_path)) == 1
         raise OSError(errno.EIO, "disk on fire")
 
-    monkeypatch.setattr(storage.os, "fsync", failing_fsync)
+    monkeypatch.setattr(storage.local.os, "fsync", failing_fsync)
     with pytest.raises(storage.StorageUnavailable, match="disk on fire.*gave up after 4 tries"):
         storage.write_bytes(str(target), b"x" * 1000)
     assert seen_during_write == [False] * 4  # EIO is transient: retried, each from a new temp
@@ -87,7 +87,7 @@ def test_local_full_disk_is_permanent_and_not_retried(tmp_path: Path,
         calls.append(fd)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(storage.os, "fsync", full)
+    monkeypatch.setattr(storage.local.os, "fsync", full)
     target = tmp_path / "result.bin"
     with pytest.raises(storage.StorageFailed, match=r"storage failed: .*result\.bin \(write: .*"
                                                     r"No space left"):
@@ -105,7 +105,7 @@ def test_local_failed_overwrite_keeps_old_content(tmp_path: Path,
         assert target.read_bytes() == b"old"
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(storage, "_write_all", failing_write_all)
+    monkeypatch.setattr(storage.objects, "_write_all", failing_write_all)
     with pytest.raises(RuntimeError, match="interrupted"):
         storage.write_bytes(str(target), b"new content")
     assert target.read_bytes() == b"old"
@@ -296,8 +296,8 @@ def test_s3_large_write_uses_transfer_manager(s3_bucket: str,
     from boto3.s3.transfer import TransferConfig
 
     mib = 1024 * 1024
-    monkeypatch.setattr(storage, "MULTIPART_THRESHOLD", mib)
-    monkeypatch.setattr(storage, "_TRANSFER_CONFIG",
+    monkeypatch.setattr(storage.objects, "MULTIPART_THRESHOLD", mib)  # where write_bytes reads them
+    monkeypatch.setattr(storage.objects, "_TRANSFER_CONFIG",
                         TransferConfig(multipart_threshold=5 * mib, multipart_chunksize=5 * mib))
     puts, multipart = _count_calls("PutObject"), _count_calls("CreateMultipartUpload")
     data = os.urandom(11 * mib)
@@ -608,7 +608,7 @@ def test_fifo_swapped_in_after_the_stat_cannot_block_the_open(
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     # As if the path was a regular file when stat'ed and a FIFO by the time it is opened.
-    monkeypatch.setattr(storage, "_path_mode", lambda path: stat.S_IFREG | 0o644)
+    monkeypatch.setattr(storage.reads, "_path_mode", lambda path: stat.S_IFREG | 0o644)
     result = _read_in_thread(str(fifo), fifo)
     assert "hung" not in result  # O_NONBLOCK: the open returned at once
     assert isinstance(result.get("error"), storage.NotARegularFile)
@@ -662,7 +662,7 @@ def test_local_read_stops_at_the_cap_on_an_endless_regular_file(
             return io.BufferedReader(endless)
         return real_fdopen(fd, *args, **kwargs)
 
-    monkeypatch.setattr(storage.os, "fdopen", fdopen)
+    monkeypatch.setattr(storage.reads.os, "fdopen", fdopen)
     with pytest.raises(storage.InputTooLarge, match="more bytes arrived, limit 1000 bytes"):
         storage.read_bytes(str(path), max_bytes=1000)
     assert endless.served <= 64 * 1024  # one buffer's worth, not the stream
@@ -697,7 +697,7 @@ def test_local_permission_denied_is_permanent(tmp_path: Path,
             raise PermissionError(errno.EACCES, "Permission denied", str(file))
         return real_open(file, flags, *args)
 
-    monkeypatch.setattr(storage.os, "open", denied)  # tests run as root: chmod cannot deny
+    monkeypatch.setattr(storage.reads.os, "open", denied)  # tests run as root: chmod cannot deny
     with pytest.raises(storage.StorageAccessDenied, match=r"permission denied: .*secret\.png"):
         storage.read_bytes(str(path))
     assert len(calls) == 1
@@ -805,7 +805,7 @@ def test_check_writable_local_accepts_folders_to_be_and_refuses_files(
     with pytest.raises(storage.OutputUnusable, match=r"f is not a folder"):
         storage.check_writable(str(tmp_path / "f" / "out"))
     # tests run as root, where chmod cannot deny: ask os.access what a read-only mount says
-    monkeypatch.setattr(storage.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(storage.objects.os, "access", lambda path, mode: False)
     with pytest.raises(storage.OutputUnusable, match="is not writable by this user"):
         storage.check_writable(str(tmp_path / "new"))
 
