@@ -151,6 +151,10 @@ def test_embedded_mode_sets_prefects_settings_and_reserves_a_core(no_server, tin
 
     monkeypatch.setattr(flows.restyle, "restyle", record)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    # A PREFECT_HOME whose parent is missing: Prefect would not create it, and its sqlite
+    # database would fail to open only after the start-up timeout (minutes).
+    home = tmp_path / "not" / "yet" / "prefect-home"
+    monkeypatch.setenv("PREFECT_HOME", str(home))
     monkeypatch.setenv("PREFECT_CLIENT_MAX_RETRIES", "7")  # a user's own value wins
     for name in names:
         if name != "PREFECT_CLIENT_MAX_RETRIES":
@@ -162,6 +166,7 @@ def test_embedded_mode_sets_prefects_settings_and_reserves_a_core(no_server, tin
     assert seen[0]["PREFECT_CLIENT_MAX_RETRIES"] == "7"
     assert seen[0][threads.RESERVED_ENV] == "1"
     assert os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") is None
+    assert home.is_dir()
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:1/api")
     assert main(args) == EXIT_API_LOST
     assert seen[1]["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] is None

@@ -226,6 +226,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         manifest.raise_if_errors()
     if not request.model.startswith("s3://"):  # an s3:// model is checked once synced
         check_model(Path(request.model).expanduser(), settings)
+    home = os.environ.get("PREFECT_HOME")
+    if embedded and home:  # Prefect creates one missing folder, not its parents; sqlite then
+        Path(home).expanduser().mkdir(parents=True, exist_ok=True)  # fails after minutes
     # Prefect reads its settings when imported: set them first (embedded mode only).
     with _defaults(embedded_environment() if embedded else {}):
         from flows import embedded as server
