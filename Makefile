@@ -15,7 +15,7 @@ unexport PREFECT_API_URL
 # The tiny test model is built here (workers set VCT_HOME / VCT_MODEL_CACHE themselves).
 export VCT_HOME ?= $(CURDIR)/.models
 
-.PHONY: setup demo test test-fleet test-reliability lint browser bench clean
+.PHONY: setup demo test test-fleet test-reliability lint browser bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -47,8 +47,14 @@ test-fleet: $(STAMP)
 test-reliability: $(STAMP)
 	$(PY) -m pytest -q -m reliability
 
+# Every benchmark figure side by side in one run (docs/performance.md): prints the table and
+# writes benchmarks/results.json; under 15 minutes on 2 CPU cores. `make bench-quick` (or
+# BENCH_ARGS=--quick) is a smoke run of every section at toy sizes (written to a temporary file).
 bench: $(STAMP)
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/run.py --quick
 
 clean:
 	rm -rf demo .models .embedded-prefect .pytest_cache
