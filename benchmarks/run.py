@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="SD 1.x folder for the stages section "
                         "(default: the tiny model)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=20,
-                        help="T for content and fusion in the stages section (default 20 on "
+    parser.add_argument("--steps", type=int, default=10,
+                        help="T for content and fusion in the stages section (default 10 on "
                         "CPU; the method's default is 50)")
     parser.add_argument("--concept-steps", type=int, default=25,
                         help="concept updates in the stages section (the default is 500)")

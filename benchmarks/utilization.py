@@ -24,9 +24,9 @@ from vct.batch.exec import run_jobs
 
 # Jobs of seconds each on a 1-thread CPU rank (the tiny model), so that each launch's model
 # load does not dominate; the same settings both ways.
-SETTINGS = {"concept": {"max_train_steps": 15, "gradient_accumulation_steps": 4,
+SETTINGS = {"concept": {"max_train_steps": 25, "gradient_accumulation_steps": 4,
                         "reference_resolution": 32},
-            "content": {"num_inference_steps": 8, "num_inner_steps": 10, "resolution": 32},
+            "content": {"num_inference_steps": 10, "num_inner_steps": 15, "resolution": 32},
             "fusion": {}}
 QUICK = {"concept": {"max_train_steps": 2, "gradient_accumulation_steps": 2,
                      "reference_resolution": 32},
