@@ -3,7 +3,6 @@ targets (met / not met, never adjusted) and the printed table."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -197,5 +196,12 @@ def set_threads(n: int | None) -> int:
     return apply_thread_budget(override=n)
 
 
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip() not in ("", "0", "false")
+
+
+def markdown(results: dict) -> str:
+    """The targets of a results.json as a Markdown table (docs/performance.md)."""
+    lines = ["| figure | value | target | met |", "|---|---|---|---|"]
+    for name, t in results.get("targets", {}).items():
+        verdict = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
+        lines.append(f"| `{name}` | {fmt(t['value'])} | {t['target']} | {verdict} |")
+    return "\n".join(lines)

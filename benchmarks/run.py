@@ -40,7 +40,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 import torch  # noqa: E402
 
 from benchmarks import threads as threads_bench  # noqa: E402  (reads torch's default count)
-from benchmarks.common import Section, table, tiny_model  # noqa: E402
+from benchmarks.common import Section, markdown, table, tiny_model  # noqa: E402
 
 SECTIONS = ("stages", "sd15", "amortization", "overhead", "planning", "utilization", "threads")
 RESULTS = ROOT / "benchmarks" / "results.json"
@@ -119,7 +119,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="inputs planned on moto S3 (below 10 000: extrapolated, labelled)")
     parser.add_argument("--sd15", action="store_true",
                         help="also run the stages on the SD 1.5-architecture model")
+    parser.add_argument("--markdown", metavar="RESULTS", default=None,
+                        help="print the targets of an existing results file as Markdown "
+                        "(measures nothing)")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return 0
     out = Path(args.output) if args.output else (
         Path(tempfile.gettempdir()) / "vct-bench-quick.json" if args.quick else RESULTS)
     torch.set_num_threads(args.threads)
