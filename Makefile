@@ -16,7 +16,7 @@ unexport PREFECT_API_URL
 # The tiny test model is built here (workers set VCT_HOME / VCT_MODEL_CACHE themselves).
 export VCT_HOME ?= $(CURDIR)/.models
 
-.PHONY: setup demo check test test-fleet test-reliability lint browser bench bench-gpu clean
+.PHONY: setup demo check test test-fleet test-reliability lint browser bench bench-quick bench-gpu clean
 
 setup: $(STAMP)
 
@@ -51,8 +51,14 @@ test-fleet: $(STAMP)
 test-reliability: $(STAMP)
 	$(PY) -m pytest -q -m reliability
 
+# Every benchmark figure side by side in one run (docs/performance.md): prints the table and
+# writes benchmarks/results.json; under 15 minutes on 2 CPU cores. `make bench-quick` (or
+# BENCH_ARGS=--quick) is a smoke run of every section at toy sizes (written to a temporary file).
 bench: $(STAMP)
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/run.py --quick
 
 # On a CUDA node (not part of `make test`): every stage at 512 px on the SD 1.5-architecture
 # random model, fp32/fp16/bf16, SDPA on and off -> benchmarks/results-gpu.json (under 8 min).
