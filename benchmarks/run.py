@@ -4,7 +4,8 @@ printed as a table (each target met or not) and written to benchmarks/results.js
 Sections (each a module of benchmarks/):
 - stages: per-stage cost at the defaults and with each fast option (batched micro-steps,
   content batch, SDPA), the fused-latent MSE of each against the defaults;
-- sd15: the same on an SD 1.5-architecture random model (needs benchmarks/sd15.py and --sd15);
+- sd15: each stage once on an SD 1.5-architecture random model at 128 px: s per UNet
+  evaluation and peak RSS of the real shapes (--sd15: the whole stages section on it);
 - amortization: UNet evaluations of a crossed 6 x 3 manifest, naive / the original's pattern /
   cold / warm, counted by the hook; the amortization-limit formula;
 - overhead + report: 4 000 pairs with the model cost removed: seconds per pair, report bytes;
@@ -72,8 +73,9 @@ def run_section(name: str, args) -> list[Section]:
     if name == "sd15":
         from benchmarks import stages
 
-        return [stages.sd15(args.device, args.sd15, steps=args.steps,
-                            concept_steps=args.concept_steps)]
+        if args.quick:
+            return []
+        return [stages.sd15(args.device, args.sd15)]
     if name == "amortization":
         from benchmarks import amortization
 
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--s3-inputs", type=int, default=1_000,
                         help="inputs planned on moto S3 (below 10 000: extrapolated, labelled)")
     parser.add_argument("--sd15", action="store_true",
-                        help="also run the stages on the SD 1.5-architecture model")
+                        help="run the whole stages section on the SD 1.5-architecture model (a GPU node)")
     parser.add_argument("--markdown", metavar="RESULTS", default=None,
                         help="print the targets of an existing results file as Markdown "
                         "(measures nothing)")

@@ -120,20 +120,52 @@ def measure(model: str, device: str = "cpu", steps: int = 50, concept_steps: int
     return sec
 
 
-def sd15(device: str, requested: bool, **kwargs) -> Section:
-    """The same section on an SD 1.5-architecture random model (benchmarks/sd15.py, written on
-    another branch): skipped, and said so, when that module is missing or not requested."""
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def sd15(device: str, full: bool, steps: int = 2, concept_steps: int = 2,
+         resolution: int = 128) -> Section:
+    """Each stage once on the SD 1.5-architecture random model (benchmarks/sd15.py: the real
+    UNet, VAE and text encoder shapes), so wall time per UNet evaluation and memory are the
+    real model's. On the CPU at a reduced resolution and a few steps (``resolution`` px, T =
+    ``steps``, ``concept_steps`` updates, one fit iteration); ``full`` (``--sd15``) runs the
+    whole :func:`measure` on it instead (a GPU node). Peak RSS is the process's high-water
+    mark after each stage (it includes the model and whatever ran before)."""
+    from benchmarks.sd15 import build_sd15_model
+
+    folder = str(build_sd15_model())
+    if full:
+        return measure(folder, device=device, label="sd15")
     sec = Section("sd15")
-    try:
-        from benchmarks.sd15 import build_sd15_model  # type: ignore[import-not-found]
-    except ImportError:
-        sec.data = {"skipped": "needs benchmarks/sd15.py (an SD 1.5-architecture random model "
-                               "builder, not on this branch)"}
-        sec.row("skipped", sec.data["skipped"])
-        return sec
-    if not requested:
-        sec.data = {"skipped": "pass --sd15 (minutes per stage on CPU: meant for a GPU node)"}
-        sec.row("skipped", sec.data["skipped"])
-        return sec
-    inner = measure(str(build_sd15_model()), device=device, label="sd15", **kwargs)
-    return inner
+    models = load_models(folder, device=device)
+    house = Image.open(ROOT / "manifests/images/house.png").convert("RGB")
+    stripes = Image.open(ROOT / "manifests/images/stripes.png").convert("RGB")
+    content_cfg = ContentConfig(num_inference_steps=steps, num_inner_steps=1,
+                                resolution=resolution)
+    concept_cfg = ConceptConfig(max_train_steps=concept_steps, gradient_accumulation_steps=1,
+                                reference_resolution=resolution)
+    data: dict = {"model": folder, "device": str(models.device), "resolution": resolution,
+                  "T": steps, "concept_updates": concept_steps,
+                  "rss_after_load_mib": round(_peak_rss_mib(), 1), "stages": {}}
+    runs = (("content", lambda: invert_content(models, house, content_cfg)),
+            ("concept", lambda: learn_concept(models, stripes, concept_cfg)))
+    results = {}
+    for name, fn in runs:
+        seconds, (results[name], used) = timed(lambda fn=fn: evals(models, fn))
+        data["stages"][name] = {"seconds": seconds, "unet_evals": used,
+                                "seconds_per_unet_eval": seconds / max(1, sum(used.values())),
+                                "peak_rss_mib": round(_peak_rss_mib(), 1)}
+    seconds, (_, used) = timed(lambda: evals(models, lambda: fuse(
+        models, results["content"], [results["concept"]], FusionConfig())))
+    data["stages"]["fusion"] = {"seconds": seconds, "unet_evals": used,
+                                "seconds_per_unet_eval": seconds / max(1, sum(used.values())),
+                                "peak_rss_mib": round(_peak_rss_mib(), 1)}
+    sec.data = data
+    for name, d in data["stages"].items():
+        sec.row(f"sd15 {name} ({resolution} px)",
+                f"{d['seconds']:.1f} s, {d['seconds_per_unet_eval']:.2f} s per UNet eval "
+                f"{d['unet_evals']}, peak RSS {d['peak_rss_mib']:,.0f} MiB")
+    return sec

@@ -74,7 +74,7 @@ def _stored(job: Job) -> Stored:
 @pytest.fixture
 def inputs(tmp_path) -> dict[str, Path]:
     paths = {}
-    for name, kind in (("a", 0), ("b", 2), ("ref1", 1), ("ref2", 3)):
+    for name, kind in (("a", 0), ("b", 2), ("ref1", 1), ("ref2", 3), ("ref3", 5)):
         paths[name] = tmp_path / f"{name}.png"
         make_image(kind, (16, 16)).save(paths[name])
     return paths

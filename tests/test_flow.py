@@ -223,12 +223,13 @@ def test_accelerate_fan_out_gives_the_same_outputs_as_in_process(prefect_harness
     fanned = restyle(output_uri=str(tmp_path / "acc"), **common, settings={
         **one, "executor": "accelerate", "num_processes": 2})
     assert fanned["counts"]["concepts_computed"] == 2 and fanned["counts"]["pairs_ok"] == 3
-    # One pool, one launch: both ranks took concept, content and fusion jobs, and each
-    # rank's busy time over its ready time is in run.json.
+    # One pool, one launch: both ranks served it (which rank takes which job depends on who
+    # finishes first), and each rank's busy time over its ready time is in run.json.
     stages = fanned["details"]["stages"]
-    assert all(sorted(stages[kind]["ranks"]) == [0, 1] for kind in ("concept", "content"))
+    assert set().union(*(stages[k]["ranks"] for k in ("concept", "content", "fusion"))) == {0, 1}
     ranks = fanned["details"]["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1] and sum(r["jobs"] for r in ranks) == 6
+    assert all(r["jobs"] > 0 for r in ranks)
     assert all(0 < r["utilization"] <= 1 and r["load_s"] > 0 for r in ranks)
     for pair in local["pairs"]:
         name = pair["output_file"]

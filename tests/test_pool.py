@@ -36,6 +36,31 @@ def test_the_queue_is_biggest_first_and_ties_keep_their_order() -> None:
     assert order == [2, 4, 1, 3]
 
 
+def test_what_unblocks_more_work_goes_first() -> None:
+    """A concept that three fusions wait on runs before a bigger content that one waits on."""
+    queue = JobQueue()
+    queue.push(_job("content", 1, 9.0), unblocks=12.0)
+    queue.push(_job("concept", 2, 5.0), unblocks=36.0)
+    queue.push(_job("fusion", 3, 20.0))
+    assert [int(queue.pop_unit()[0].key, 16) for _ in range(3)] == [2, 1, 3]
+
+
+def test_a_crossed_manifest_runs_its_concepts_first(tmp_path, inputs) -> None:
+    """2 sources x 2 references: each concept gates both fusions, each content one; a fusion
+    (2 concepts: 2 (1 + 2) T = 18) outranks what unblocks less than itself."""
+    m = _manifest(tmp_path, [f"{inputs[s]},{inputs[r]},{s}{r}" for s in ("a", "b")
+                             for r in ("ref1", "ref2")])
+    plan, executor = _plan(tmp_path, m, concept={"max_train_steps": 2,
+                                                 "gradient_accumulation_steps": 1},
+                           content={"num_inference_steps": 3, "num_inner_steps": 1})
+    runner = Recording()
+    engine.run_pool(plan, executor, runner=runner)
+    # concepts: 2 + 18 + 18; contents: 9 + 18; the first fusion (18) is runnable before the
+    # second content (27) and waits for it.
+    assert [kind for kind, _ in runner.order] == ["concept", "concept", "content", "content",
+                                                  "fusion", "fusion"]
+
+
 def test_content_batches_take_the_next_contents_of_the_same_config() -> None:
     queue = JobQueue(content_batch=2)
     jobs = [_job("content", 1, 9.0, {"t": 1}), _job("content", 2, 8.0, {"t": 2}),
@@ -63,17 +88,19 @@ class Recording(FakeRunner):
 
 
 def test_a_fusion_runs_as_soon_as_its_inputs_exist(tmp_path, inputs) -> None:
-    """Source a (with ref1) is fused before source b's content runs: no stage barrier."""
+    """No stage barrier: source a's fusion with two concepts (2 (1 + 2) T = 18) runs as soon as
+    it is runnable, before the concept of source b (2 + its fusion 12 = 14)."""
     m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},p1",
-                             f"{inputs['b']},{inputs['ref2']},p2"])
-    # Costs: concepts 2*1 = 2 each, contents T*(1+2) = 9 each, fusions 2*(1+1)*T = 12 each.
-    plan, executor = _plan(tmp_path, m, concept={"max_train_steps": 2},
+                             f"{inputs['a']},{inputs['ref2']},p2",
+                             f"{inputs['b']},{inputs['ref3']},p3"])
+    # Costs: concepts 2 x 1 = 2 each, contents T (1 + 2) = 9 each, T = 3.
+    plan, executor = _plan(tmp_path, m, concept={"max_train_steps": 2,
+                                                 "gradient_accumulation_steps": 1},
                            content={"num_inference_steps": 3, "num_inner_steps": 1})
     runner = Recording()
     outcome = engine.run_pool(plan, executor, runner=runner)
-    assert [kind for kind, _ in runner.order] == ["content", "content", "concept", "fusion",
-                                                  "concept", "fusion"]
-    assert runner.order[3] == ("fusion", str(inputs["a"]))
+    fusion_a = runner.order.index(("fusion", str(inputs["a"])))
+    assert fusion_a < runner.order.index(("concept", str(inputs["ref3"])))
     assert {p.status for p in outcome.pairs.values()} == {"ok"}
     assert (tmp_path / "out" / "run" / "p1.png").is_file()
 

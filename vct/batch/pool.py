@@ -4,7 +4,7 @@ Why: run as stages (every concept, then every content, then every fusion) each s
 barrier, and with accelerate a fresh launch that loads the model on every rank again; with 3
 references on 8 GPUs, 5 idle through the concept stage although concepts and contents do not
 depend on each other. The pool launches the workers once per run, keeps each of them fed with
-the biggest runnable job, and makes a source's fusions runnable as soon as what they need is
+the runnable job on the longest path of work (its cost plus the fusions it unblocks), and makes a source's fusions runnable as soon as what they need is
 resolved, so fusion overlaps with the stage jobs still running elsewhere and outputs appear
 early (a killed run keeps them).
 
@@ -81,9 +81,14 @@ class PoolOutcome:
 
 # ---------------------------------------------------------------- the queue
 class JobQueue:
-    """Runnable jobs, biggest first (ties in insertion order). ``pop_unit`` takes the biggest
-    and, for a content job, up to ``content_batch - 1`` more runnable content jobs of the same
-    config in the same order: the batches :func:`vct.batch.jobs.run_in_order` forms."""
+    """Runnable jobs by priority: a job's own cost plus the cost of the fusions it unblocks
+    (``unblocks``; a concept gates every fusion of its reference, a content its source's, a
+    fusion nothing), highest first, ties in insertion order: list scheduling by the critical
+    path, so the jobs others wait on run early and no worker ends up waiting on the last
+    concept while the fusions queue up behind it. Without dependencies that is biggest first.
+
+    ``pop_unit`` takes the first and, for a content job, up to ``content_batch - 1`` more
+    runnable content jobs of the same config in the same order (a content batch)."""
 
     def __init__(self, content_batch: int = 1):
         self.content_batch = max(1, content_batch)
@@ -95,10 +100,10 @@ class JobQueue:
     def __len__(self) -> int:
         return len(self._jobs)
 
-    def push(self, job: Job) -> None:
+    def push(self, job: Job, unblocks: float = 0.0) -> None:
         if job.key in self._jobs:
             return
-        entry = (-job.cost, self._seq, job.key)
+        entry = (-(job.cost + unblocks), self._seq, job.key)
         self._seq += 1
         self._jobs[job.key] = job
         heapq.heappush(self._heap, entry)
@@ -107,7 +112,7 @@ class JobQueue:
 
     def _pop_from(self, heap: list) -> Job | None:
         while heap:
-            _, _, key = heapq.heappop(heap)
+            key = heapq.heappop(heap)[-1]
             job = self._jobs.pop(key, None)
             if job is not None:
                 return job
@@ -139,6 +144,13 @@ class _Family:
 
     pairs: list[PairPlan]
     waiting_on: set[tuple[str, str]]
+
+    @property
+    def fusion_cost(self) -> float:
+        """Its fusion jobs' cost if nothing fails: 2 (1 + K) T per group of K <= 4 concepts."""
+        concepts = len({p.concept_key for p in self.pairs})
+        groups = -(-concepts // 4)
+        return float(2 * (groups + concepts) * self.pairs[0].content.num_inference_steps)
 
 
 def families(the_plan: Plan) -> list[_Family]:
@@ -194,6 +206,10 @@ class JobPool:
                 self.on_fraction(min(1.0, self._resolved / self._total))
             except Exception:  # a progress display must never fail the run
                 log.exception("progress callback failed (ignored)")
+
+    def _unblocks(self, job: Job) -> float:
+        """The fusion work waiting on this job: each waiting family's estimated fusion cost."""
+        return sum(fam.fusion_cost for fam in self._waiters.get((job.kind, job.key), ()))
 
     def _hit(self, kind: str, key: str) -> bool:
         return key in self._hits[kind]
@@ -290,7 +306,7 @@ class JobPool:
                 self._waiting.append(job)
             else:
                 self._hold(job.key, claim)
-                self.queue.push(job)
+                self.queue.push(job, self._unblocks(job))
 
     # ------------------------------------------------------------ outcomes
     def _stored(self, kind: str, key: str) -> None:
@@ -327,7 +343,7 @@ class JobPool:
                     if load(self.cache, job.kind, job.key) is not None:
                         self._cached(job.kind, job.key)
                     else:
-                        self.queue.push(job)
+                        self.queue.push(job, self._unblocks(job))
                 for kind in ("concept", "content"):
                     for key in self.stages[kind].cached:
                         self._resolve(kind, key, None)

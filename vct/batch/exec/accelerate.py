@@ -26,7 +26,9 @@ from vct.cache import StageCache
 
 log = logging.getLogger("vct.batch")
 
-POLL_SECONDS = 0.5
+POLL_SECONDS = 0.05
+"""How often the parent reads the ranks' outcome lines: a rank waits about this long between
+two units, so it is short (reading a few small files costs nothing)."""
 STDERR_TAIL_LINES = 8
 JOBS_FILE = "jobs.json"
 LAUNCHER_STDOUT = "launcher.out"
@@ -167,14 +169,15 @@ class AccelerateBackend:
     """The pool's workers: one ``accelerate launch`` for the whole run, one rank per GPU.
 
     Each rank loads the model once, then serves the units the parent appends to its inbox
-    (:mod:`vct.batch.exec.rank`), at most :data:`SLOTS_PER_RANK` outstanding per rank so a rank
-    never waits for the parent between two jobs; units go to the rank with the fewest
-    outstanding. If the launcher dies (torchrun takes every rank down with one), the units
+    (:mod:`vct.batch.exec.rank`), :data:`SLOTS_PER_RANK` outstanding per rank: one, so no unit
+    ever waits behind another on a busy rank while a rank that finished sits idle (a rank only
+    waits for the parent's next poll, :data:`POLL_SECONDS`, between two units); units go to the
+    rank with the fewest outstanding. If the launcher dies (torchrun takes every rank down with one), the units
     still outstanding fail with its exit code and the tail of its stderr, and anything
     submitted later fails at once: nothing hangs, and finished results stay in the cache.
     """
 
-    SLOTS_PER_RANK = 2
+    SLOTS_PER_RANK = 1
 
     def __init__(self, settings: ExecutorSettings, world: int | None = None,
                  on_progress: ProgressCallback | None = None):
