@@ -16,7 +16,7 @@ unexport PREFECT_API_URL
 # The tiny test model is built here (workers set VCT_HOME / VCT_MODEL_CACHE themselves).
 export VCT_HOME ?= $(CURDIR)/.models
 
-.PHONY: setup demo check test test-fleet test-reliability lint browser bench bench-quick bench-gpu clean
+.PHONY: setup demo check test test-slow test-fleet test-reliability lint browser bench bench-quick bench-gpu clean
 
 setup: $(STAMP)
 
@@ -38,10 +38,15 @@ browser:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
 test: $(STAMP) lint browser
-	$(PY) -m pytest -q -m "not fleet and not reliability"
+	$(PY) -m pytest -q -m "not fleet and not reliability and not slow"
 
-# Every suite, as CI runs it (.ci/run): the fast one, the kill-and-resume harness, the fleet.
-check: test test-reliability test-fleet
+# End-to-end tests of a minute or so together (a real deploy, a killed vct, ...): in make check.
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+# Every suite, as CI runs it (.ci/run): the fast one, the slow end-to-end tests, the
+# kill-and-resume harness, the fleet.
+check: test test-slow test-reliability test-fleet
 
 # A Prefect server, a pool, two workers and moto as subprocesses (minutes): sharded runs for real.
 test-fleet: $(STAMP)

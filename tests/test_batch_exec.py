@@ -185,6 +185,7 @@ def accelerate_run(tiny_model_dir, good_jobs, models, bad_image, tmp_path_factor
     return jobs, outcomes, cache, events
 
 
+@pytest.mark.slow  # make test-slow (in make check): see pyproject.toml
 def test_accelerate_matches_local_bit_for_bit(accelerate_run, local_run) -> None:
     jobs, outcomes, cache, _ = accelerate_run
     assert [o.ok for o in outcomes] == [True, True, True, False], outcomes
@@ -195,6 +196,7 @@ def test_accelerate_matches_local_bit_for_bit(accelerate_run, local_run) -> None
             assert torch.equal(got[name], want[name]), (job.kind, name)
 
 
+@pytest.mark.slow  # make test-slow (in make check): see pyproject.toml
 def test_accelerate_uses_both_ranks_and_isolates_failures(accelerate_run, bad_image) -> None:
     jobs, outcomes, cache, events = accelerate_run
     assert [o.key for o in outcomes] == [j.key for j in jobs]

@@ -182,6 +182,7 @@ def _process_contender(root: str, name: str, out: str, start) -> None:
     Path(out).write_text(json.dumps({"computed": runner.computed, "awaited": run.awaited}))
 
 
+@pytest.mark.slow  # make test-slow (in make check): see pyproject.toml
 def test_two_processes_racing_compute_each_key_once(tmp_path: Path) -> None:
     root = str(tmp_path / "cache")
     ctx = multiprocessing.get_context("spawn")

@@ -263,6 +263,7 @@ def _write_manifest(folder: Path) -> Path:
     return manifest
 
 
+@pytest.mark.slow  # make test-slow (in make check): see pyproject.toml
 def test_on_demand_deployment_is_created_and_a_run_completes(prefect_env, tmp_path,
                                                              tiny_model_dir):
     env = prefect_env

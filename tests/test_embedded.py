@@ -60,6 +60,7 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow  # make test-slow (in make check): see pyproject.toml
 def test_the_embedded_server_does_not_outlive_a_killed_vct(tmp_path, tiny_model_dir):
     """SIGKILL the `vct run` process mid-run (a kill point after its first concept, and the
     kill comes from the process itself: no atexit, no finally runs): its uvicorn server is

@@ -660,6 +660,7 @@ def big_run() -> dict:
             "seconds": time.perf_counter() - start}
 
 
+@pytest.mark.slow  # make test-slow (in make check): see pyproject.toml
 def test_size_bounds_at_4000_pairs(big_run: dict) -> None:
     files, outcomes = big_run["files"], big_run["outcomes"]
     n = len(outcomes)
