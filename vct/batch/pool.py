@@ -12,8 +12,9 @@ Determinism (outputs bit-identical to the stage-by-stage path): a *family* is th
 share a content key and fusion settings. Its fusion groups are formed only when its content and
 every concept it names are resolved (done or failed), exactly as
 :func:`vct.batch.plan.fusion_groups` forms them over the family's fusable pairs, finished or
-not; content batches are formed as :func:`vct.batch.jobs.run_in_order` forms them (same
-config, biggest first). Every job runs under a fleet claim (:mod:`vct.batch.claims`): a key
+not; content batches take runnable contents of the same config in queue order, as
+:func:`vct.batch.jobs.run_in_order` does (and with content batches off, a content's bytes never
+depend on the order). Every job runs under a fleet claim (:mod:`vct.batch.claims`): a key
 another process holds is awaited, not recomputed.
 
 Utilization: each worker's busy seconds (its jobs' wall time) over the time it was ready to
