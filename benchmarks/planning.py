@@ -11,20 +11,17 @@ smaller than 10 000 on S3 is extrapolated linearly to 10 000 and labelled so.
 from __future__ import annotations
 
 import io
-import logging
-import os
 import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from benchmarks.common import Section, tiny_model, write_image, write_manifest
-from vct import storage
+from tests.fixtures_s3 import moto_s3  # the same moto server and AWS environment as the tests
 from vct.batch import engine
 
 SETTINGS = {"content": {"num_inference_steps": 2, "num_inner_steps": 0}, "threads": 1}
@@ -63,42 +60,6 @@ def local(n: int, model: str) -> dict:
         manifest = write_manifest(root / "m.csv", _rows(srcs, refs))
         seconds, pairs = _plan_seconds(str(manifest), str(root / "out"), model)
     return {"inputs": n, "pairs": pairs, "seconds": seconds, "cpu_s": _last_cpu[0]}
-
-
-_S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_SESSION_TOKEN": None, "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL_S3": None, "AWS_PROFILE": None, "AWS_CONFIG_FILE": os.devnull,
-           "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
-
-
-@contextmanager
-def moto_s3():
-    """moto's threaded server on 127.0.0.1 (random port), the AWS env pointed at it."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    env = {**_S3_ENV, "AWS_ENDPOINT_URL": endpoint}
-    saved = {name: os.environ.get(name) for name in env}
-    for name, value in env.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-    storage.reset_clients()
-    try:
-        yield endpoint
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        storage.reset_clients()
-        server.stop()
 
 
 def _png(seed: int) -> bytes:

@@ -38,6 +38,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.states import Crashed, State
 
 from vct.batch import shards
+from vct.batch.claims import env_seconds
 from vct.batch.engine import RunRequest
 from vct.batch.jobs import Job, JobOutcome
 from vct.batch.plan import Plan
@@ -64,16 +65,7 @@ def _poll_s() -> float:
 
 def start_timeout_s() -> float:
     """How long a shard flow run may wait for a worker while its phase makes no progress."""
-    raw = os.environ.get(ENV_START_TIMEOUT, "").strip()
-    if not raw:
-        return DEFAULT_START_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{ENV_START_TIMEOUT} must be a number of seconds, got {raw!r}") from None
-    if not value > 0:
-        raise ValueError(f"{ENV_START_TIMEOUT} must be > 0, got {raw!r}")
-    return value
+    return env_seconds(ENV_START_TIMEOUT, DEFAULT_START_TIMEOUT_S)
 
 
 def idempotency_key(run_id: str, parent: str, parent_run_count: int, phase: str, shard: int,

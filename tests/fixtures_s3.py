@@ -10,6 +10,7 @@ import logging
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import boto3
 import pytest
@@ -30,9 +31,10 @@ _ENV: dict[str, str | None] = {
 }
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[str]:
-    """Start moto on 127.0.0.1 (random port), point AWS env vars at it; yield the endpoint."""
+@contextmanager
+def moto_s3() -> Iterator[str]:
+    """Start moto on 127.0.0.1 (random port), point AWS env vars at it; yield the endpoint
+    (restoring the environment after). The tests' fixture and the planning benchmark."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -55,6 +57,12 @@ def s3_server() -> Iterator[str]:
                 os.environ[name] = value
         storage.reset_clients()
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    with moto_s3() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

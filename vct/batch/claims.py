@@ -57,7 +57,9 @@ DEFAULT_POLL_S = 2.0
 Runner = Callable[..., list[JobOutcome]]
 
 
-def _env_seconds(name: str, default: float) -> float:
+def env_seconds(name: str, default: float) -> float:
+    """A positive number of seconds from the environment (``default`` when unset or empty);
+    anything else is refused with the variable's name."""
     raw = os.environ.get(name)
     if raw is None or not raw.strip():
         return default
@@ -118,9 +120,9 @@ class Claims:
         self.cache = StageCache(cache_uri)
         self.root = storage.join(str(cache_uri), CLAIMS_DIR)
         self.owner = owner or Owner()
-        self.lease_s = lease_s if lease_s is not None else _env_seconds(ENV_LEASE,
+        self.lease_s = lease_s if lease_s is not None else env_seconds(ENV_LEASE,
                                                                         DEFAULT_LEASE_S)
-        self.poll_s = poll_s if poll_s is not None else _env_seconds(ENV_POLL, DEFAULT_POLL_S)
+        self.poll_s = poll_s if poll_s is not None else env_seconds(ENV_POLL, DEFAULT_POLL_S)
         self.clock = clock
         self._lock = threading.Lock()  # renewals vs release of the same claim
 
