@@ -110,7 +110,7 @@ def conditional_put(uri: str, data: bytes, expect: str | None) -> str | None:
                     raise
                 retried = tries > 1 or exc.response.get("ResponseMetadata", {}).get(
                     "RetryAttempts")
-                return _own_lost_put(bucket, key, data) if retried else None
+                return _own_lost_put(uri, data) if retried else None
         return retrying(put, uri=uri, action=action)
     target = _local_path(uri)
     if expect is None:
@@ -189,16 +189,10 @@ def _create_exclusive_nolink(target: Path, data: bytes) -> bool:
     return True
 
 
-def _own_lost_put(bucket: str, key: str, data: bytes) -> str | None:
+def _own_lost_put(uri: str, data: bytes) -> str | None:
     """After a retried conditional PUT got 412: the version if the object is exactly ours."""
-    try:
-        response = s3_client().get_object(Bucket=bucket, Key=key)
-    except botocore.exceptions.ClientError as exc:
-        if _is_not_found(exc):
-            return None
-        raise
-    with contextlib.closing(response["Body"]) as body:
-        return _etag(response["ETag"]) if body.read(len(data) + 1) == data else None
+    got = read_versioned(uri)
+    return got[1] if got is not None and got[0] == data else None
 
 
 @contextlib.contextmanager
