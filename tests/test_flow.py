@@ -207,6 +207,7 @@ def test_incoming_state_hooks_release_what_a_cancelled_or_crashed_run_holds(tmp_
     assert marker["status"] == "released" and "Cancelled" in marker["release_reason"]
 
 
+@pytest.mark.slow  # make test-slow (in make check): see pyproject.toml
 def test_accelerate_fan_out_gives_the_same_outputs_as_in_process(prefect_harness, tiny_model_dir,
                                                                   tmp_path):
     """Two CPU ranks (gloo) serving one job pool vs this process, every process at 1 torch
