@@ -23,7 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import Section, UNetClock, crossed, tiny_model, total_evals, write_manifest
+from benchmarks.common import (
+    QUICK,
+    Section,
+    UNetClock,
+    crossed,
+    tiny_model,
+    total_evals,
+    write_manifest,
+)
 from vct.batch import engine
 
 # Every stage's UNet work about 1/25 of its default (concept 500 x 4 = 2000 fwd+bwd -> 20 x 4
@@ -33,10 +41,6 @@ from vct.batch import engine
 SMALL = {"concept": {"max_train_steps": 20, "gradient_accumulation_steps": 4,
                      "reference_resolution": 32},
          "content": {"num_inference_steps": 2, "num_inner_steps": 25, "resolution": 32},
-         "fusion": {}}
-QUICK = {"concept": {"max_train_steps": 2, "gradient_accumulation_steps": 2,
-                     "reference_resolution": 32},
-         "content": {"num_inference_steps": 2, "num_inner_steps": 2, "resolution": 32},
          "fusion": {}}
 DEFAULTS = {"C": 500 * 4, "T": 50, "inner": 50}
 

@@ -205,3 +205,10 @@ def markdown(results: dict) -> str:
         verdict = {True: "yes", False: "**no**", None: "n/a"}[t["met"]]
         lines.append(f"| `{name}` | {fmt(t['value'])} | {t['target']} | {verdict} |")
     return "\n".join(lines)
+
+
+# Stage settings of every `--quick` smoke run (toy sizes; the figures are not meaningful).
+QUICK = {"concept": {"max_train_steps": 2, "gradient_accumulation_steps": 2,
+                     "reference_resolution": 32},
+         "content": {"num_inference_steps": 2, "num_inner_steps": 2, "resolution": 32},
+         "fusion": {}}

@@ -18,7 +18,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.common import Section, crossed, tiny_model
+from benchmarks.common import QUICK, Section, crossed, tiny_model
 from vct.batch import engine
 from vct.batch.exec import run_jobs
 
@@ -28,10 +28,6 @@ SETTINGS = {"concept": {"max_train_steps": 25, "gradient_accumulation_steps": 4,
                         "reference_resolution": 32},
             "content": {"num_inference_steps": 10, "num_inner_steps": 15, "resolution": 32},
             "fusion": {}}
-QUICK = {"concept": {"max_train_steps": 2, "gradient_accumulation_steps": 2,
-                     "reference_resolution": 32},
-         "content": {"num_inference_steps": 2, "num_inner_steps": 2, "resolution": 32},
-         "fusion": {}}
 
 
 def _settings(root: Path, name: str, quick: bool) -> dict:
