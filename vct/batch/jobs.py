@@ -17,15 +17,14 @@ import logging
 import math
 import re
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from vct import storage
 from vct.artifacts import FusedImages, Stored, load_result, result_bytes
+from vct.batch.memo import active_memo
 from vct.cache import StageCache
 from vct.config import ConceptConfig, ContentConfig, FusionConfig, from_dict
 from vct.errors import UserError
@@ -125,54 +124,11 @@ def error_line(job: Job, exc: BaseException) -> str:
 
 
 # ---------------------------------------------------------------- reading the cache
-class ResultMemo:
-    """Verified results of one run kept in memory, so a cache hit is read and verified once
-    and then used (a pool checks a content, then its fusion job uses it; a fusion result is
-    stored, then its pair files are written from it). Entries are content-addressed, so a
-    memoised result is the stored one. Bounded by the bytes of the entries it holds (least
-    recently used first out)."""
-
-    def __init__(self, max_bytes: int = 512 * 2**20):
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[tuple[str, str, str], tuple[Stored, int]] = OrderedDict()
-        self._bytes = 0
-
-    def get(self, ident: tuple[str, str, str]) -> Stored | None:
-        item = self._items.get(ident)
-        if item is None:
-            return None
-        self._items.move_to_end(ident)
-        return item[0]
-
-    def put(self, ident: tuple[str, str, str], stored: Stored, size: int) -> None:
-        if size > self.max_bytes or ident in self._items:
-            return
-        self._items[ident] = (stored, size)
-        self._bytes += size
-        while self._bytes > self.max_bytes:
-            _, (_, dropped) = self._items.popitem(last=False)
-            self._bytes -= dropped
-
-
-_memo: ContextVar[ResultMemo | None] = ContextVar("vct_result_memo", default=None)
-
-
-@contextmanager
-def result_memo(max_bytes: int = 512 * 2**20) -> Iterator[ResultMemo]:
-    """Within the block (one run, one thread), :func:`load` and :func:`store` share a memo."""
-    memo = ResultMemo(max_bytes)
-    token = _memo.set(memo)
-    try:
-        yield memo
-    finally:
-        _memo.reset(token)
-
-
 def load(cache: StageCache, kind: str, key: str) -> Stored | None:
     """The verified entry for (kind, key), or None when missing or failing verification (a
     bad entry is never trusted; its recomputation overwrites it atomically). Inside
-    :func:`result_memo` an entry is read and verified once."""
-    memo, ident = _memo.get(), (cache.root_uri, kind, key)
+    :func:`vct.batch.memo.result_memo` an entry is read and verified once."""
+    memo, ident = active_memo(), (cache.root_uri, kind, key)
     if memo is not None and (stored := memo.get(ident)) is not None:
         return stored
     size = [0]
@@ -188,11 +144,11 @@ def load(cache: StageCache, kind: str, key: str) -> Stored | None:
 
 
 def store(cache: StageCache, kind: str, key: str, stored: Stored) -> None:
-    """Write a result to the cache (atomically) and, inside :func:`result_memo`, keep it as
+    """Write a result to the cache (atomically) and, inside :func:`vct.batch.memo.result_memo`, keep it as
     read back from those bytes (not the object given: storing may change dtypes)."""
     data = result_bytes(kind, stored)
     cache.put(kind, key, data)
-    if (memo := _memo.get()) is not None:  # what a later read would give, bit for bit
+    if (memo := active_memo()) is not None:  # what a later read would give, bit for bit
         memo.put((cache.root_uri, kind, key), load_result(kind, data, key=key), len(data))
 
 

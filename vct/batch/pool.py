@@ -34,7 +34,8 @@ from typing import Protocol
 from vct import storage
 from vct.batch import outputs, pairs
 from vct.batch.claims import Claim, Claims, ClaimStats
-from vct.batch.jobs import Job, JobOutcome, load, result_memo
+from vct.batch.jobs import Job, JobOutcome, load
+from vct.batch.memo import result_memo
 from vct.batch.plan import PairPlan, Plan, fusion_groups, fusion_job
 from vct.batch.summary import PairResult, StageReport
 from vct.cache import StageCache
