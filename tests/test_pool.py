@@ -16,8 +16,9 @@ from tests.test_batch_engine import FakeRunner, _manifest, _plan
 from tests.test_batch_engine import inputs as inputs  # the fixture
 from vct.batch import engine
 from vct.batch.claims import Claims, Owner
+from vct.batch.exec.local import LocalBackend
 from vct.batch.jobs import Job
-from vct.batch.pool import JobQueue
+from vct.batch.pool import JobQueue, rank_usage, run_pool
 from vct.batch.settings import RunSettings
 
 
@@ -137,6 +138,32 @@ def test_utilization_is_recorded_per_rank(tmp_path, inputs) -> None:
     assert rank["rank"] == 0 and rank["jobs"] == 3
     assert 0 < rank["busy_s"] <= rank["ready_s"] and 0 < rank["utilization"] <= 1
     assert engine.pool_details(outcome)["pool"]["min_utilization"] == rank["utilization"]
+
+
+def test_utilization_is_busy_over_the_time_from_ready_to_the_last_outcome() -> None:
+    usage = [{"rank": 1, "jobs": 2, "busy_s": 9.0, "load_s": 1.5, "ready_at": 100.0},
+             {"rank": 0, "jobs": 1, "busy_s": 3.0, "load_s": 1.0, "ready_at": 104.0},
+             {"rank": 2, "jobs": 0, "busy_s": 0.0, "load_s": 0.0, "ready_at": None}]
+    assert [(r["rank"], r["ready_s"], r["utilization"]) for r in rank_usage(usage, 110.0)] \
+        == [(0, 6.0, 0.5), (1, 10.0, 0.9), (2, None, None)]
+
+
+def test_the_workers_shutdown_is_not_counted_as_idle(tmp_path, inputs) -> None:
+    """Stopping the workers after the last outcome (accelerate ranks exiting) is pool wall
+    time but no rank's idle time: it would make every rank look idle in proportion."""
+    m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},p1"])
+    plan, executor = _plan(tmp_path, m)
+    backend = LocalBackend(executor, runner=FakeRunner())
+    close = backend.close
+
+    def slow_close() -> None:
+        time.sleep(1.0)
+        close()
+
+    backend.close = slow_close
+    outcome = run_pool(plan, backend, executor.cache_uri)
+    [rank] = outcome.ranks
+    assert outcome.wall_s >= 1.0 and rank["ready_s"] < outcome.wall_s - 0.9
 
 
 # ---------------------------------------------------------------- the real model

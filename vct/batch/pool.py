@@ -18,7 +18,7 @@ depend on the order). Every job runs under a fleet claim (:mod:`vct.batch.claims
 another process holds is awaited, not recomputed.
 
 Utilization: each worker's busy seconds (its jobs' wall time) over the time it was ready to
-work (from its model being loaded to the pool's end) goes to run.json, per rank.
+work (from its model being loaded to the pool's last outcome) goes to run.json, per rank.
 """
 
 from __future__ import annotations
@@ -353,6 +353,7 @@ class JobPool:
                          len(self.stages["concept"].cached), len(self.stages["content"].cached),
                          len(self.queue))
                 self._loop()
+                worked = time.time()  # the last outcome: what follows is shutting down
             except BaseException:
                 self.backend.cancel()
                 raise
@@ -362,7 +363,7 @@ class JobPool:
                 self.backend.close()
         ended = time.time()
         return PoolOutcome(pairs=self.results, stages=self._reports(),
-                           ranks=rank_usage(self.backend.usage(), ended), wall_s=ended - started)
+                           ranks=rank_usage(self.backend.usage(), worked), wall_s=ended - started)
 
     def _loop(self) -> None:
         last_check = 0.0
@@ -389,12 +390,13 @@ class JobPool:
         return self.stages
 
 
-def rank_usage(usage: list[dict], ended: float) -> list[dict]:
+def rank_usage(usage: list[dict], worked: float) -> list[dict]:
     """Per rank: jobs, busy seconds, model load seconds and utilization = busy / the time it
-    was ready to work (model loaded) until the pool ended."""
+    was ready to work: from its model being loaded to the pool's last outcome (``worked``).
+    The workers' shutdown after it is part of the pool's wall time, not of any rank's work."""
     out = []
     for u in sorted(usage, key=lambda u: u["rank"]):
-        ready = max(1e-9, ended - u["ready_at"]) if u.get("ready_at") else None
+        ready = max(1e-9, worked - u["ready_at"]) if u.get("ready_at") else None
         out.append({"rank": u["rank"], "jobs": u["jobs"], "busy_s": round(u["busy_s"], 4),
                     "load_s": round(u.get("load_s", 0.0), 4),
                     "ready_s": round(ready, 4) if ready else None,
