@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import torch
 from tests.conftest import make_image
 from vct import storage
 from vct.artifacts import FusedImages, Stored, result_bytes
-from vct.batch import engine
+from vct.batch import engine, outputs
 from vct.batch.exec import ExecutorSettings
 from vct.batch.jobs import Job, JobOutcome
 from vct.batch.plan import hash_inputs, plan_run
@@ -152,6 +154,37 @@ def test_a_rerun_computes_nothing_and_rewrites_nothing(tmp_path, inputs, path):
     assert _status(summary) == {"house": "skipped"} and summary.status == "complete"
     assert not again.ran and png.stat().st_mtime_ns == stamp
     assert summary.counts["concepts_cached"] == 1 and summary.counts["contents_cached"] == 1
+
+
+def test_the_resume_check_reads_only_listed_outputs_and_reads_them_at_once(
+        tmp_path, inputs, path, monkeypatch):
+    """A fresh run folder costs one listing, no read per pair (10 000 pairs on S3 were minutes
+    of serial 404s before the first fusion); a rerun verifies the finished pairs on
+    ``plan_threads`` threads at once."""
+    rows = [f"{inputs[s]},{inputs[r]},{s}{r}" for s in ("a", "b") for r in ("ref1", "ref2")]
+    m = _manifest(tmp_path, rows)
+    checked, active, peak = [], [0], [0]
+    lock = threading.Lock()
+    real = outputs.finished_sidecar
+
+    def counting(sidecar_uri, png_uri, output_key):
+        with lock:
+            checked.append(sidecar_uri)
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.2)
+        try:
+            return real(sidecar_uri, png_uri, output_key)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(outputs, "finished_sidecar", counting)
+    summary, _ = _run(tmp_path, m, FakeRunner(), path, plan_threads=4)
+    assert set(_status(summary).values()) == {"ok"} and checked == []
+    summary, _ = _run(tmp_path, m, FakeRunner(), path, plan_threads=4)
+    assert set(_status(summary).values()) == {"skipped"} and len(checked) == 4
+    assert peak[0] > 1
 
 
 def test_a_truncated_png_is_redone_not_kept(tmp_path, inputs):

@@ -18,7 +18,8 @@ from vct.batch import engine
 from vct.batch.claims import Claims, Owner
 from vct.batch.exec.local import LocalBackend
 from vct.batch.jobs import Job
-from vct.batch.pool import JobQueue, rank_usage, run_pool
+from vct.batch.pool import rank_usage, run_pool
+from vct.batch.queue import JobQueue
 from vct.batch.settings import RunSettings
 
 

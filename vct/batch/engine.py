@@ -251,7 +251,8 @@ def fuse_and_write(the_plan: Plan, stages: dict[str, StageReport], executor: Exe
             results[pair.row.pair_id] = pairs.pair_result(pair, "failed", failed)
         else:
             fusable.append(pair)
-    kept, todo = pairs.resume_state(fusable)
+    finished = pairs.finished_outputs(fusable, the_plan.run_uri, the_plan.io_threads)
+    kept, todo = pairs.resume_state(fusable, finished)
     results.update(kept)
     if todo:
         storage.delete(storage.join(the_plan.run_uri, outputs.SUCCESS))

@@ -56,6 +56,8 @@ class Plan:
     errors: list[RowError]
     concept_jobs: list[Job] = field(default_factory=list)
     content_jobs: list[Job] = field(default_factory=list)
+    io_threads: int = 8
+    """Storage reads at once when the run checks what it already wrote (``plan_threads``)."""
 
     def jobs(self, kind: str) -> list[Job]:
         return {"concept": self.concept_jobs, "content": self.content_jobs}[kind]
@@ -187,7 +189,7 @@ def plan_run(manifest: Manifest, hashes: dict[str, str | Exception], model_ident
     return Plan(run_id=run_id, run_uri=run_uri, manifest_uri=manifest.manifest_uri,
                 model_identity=model_identity, pairs=pairs, errors=errors,
                 concept_jobs=list(concept_jobs.values()),
-                content_jobs=list(content_jobs.values()))
+                content_jobs=list(content_jobs.values()), io_threads=settings.plan_threads)
 
 
 def fusion_groups(pairs: list[PairPlan], max_edits: int = 4) -> list[list[PairPlan]]:

@@ -23,7 +23,6 @@ work (from its model being loaded to the pool's last outcome) goes to run.json, 
 
 from __future__ import annotations
 
-import heapq
 import json
 import logging
 import time
@@ -37,6 +36,7 @@ from vct.batch.claims import Claim, Claims, ClaimStats
 from vct.batch.jobs import Job, JobOutcome, load
 from vct.batch.memo import result_memo
 from vct.batch.plan import PairPlan, Plan, fusion_groups, fusion_job
+from vct.batch.queue import JobQueue
 from vct.batch.summary import PairResult, StageReport
 from vct.cache import StageCache
 from vct.config import to_dict
@@ -79,64 +79,6 @@ class PoolOutcome:
     stages: dict[str, StageReport]
     ranks: list[dict] = field(default_factory=list)
     wall_s: float = 0.0
-
-
-# ---------------------------------------------------------------- the queue
-class JobQueue:
-    """Runnable jobs by priority: a job's own cost plus the cost of the fusions it unblocks
-    (``unblocks``; a concept gates every fusion of its reference, a content its source's, a
-    fusion nothing), highest first, ties in insertion order: list scheduling by the critical
-    path, so the jobs others wait on run early and no worker ends up waiting on the last
-    concept while the fusions queue up behind it. Without dependencies that is biggest first.
-
-    ``pop_unit`` takes the first and, for a content job, up to ``content_batch - 1`` more
-    runnable content jobs of the same config in the same order (a content batch)."""
-
-    def __init__(self, content_batch: int = 1):
-        self.content_batch = max(1, content_batch)
-        self._heap: list[tuple[float, int, str]] = []
-        self._jobs: dict[str, Job] = {}
-        self._by_config: dict[str, list[tuple[float, int, str]]] = {}
-        self._seq = 0
-
-    def __len__(self) -> int:
-        return len(self._jobs)
-
-    def push(self, job: Job, unblocks: float = 0.0) -> None:
-        if job.key in self._jobs:
-            return
-        entry = (-(job.cost + unblocks), self._seq, job.key)
-        self._seq += 1
-        self._jobs[job.key] = job
-        heapq.heappush(self._heap, entry)
-        if job.kind == "content" and self.content_batch > 1:
-            heapq.heappush(self._by_config.setdefault(_config_id(job), []), entry)
-
-    def _pop_from(self, heap: list) -> Job | None:
-        while heap:
-            key = heapq.heappop(heap)[-1]
-            job = self._jobs.pop(key, None)
-            if job is not None:
-                return job
-        return None
-
-    def pop_unit(self) -> list[Job]:
-        first = self._pop_from(self._heap)
-        if first is None:
-            return []
-        unit = [first]
-        if first.kind == "content" and self.content_batch > 1:
-            same = self._by_config[_config_id(first)]
-            while len(unit) < self.content_batch:
-                job = self._pop_from(same)
-                if job is None:
-                    break
-                unit.append(job)
-        return unit
-
-
-def _config_id(job: Job) -> str:
-    return json.dumps(job.config, sort_keys=True)
 
 
 # ---------------------------------------------------------------- families
@@ -199,6 +141,7 @@ class JobPool:
         self._total = max(1, len(the_plan.concept_jobs) + len(the_plan.content_jobs)
                           + len(self.families))
         self._resolved = 0
+        self._kept: dict[str, dict] = {}  # pair id -> sidecar of an output to keep
 
     # ------------------------------------------------------------ bookkeeping
     def _moved(self) -> None:
@@ -240,7 +183,7 @@ class JobPool:
                 self.results[pair.row.pair_id] = pairs.pair_result(pair, "failed", error)
             else:
                 fusable.append(pair)
-        kept, todo = pairs.resume_state(fusable)
+        kept, todo = pairs.resume_state(fusable, self._kept)
         self.results.update(kept)
         self._moved()
         if todo and not self.todo:
@@ -341,6 +284,8 @@ class JobPool:
         started = time.time()
         with result_memo(), self.claims.renewing(self._held_list):
             try:
+                self._kept = pairs.finished_outputs(self.plan.pairs, self.plan.run_uri,
+                                                        self.plan.io_threads)
                 for job in [*self.plan.concept_jobs, *self.plan.content_jobs]:
                     if load(self.cache, job.kind, job.key) is not None:
                         self._cached(job.kind, job.key)

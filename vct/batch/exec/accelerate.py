@@ -341,7 +341,7 @@ def run(jobs: list[Job], settings: ExecutorSettings,
     """Independent jobs on one launch (a stage of the stage-by-stage path): biggest first,
     content batches as :func:`vct.batch.jobs.run_in_order` forms them. One outcome per job,
     in input order."""
-    from vct.batch.pool import JobQueue
+    from vct.batch.queue import JobQueue
 
     queue = JobQueue(settings.content_batch)
     for job in jobs:
