@@ -92,6 +92,32 @@ def cancel_run(client, run, message: str) -> str:
     return _state_type(client.read_flow_run(run.id))
 
 
+def subflow_runs(client, parent: str) -> list[str]:
+    """The ids of the flow runs the server lists as subflows of flow run ``parent`` (in-process
+    subflows and ``run_deployment`` runs alike); none for an id that is not a flow run's."""
+    try:
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[UUID(parent)])))
+    except ValueError:  # not a flow run id: nothing on the server
+        return []
+    return [str(r.id) for r in children]
+
+
+def cancel_grandchildren(client, parent: str, reason: str) -> list[str]:
+    """Cancel the unfinished shard runs of every ``restyle`` run that flow run ``parent`` (a
+    ``restyle-incoming`` run) started as an in-process subflow. Why here: when the incoming
+    run's process is stopped (cancelled, crashed), its restyle subflow dies with it and no
+    hook of the subflow runs, so the subflow's shards would go on for nothing. Returns the ids
+    it cancelled; never raises for one run."""
+    cancelled: list[str] = []
+    for child in subflow_runs(client, parent):
+        try:
+            cancelled += cancel_dispatched(client, child, reason)
+        except Exception as exc:  # noqa: BLE001 - one child must not stop the others
+            log.warning("could not cancel the shard runs of flow run %s: %s", child, exc)
+    return cancelled
+
+
 def cancel_dispatched(client, parent: str, reason: str, run_uri: str | None = None) -> list[str]:
     """Cancel every shard flow run of parent flow run ``parent`` that has not finished: the
     ones recorded under its run folder (found through the parent's ``vct.run_uri`` label when
@@ -104,12 +130,7 @@ def cancel_dispatched(client, parent: str, reason: str, run_uri: str | None = No
             run_uri = None
     ids = dict.fromkeys(r["flow_run_id"] for r in (
         shards.read_dispatched(run_uri, parent) if run_uri else []))
-    try:
-        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[UUID(parent)])))
-        ids.update(dict.fromkeys(str(r.id) for r in children))
-    except ValueError:  # not a flow run id: nothing on the server
-        pass
+    ids.update(dict.fromkeys(subflow_runs(client, parent)))
     cancelled = []
     for run_id in ids:
         try:

@@ -23,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.states import Failed
 
-from flows.fleet import Fleet, cancel_dispatched
+from flows.fleet import Fleet, cancel_dispatched, cancel_grandchildren
 from vct import report, storage
 from vct.batch import engine, incoming, shards
 from vct.batch.settings import RunSettings
@@ -70,34 +70,44 @@ pool_task = task(name="jobs", **TASK)(engine.run_pool)
 report_task = task(name="report", **TASK)(engine.finish)
 
 
-def _cancel_shards(flow, flow_run, state) -> None:
-    """State hook of restyle: a cancelled, crashed or failed parent cancels every shard flow
-    run it dispatched that is still waiting or running (any of its attempts). It may run in
-    the worker's process, not the flow's: it finds them through the run's dispatch record
-    (`<run>/_plan/dispatched/`, located by the flow run's `vct.run_uri` label) and the server's
-    subflow runs of the parent. An unsharded run dispatched none: nothing to ask the API."""
-    from prefect.client.orchestration import get_client
-    from prefect.logging.loggers import flow_run_logger
-
-    logger = flow_run_logger(flow_run, flow)  # no run context in the worker's process
-    settings = (flow_run.parameters or {}).get("settings") or {}
+def _sharded(flow_run) -> bool:
+    """Whether a flow run's `settings` parameter asks for shards (an unsharded run dispatched
+    none: nothing to ask the API)."""
+    settings = (getattr(flow_run, "parameters", None) or {}).get("settings") or {}
     sharded = (settings.get("shards", 1) if isinstance(settings, dict)
                else getattr(settings, "shards", 1))
     try:
-        if int(sharded) <= 1:
-            return
+        return int(sharded) > 1
     except (TypeError, ValueError):
-        return
+        return False
+
+
+def _cancel_from_hook(flow, flow_run, state, cancel) -> None:
+    """Run ``cancel(client, flow run id, reason)`` from a state hook, which may run in the
+    worker's process (no run context): log what it cancelled, never raise."""
+    from prefect.client.orchestration import get_client
+    from prefect.logging.loggers import flow_run_logger
+
+    logger = flow_run_logger(flow_run, flow)
     try:
         with get_client(sync_client=True) as client:
-            cancelled = cancel_dispatched(client, str(flow_run.id),
-                                          f"parent flow run {state.name}")
+            cancelled = cancel(client, str(flow_run.id), f"parent flow run {state.name}")
     except Exception as exc:  # noqa: BLE001 - a hook reports, it cannot fail the run again
         logger.warning("could not cancel the shard flow runs of %s: %s", flow_run.id, exc)
         return
     if cancelled:
         logger.warning("cancelled %d shard flow run(s) with the parent: %s", len(cancelled),
                        ", ".join(cancelled))
+
+
+def _cancel_shards(flow, flow_run, state) -> None:
+    """State hook of restyle: a cancelled, crashed or failed parent cancels every shard flow
+    run it dispatched that is still waiting or running (any of its attempts). It may run in
+    the worker's process, not the flow's: it finds them through the run's dispatch record
+    (`<run>/_plan/dispatched/`, located by the flow run's `vct.run_uri` label) and the server's
+    subflow runs of the parent."""
+    if _sharded(flow_run):
+        _cancel_from_hook(flow, flow_run, state, cancel_dispatched)
 
 
 @flow(name="restyle", log_prints=True, on_cancellation=[_cancel_shards],
@@ -182,15 +192,19 @@ def restyle_shard(plan_uri: str, shard: int, phase: str, model: str,
     return result.to_dict()
 
 
-def _release_claims(flow, flow_run, state) -> None:
+def _incoming_ended(flow, flow_run, state) -> None:
     """State hook of restyle-incoming: a cancelled, crashed or failed run gives back every
     manifest it still holds (the library's leases), so the next poll takes them over at once
-    instead of waiting for the lease to expire."""
+    instead of waiting for the lease to expire; with shards, it also cancels the shard runs of
+    the restyle subflows it started (they died with its process, and their own hooks with
+    them)."""
     incoming.release_held(str(flow_run.id), f"flow run {state.name}: {state.message or ''}")
+    if _sharded(flow_run):
+        _cancel_from_hook(flow, flow_run, state, cancel_grandchildren)
 
 
-@flow(name="restyle-incoming", log_prints=True, on_cancellation=[_release_claims],
-      on_crashed=[_release_claims], on_failure=[_release_claims])
+@flow(name="restyle-incoming", log_prints=True, on_cancellation=[_incoming_ended],
+      on_crashed=[_incoming_ended], on_failure=[_incoming_ended])
 def restyle_incoming(incoming_uri: str, output_uri: str, model: str,
                      settings: RunSettings = RunSettings(), lease_seconds: float = 900.0,
                      renew_seconds: float = 60.0) -> list[dict]:

@@ -275,3 +275,62 @@ def test_the_parents_state_hook_cancels_its_shards_on_a_real_prefect(prefect_har
     assert states["done"].type.value == "COMPLETED"
     assert states["unrecorded"].type.value == "CANCELLED"
     assert states["other"].type.value == "SCHEDULED"  # not this parent's
+
+
+def test_the_incoming_runs_state_hook_cancels_its_subflows_shards_on_a_real_prefect(
+        prefect_harness, tmp_path: Path) -> None:
+    """restyle-incoming's hook as the worker calls it: the restyle subflow it started (linked
+    by a task run, as Prefect links an in-process subflow) leads to that run's shards."""
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled, Running, Scheduled
+
+    from flows.fleet import RUN_URI_LABEL
+    from flows.restyle import _incoming_ended, restyle, restyle_incoming
+
+    @flow(name="fake-shard")
+    def fake_shard() -> None:
+        pass
+
+    @task(name="restyle")
+    def placeholder() -> None:
+        pass
+
+    run_uri = str(tmp_path / "run")
+    with get_client(sync_client=True) as client:
+        parent = client.create_flow_run(restyle_incoming,
+                                        parameters={"settings": {"shards": 2}}, state=Running())
+        link = client.create_task_run(placeholder, flow_run_id=parent.id, dynamic_key="0")
+        child = client.create_flow_run(restyle, state=Running(), parent_task_run_id=link.id)
+        client.update_flow_run_labels(child.id, {RUN_URI_LABEL: run_uri})
+        waiting = client.create_flow_run(fake_shard, state=Scheduled())
+        shards.record_dispatch(run_uri, str(child.id), {"flow_run_id": str(waiting.id)})
+        _incoming_ended(restyle_incoming, client.read_flow_run(parent.id), Cancelled())
+        state = client.read_flow_run(waiting.id).state
+    assert state.type.value == "CANCELLED"
+    assert "cancelled with its parent flow run" in state.message
+
+
+def test_cancelling_an_incoming_run_cancels_the_shards_of_the_runs_it_started(
+        tmp_path: Path) -> None:
+    """restyle-incoming runs each manifest's restyle as an in-process subflow: stopped with
+    the incoming run's process, the subflow runs no hook of its own, so the incoming run's
+    hook cancels its grandchildren (each child's shards), and leaves finished ones alone."""
+    from flows.fleet import RUN_URI_LABEL, cancel_grandchildren
+
+    client = FakeClient()
+    incoming_run = client.add("CANCELLING")
+    children, shard_runs = [], []
+    for n in range(2):
+        run_uri = str(tmp_path / f"run{n}")
+        child = client.add("RUNNING", labels={RUN_URI_LABEL: run_uri})
+        running, done = client.add("RUNNING"), client.add("COMPLETED")
+        for run in (running, done):
+            shards.record_dispatch(run_uri, str(child.id), {"flow_run_id": str(run.id)})
+        children.append(str(child.id))
+        shard_runs.append((running, done))
+    client.children[str(incoming_run.id)] = children
+    cancelled = cancel_grandchildren(client, str(incoming_run.id), "parent flow run Cancelled")
+    assert sorted(cancelled) == sorted(str(running.id) for running, _ in shard_runs)
+    assert all(done.state.type.value == "COMPLETED" for _, done in shard_runs)
+    assert cancel_grandchildren(client, str(client.add("CANCELLED").id), "x") == []

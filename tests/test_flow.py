@@ -192,16 +192,16 @@ def test_incoming_state_hooks_release_what_a_cancelled_or_crashed_run_holds(tmp_
     leases held under the flow run's id."""
     from types import SimpleNamespace
 
-    from flows.restyle import _release_claims, restyle_incoming
+    from flows.restyle import _incoming_ended, restyle_incoming
     from vct.batch import incoming
 
     for hooks in (restyle_incoming.on_cancellation_hooks, restyle_incoming.on_crashed_hooks,
                   restyle_incoming.on_failure_hooks):
-        assert _release_claims in hooks
+        assert _incoming_ended in hooks
     (tmp_path / "m.csv").write_text("source,reference\na.png,b.png\n")
     candidate = incoming.poll(str(tmp_path)).candidates[0]
     assert incoming.claim(candidate, "owner", incoming.LeasePolicy(), key="flow-run-1")
-    _release_claims(restyle_incoming, SimpleNamespace(id="flow-run-1"),
+    _incoming_ended(restyle_incoming, SimpleNamespace(id="flow-run-1"),
                     SimpleNamespace(name="Cancelled", message="cancelled by a user"))
     marker = json.loads((tmp_path / "m.csv.processed").read_text())
     assert marker["status"] == "released" and "Cancelled" in marker["release_reason"]
