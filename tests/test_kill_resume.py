@@ -18,6 +18,7 @@ After each kill a rerun must leave:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -252,9 +253,11 @@ def test_a_sigterm_crashes_the_incoming_run_and_releases_its_claim(tmp_path, tin
     log = (tmp_path / "flow.log").open("wb")
     from vct.cli import EMBEDDED_PREFECT_SETTINGS  # a flow called directly: no `vct run`
 
+    # Its own session: Prefect's temporary server (uvicorn, a child of the flow's process) is
+    # not stopped when the flow process dies of a signal; the group is killed at the end.
     proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(args)], cwd=ROOT,
                             env=embedded_env(tmp_path, **EMBEDDED_PREFECT_SETTINGS),
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
@@ -268,6 +271,8 @@ def test_a_sigterm_crashes_the_incoming_run_and_releases_its_claim(tmp_path, tin
     finally:
         if proc.poll() is None:
             proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # what is left of its group: the server
         log.close()
     record = json.loads(marker.read_text())
     assert record["status"] == "released", (record, (tmp_path / "flow.log").read_text()[-3000:])
