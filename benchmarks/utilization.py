@@ -7,7 +7,8 @@ job pool.
   ``JobOutcome.seconds`` over the three stages) / the wall time of the three stages.
 - after: ``engine.run`` with executor=accelerate, one launch for the run: run.json's
   ``details.ranks[*].utilization`` (busy / the time from its model being loaded to the pool's
-  end), and busy / the run's whole pool wall time for comparison with "before".
+  last outcome; the ranks' start-up and shutdown are in the pool's wall time, not in it),
+  and busy / the run's whole pool wall time for comparison with "before".
 """
 
 from __future__ import annotations
