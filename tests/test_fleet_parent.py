@@ -228,32 +228,40 @@ def test_cancelling_the_parent_cancels_every_unfinished_shard_run(tmp_path: Path
     assert cancel_dispatched(client, str(client.add("CANCELLED").id), "x") == []
 
 
+def _fake_shard_flow_and_link(link_name: str):
+    """A flow to create shard flow runs of, and a task to create the task run that links a
+    subflow run to its parent (as Prefect does for a subflow or a ``run_deployment``)."""
+    from prefect import flow, task
+
+    @flow(name="fake-shard")
+    def fake_shard() -> None:
+        pass
+
+    @task(name=link_name)
+    def link() -> None:
+        pass
+
+    return fake_shard, link
+
+
 def test_the_parents_state_hook_cancels_its_shards_on_a_real_prefect(prefect_harness,
                                                                      tmp_path: Path) -> None:
     """The hook as the worker's process calls it (no flow run context): the parent's label
     leads it to the record; a subflow run the record misses is found on the server; Prefect
     itself turns a Scheduled run's Cancelling into Cancelled."""
-    from prefect import flow, task
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelled, Completed, Running, Scheduled
 
     from flows.fleet import RUN_URI_LABEL
     from flows.restyle import _cancel_shards, restyle
 
-    @flow(name="fake-shard")
-    def fake_shard() -> None:
-        pass
-
-    @task(name="restyle-shard/shard")
-    def placeholder() -> None:
-        pass
-
+    fake_shard, link_task = _fake_shard_flow_and_link("restyle-shard/shard")
     run_uri = str(tmp_path / "run")
     with get_client(sync_client=True) as client:
         parent = client.create_flow_run(restyle, parameters={"settings": {"shards": 2}},
                                         state=Running())
         client.update_flow_run_labels(parent.id, {RUN_URI_LABEL: run_uri})
-        link = client.create_task_run(placeholder, flow_run_id=parent.id, dynamic_key="0")
+        link = client.create_task_run(link_task, flow_run_id=parent.id, dynamic_key="0")
         waiting = client.create_flow_run(fake_shard, state=Scheduled())
         running = client.create_flow_run(fake_shard, state=Running())
         done = client.create_flow_run(fake_shard, state=Completed())
@@ -281,26 +289,18 @@ def test_the_incoming_runs_state_hook_cancels_its_subflows_shards_on_a_real_pref
         prefect_harness, tmp_path: Path) -> None:
     """restyle-incoming's hook as the worker calls it: the restyle subflow it started (linked
     by a task run, as Prefect links an in-process subflow) leads to that run's shards."""
-    from prefect import flow, task
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelled, Running, Scheduled
 
     from flows.fleet import RUN_URI_LABEL
     from flows.restyle import _incoming_ended, restyle, restyle_incoming
 
-    @flow(name="fake-shard")
-    def fake_shard() -> None:
-        pass
-
-    @task(name="restyle")
-    def placeholder() -> None:
-        pass
-
+    fake_shard, link_task = _fake_shard_flow_and_link("restyle")
     run_uri = str(tmp_path / "run")
     with get_client(sync_client=True) as client:
         parent = client.create_flow_run(restyle_incoming,
                                         parameters={"settings": {"shards": 2}}, state=Running())
-        link = client.create_task_run(placeholder, flow_run_id=parent.id, dynamic_key="0")
+        link = client.create_task_run(link_task, flow_run_id=parent.id, dynamic_key="0")
         child = client.create_flow_run(restyle, state=Running(), parent_task_run_id=link.id)
         client.update_flow_run_labels(child.id, {RUN_URI_LABEL: run_uri})
         waiting = client.create_flow_run(fake_shard, state=Scheduled())
