@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_image
-from tests.test_batch_engine import FakeRunner, _manifest, _plan
+from tests.test_batch_engine import FakeRunner, _manifest, _plan, _run
 from tests.test_batch_engine import inputs as inputs  # the fixture
 from vct.batch import engine
 from vct.batch.claims import Claims, Owner
@@ -165,6 +165,76 @@ def test_the_workers_shutdown_is_not_counted_as_idle(tmp_path, inputs) -> None:
     outcome = run_pool(plan, backend, executor.cache_uri)
     [rank] = outcome.ranks
     assert outcome.wall_s >= 1.0 and rank["ready_s"] < outcome.wall_s - 0.9
+
+
+def test_a_complete_rerun_reads_no_stage_entry_and_a_lost_cache_recomputes_nothing(
+        tmp_path, inputs, monkeypatch) -> None:
+    """What a finished pair needs is already written: a rerun only looks its stage results up
+    (no read; 10 000 contents of ~12 MB at SD 1.5 scale were read just to be verified), and
+    with the cache gone it computes nothing for pairs whose outputs are kept."""
+    import shutil
+
+    from vct.batch import pool as pool_module
+
+    m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},p1",
+                             f"{inputs['b']},{inputs['ref1']},p2"])
+    _run(tmp_path, m, FakeRunner())
+    read: list[str] = []
+    real = pool_module.load
+
+    def counting(cache, kind, key):
+        read.append(kind)
+        return real(cache, kind, key)
+
+    monkeypatch.setattr(pool_module, "load", counting)
+    again = FakeRunner()
+    summary, _ = _run(tmp_path, m, again)
+    assert {p.status for p in summary.pairs} == {"skipped"} and not again.ran
+    assert read == [] and summary.counts["concepts_cached"] == 1
+    assert summary.counts["contents_cached"] == 2
+    shutil.rmtree(tmp_path / "cache")
+    summary, _ = _run(tmp_path, m, again)
+    assert {p.status for p in summary.pairs} == {"skipped"} and not again.ran
+    # one pair unfinished: its family's content and concept are needed, and computed
+    (tmp_path / "out" / "run" / "p2.json").unlink()
+    summary, _ = _run(tmp_path, m, again)
+    assert {p.pair_id: p.status for p in summary.pairs} == {"p1": "skipped", "p2": "ok"}
+    assert again.ran == {"concept": 1, "content": 1, "fusion": 1}
+
+
+def test_the_start_looks_stage_results_up_at_once_into_the_runs_memo(tmp_path, inputs,
+                                                                     monkeypatch) -> None:
+    from vct.batch import pool as pool_module
+    from vct.batch.memo import active_memo, result_memo
+    from vct.batch.pool import JobPool
+
+    m = _manifest(tmp_path, [f"{inputs[s]},{inputs[r]},{s}{r}" for s in ("a", "b")
+                             for r in ("ref1", "ref2")])
+    plan, executor = _plan(tmp_path, m, plan_threads=4)
+    jobs = [*plan.concept_jobs, *plan.content_jobs]
+    FakeRunner()(jobs, executor)
+    active, peak = [0], [0]
+    lock = threading.Lock()
+    real = pool_module.load
+
+    def slow(cache, kind, key):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.2)
+        try:
+            return real(cache, kind, key)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(pool_module, "load", slow)
+    the_pool = JobPool(plan, LocalBackend(executor, runner=FakeRunner()), executor.cache_uri)
+    with result_memo():
+        found = the_pool._look_up(jobs, {(j.kind, j.key) for j in jobs})
+        memo = active_memo()
+        assert found == [True] * 4 and peak[0] > 1
+        assert all(memo.get((the_pool.cache.root_uri, j.kind, j.key)) for j in jobs)
 
 
 # ---------------------------------------------------------------- the real model

@@ -17,16 +17,23 @@ not; content batches take runnable contents of the same config in queue order, a
 depend on the order). Every job runs under a fleet claim (:mod:`vct.batch.claims`): a key
 another process holds is awaited, not recomputed.
 
+The start costs what the run needs, not what the manifest names: one listing of the run
+folder says which pairs are finished (:func:`vct.batch.pairs.finished_outputs`); only the
+concepts and contents of families with an unfinished pair are read and verified, the others
+only looked up (a complete rerun reads no stage entry), ``io_threads`` at a time.
+
 Utilization: each worker's busy seconds (its jobs' wall time) over the time it was ready to
 work (from its model being loaded to the pool's last outcome) goes to run.json, per rank.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -279,21 +286,58 @@ class JobPool:
         else:
             self._resolve(kind, key, error)
 
+    # ------------------------------------------------------------ the start
+    def _needed(self) -> set[tuple[str, str]]:
+        """The concepts and contents an unfinished pair needs: every one a family with an
+        unfinished pair waits on (its groups are formed over the whole family, finished
+        pairs included, so they fuse as before). A family whose pairs are all finished needs
+        none: a complete rerun reads no stage entry."""
+        out: set[tuple[str, str]] = set()
+        for fam in self.families:
+            if any(p.row.pair_id not in self._kept for p in fam.pairs):
+                out |= fam.waiting_on
+        return out
+
+    def _look_up(self, jobs: list[Job], needed: set[tuple[str, str]]) -> list[bool]:
+        """Whether each job's result is in the cache, ``io_threads`` lookups at once (on S3,
+        10 000 contents one after another were minutes before the first job): a needed one
+        is read and verified (and kept in the run's memo for its fusions), any other only
+        looked for, since nothing will read it."""
+        def one(job: Job) -> bool:
+            if (job.kind, job.key) in needed:
+                return load(self.cache, job.kind, job.key) is not None
+            return self.cache.contains(job.kind, job.key)
+
+        if not jobs:
+            return []
+        with ThreadPoolExecutor(max_workers=max(1, min(self.plan.io_threads, len(jobs))),
+                                thread_name_prefix="vct-lookup") as pool:
+            # each lookup in a copy of this thread's context: the run's memo is a context var
+            futures = [pool.submit(contextvars.copy_context().run, one, job) for job in jobs]
+            return [f.result() for f in futures]
+
     # ------------------------------------------------------------ the loop
     def run(self) -> PoolOutcome:
         started = time.time()
         with result_memo(), self.claims.renewing(self._held_list):
             try:
                 self._kept = pairs.finished_outputs(self.plan.pairs, self.plan.run_uri,
-                                                        self.plan.io_threads)
-                for job in [*self.plan.concept_jobs, *self.plan.content_jobs]:
-                    if load(self.cache, job.kind, job.key) is not None:
+                                                    self.plan.io_threads)
+                needed = self._needed()
+                jobs = [*self.plan.concept_jobs, *self.plan.content_jobs]
+                unused = []  # every pair that uses it is finished: nothing to compute
+                for job, found in zip(jobs, self._look_up(jobs, needed)):
+                    if found:
                         self._cached(job.kind, job.key)
-                    else:
+                    elif (job.kind, job.key) in needed:
                         self.queue.push(job, self._unblocks(job))
+                    else:
+                        unused.append(job)
                 for kind in ("concept", "content"):
                     for key in self.stages[kind].cached:
                         self._resolve(kind, key, None)
+                for job in unused:
+                    self._resolve(job.kind, job.key, None)
                 log.info("pool: %d concepts and %d contents cached, %d jobs to run",
                          len(self.stages["concept"].cached), len(self.stages["content"].cached),
                          len(self.queue))
