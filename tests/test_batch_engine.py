@@ -53,6 +53,27 @@ class FakeRunner:
         return out
 
 
+class Overlapping:
+    """Wraps a function to count its calls and the most of them running at once; each call
+    is held 0.2 s, so calls made concurrently do overlap."""
+
+    def __init__(self, fn):
+        self.fn, self.calls, self.peak, self._active = fn, 0, 0, 0
+        self._lock = threading.Lock()
+
+    def __call__(self, *args, **kwargs):
+        with self._lock:
+            self.calls += 1
+            self._active += 1
+            self.peak = max(self.peak, self._active)
+        time.sleep(0.2)
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            with self._lock:
+                self._active -= 1
+
+
 def _stored(job: Job) -> Stored:
     prov = {"cache_key": job.key, "unet_evals": {job.kind: 1}, "seconds": 0.01,
             "model": {"identity": "m" * 64, "source": "fake"}}
@@ -163,28 +184,13 @@ def test_the_resume_check_reads_only_listed_outputs_and_reads_them_at_once(
     ``plan_threads`` threads at once."""
     rows = [f"{inputs[s]},{inputs[r]},{s}{r}" for s in ("a", "b") for r in ("ref1", "ref2")]
     m = _manifest(tmp_path, rows)
-    checked, active, peak = [], [0], [0]
-    lock = threading.Lock()
-    real = outputs.finished_sidecar
-
-    def counting(sidecar_uri, png_uri, output_key):
-        with lock:
-            checked.append(sidecar_uri)
-            active[0] += 1
-            peak[0] = max(peak[0], active[0])
-        time.sleep(0.2)
-        try:
-            return real(sidecar_uri, png_uri, output_key)
-        finally:
-            with lock:
-                active[0] -= 1
-
-    monkeypatch.setattr(outputs, "finished_sidecar", counting)
+    checked = Overlapping(outputs.finished_sidecar)
+    monkeypatch.setattr(outputs, "finished_sidecar", checked)
     summary, _ = _run(tmp_path, m, FakeRunner(), path, plan_threads=4)
-    assert set(_status(summary).values()) == {"ok"} and checked == []
+    assert set(_status(summary).values()) == {"ok"} and checked.calls == 0
     summary, _ = _run(tmp_path, m, FakeRunner(), path, plan_threads=4)
-    assert set(_status(summary).values()) == {"skipped"} and len(checked) == 4
-    assert peak[0] > 1
+    assert set(_status(summary).values()) == {"skipped"} and checked.calls == 4
+    assert checked.peak > 1
 
 
 def test_a_truncated_png_is_redone_not_kept(tmp_path, inputs):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_image
-from tests.test_batch_engine import FakeRunner, _manifest, _plan, _run
+from tests.test_batch_engine import FakeRunner, Overlapping, _manifest, _plan, _run
 from tests.test_batch_engine import inputs as inputs  # the fixture
 from vct.batch import engine
 from vct.batch.claims import Claims, Owner
@@ -213,27 +213,13 @@ def test_the_start_looks_stage_results_up_at_once_into_the_runs_memo(tmp_path, i
     plan, executor = _plan(tmp_path, m, plan_threads=4)
     jobs = [*plan.concept_jobs, *plan.content_jobs]
     FakeRunner()(jobs, executor)
-    active, peak = [0], [0]
-    lock = threading.Lock()
-    real = pool_module.load
-
-    def slow(cache, kind, key):
-        with lock:
-            active[0] += 1
-            peak[0] = max(peak[0], active[0])
-        time.sleep(0.2)
-        try:
-            return real(cache, kind, key)
-        finally:
-            with lock:
-                active[0] -= 1
-
+    slow = Overlapping(pool_module.load)
     monkeypatch.setattr(pool_module, "load", slow)
     the_pool = JobPool(plan, LocalBackend(executor, runner=FakeRunner()), executor.cache_uri)
     with result_memo():
         found = the_pool._look_up(jobs, {(j.kind, j.key) for j in jobs})
         memo = active_memo()
-        assert found == [True] * 4 and peak[0] > 1
+        assert found == [True] * 4 and slow.peak > 1
         assert all(memo.get((the_pool.cache.root_uri, j.kind, j.key)) for j in jobs)
 
 
