@@ -143,6 +143,9 @@ def test_a_corrupt_cache_entry_is_recomputed_not_trusted(s3_run, prefect_harness
     entry = next(u for u in storage.list_uris(f"{cache}/content") if u.endswith(".safetensors"))
     good = storage.read_bytes(entry)
     storage.write_bytes(entry, good[:-10] + b"0123456789")
+    # outputs gone: every content is needed again (a complete rerun reads no stage entry)
+    for uri in storage.list_uris(s3_run["first"]["output_uri"]):
+        storage.delete(uri)
     result = restyle(**s3_run["kwargs"])
     assert result["counts"]["contents_computed"] == 1
     assert storage.read_bytes(entry) != good[:-10] + b"0123456789"
