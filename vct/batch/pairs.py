@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 from vct import storage
 from vct.artifacts import Stored
 from vct.batch import outputs
-from vct.batch.plan import PairPlan, branch_keys
+from vct.batch.fanout import bounded_map
+from vct.batch.plan import DEFAULT_PLAN_THREADS, PairPlan, branch_keys
 from vct.batch.summary import PairResult
 from vct.images import png_bytes
 from vct.sidecar import build_sidecar
@@ -97,7 +97,7 @@ def write_fused(group: list[PairPlan], fused: Stored | None, error: str | None, 
 
 
 def finished_outputs(planned: list[PairPlan], run_uri: str,
-                     threads: int = 8) -> dict[str, dict]:
+                     threads: int = DEFAULT_PLAN_THREADS) -> dict[str, dict]:
     """The sidecars of the planned pairs whose output can be kept (see
     :func:`vct.batch.outputs.finished_sidecar`), by pair id.
 
@@ -113,9 +113,7 @@ def finished_outputs(planned: list[PairPlan], run_uri: str,
     def check(pair: PairPlan) -> dict | None:
         return outputs.finished_sidecar(pair.sidecar_uri, pair.png_uri, pair.output_key)
 
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(candidates))),
-                            thread_name_prefix="vct-resume") as pool:
-        found = list(pool.map(check, candidates))
+    found = bounded_map(check, candidates, threads, "vct-resume")
     return {p.row.pair_id: s for p, s in zip(candidates, found) if s is not None}
 
 

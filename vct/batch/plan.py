@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from vct import storage
 from vct.batch import keys
+from vct.batch.fanout import bounded_map
 from vct.batch.jobs import Job
 from vct.batch.outputs import is_reserved, output_names
 from vct.batch.settings import RunSettings
@@ -46,6 +46,10 @@ class PairPlan:
     sidecar_uri: str
 
 
+DEFAULT_PLAN_THREADS = 8
+"""Storage reads at once when nothing says otherwise (``RunSettings.plan_threads``)."""
+
+
 @dataclass
 class Plan:
     run_id: str
@@ -56,7 +60,7 @@ class Plan:
     errors: list[RowError]
     concept_jobs: list[Job] = field(default_factory=list)
     content_jobs: list[Job] = field(default_factory=list)
-    io_threads: int = 8
+    io_threads: int = DEFAULT_PLAN_THREADS
     """Storage reads at once when the run checks what it already wrote (``plan_threads``)."""
 
     def jobs(self, kind: str) -> list[Job]:
@@ -75,7 +79,6 @@ def default_run_id(manifest_uri: str, manifest_bytes: bytes, settings_blob: dict
 
 Digest = Callable[[str], tuple[str, bytes, int]]
 """uri -> (sha256 hex, head bytes, size): :func:`vct.storage.digest_input`'s shape."""
-DEFAULT_PLAN_THREADS = 8
 
 
 def check_input(uri: str, digest: Digest | None = None,
@@ -115,8 +118,6 @@ def hash_inputs(uris: list[str], digest: Digest | None = None, *,
     minutes. Each input is checked by :func:`check_input` (streamed hash plus header probe),
     so a hostile file fails its rows at plan time, not mid-run, without being decoded; pixels
     are decoded once, by the job that uses them. One input's error never stops the others."""
-    if threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
     distinct = list(dict.fromkeys(uris))
 
     def one(uri: str) -> str | Exception:
@@ -124,11 +125,7 @@ def hash_inputs(uris: list[str], digest: Digest | None = None, *,
             return check_input(uri, digest, read, max_pixels)
         except (UserError, OSError) as exc:
             return exc
-    if threads == 1 or len(distinct) <= 1:
-        return {uri: one(uri) for uri in distinct}
-    with ThreadPoolExecutor(max_workers=min(threads, len(distinct)),
-                            thread_name_prefix="vct-plan") as pool:
-        return dict(zip(distinct, pool.map(one, distinct)))
+    return dict(zip(distinct, bounded_map(one, distinct, threads, "vct-plan")))
 
 
 def _row_configs(row: PairRow, settings: RunSettings) -> tuple[ConceptConfig, FusionConfig]:

@@ -28,18 +28,17 @@ work (from its model being loaded to the pool's last outcome) goes to run.json, 
 
 from __future__ import annotations
 
-import contextvars
 import json
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from vct import storage
 from vct.batch import outputs, pairs
 from vct.batch.claims import Claim, Claims, ClaimStats
+from vct.batch.fanout import bounded_map
 from vct.batch.jobs import Job, JobOutcome, load
 from vct.batch.memo import result_memo
 from vct.batch.plan import PairPlan, Plan, fusion_groups, fusion_job
@@ -308,13 +307,7 @@ class JobPool:
                 return load(self.cache, job.kind, job.key) is not None
             return self.cache.contains(job.kind, job.key)
 
-        if not jobs:
-            return []
-        with ThreadPoolExecutor(max_workers=max(1, min(self.plan.io_threads, len(jobs))),
-                                thread_name_prefix="vct-lookup") as pool:
-            # each lookup in a copy of this thread's context: the run's memo is a context var
-            futures = [pool.submit(contextvars.copy_context().run, one, job) for job in jobs]
-            return [f.result() for f in futures]
+        return bounded_map(one, jobs, self.plan.io_threads, "vct-lookup")
 
     # ------------------------------------------------------------ the loop
     def run(self) -> PoolOutcome:
