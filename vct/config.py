@@ -108,10 +108,12 @@ class ContentConfig(StageConfig):
     inversion_prompt: Literal[""] = Field(
         "", description="prompt of the inversion and of the fit's conditional slot; fusion's "
         "token map is the original's for \"\" only, so nothing else is accepted")
-    steps_offset: int = Field(0, ge=0, le=100, description="DDIM steps_offset (original: 0, so "
-                              "timesteps 980..0)")
-    skip_identity_step: bool = Field(True, description="skip the UNet call of inversion step 0, "
-                                     "which is the identity because alpha(-dt) = alpha(0)")
+    steps_offset: int = Field(1, ge=0, le=100, description="DDIM steps_offset (the original runs "
+                              "1, timesteps 981..1: its pipeline rewrites the 0 it was built "
+                              "with; 0 gives 980..0 and is not the original's)")
+    skip_identity_step: bool = Field(True, description="at steps_offset 0 only: skip the UNet "
+                                     "call of inversion step 0, the identity there because "
+                                     "alpha(-dt) = alpha(0)")
     resolution: int | None = Field(None, ge=8, le=4096, description="working size in pixels "
                                    "(default: the model's native size)")
 
