@@ -35,8 +35,8 @@ from benchmarks.common import (
 from vct.batch import engine
 
 # Every stage's UNet work about 1/25 of its default (concept 500 x 4 = 2000 fwd+bwd -> 20 x 4
-# = 80; fusion 4T = 200 -> 8 with T = 2; content inversion + fit (<= T-1 + 2T + T*inner,
-# 2649 at the defaults without early stop) -> <= 1 + 4 + 2*25 = 55), so C : N : F keeps
+# = 80; fusion 3T = 150 -> 6 with T = 2; content inversion + fit (<= T + 2T + T*inner,
+# 2650 at the defaults without early stop) -> <= 2 + 4 + 2*25 = 56), so C : N : F keeps
 # roughly the proportions of the defaults.
 SMALL = {"concept": {"max_train_steps": 20, "gradient_accumulation_steps": 4,
                      "reference_resolution": 32},
@@ -46,9 +46,10 @@ DEFAULTS = {"C": 500 * 4, "T": 50, "inner": 50}
 
 
 def fusion_cost(k: int, steps: int) -> int:
-    """UNet sample evaluations of one fusion group of k concepts: classifier-free guidance
-    (x2) over the B* branch plus k concept branches, T steps (vct/fusion.py)."""
-    return 2 * (1 + k) * steps
+    """UNet sample evaluations of one fusion group of k concepts: both guidance passes of each
+    concept branch plus B*'s conditional pass (B* replays the content fit), T steps
+    (vct/fusion.py)."""
+    return (1 + 2 * k) * steps
 
 
 def grouped_fusion(r: int, steps: int, group: int = 4) -> int:
@@ -203,12 +204,12 @@ def measure(quick: bool = False, threads: int | None = None) -> Section:
 
 
 def paper_defaults(r: int, s: int, n_measured: float | None = None) -> dict:
-    """The formula at the paper's defaults: C = 500 x 4 = 2000, T = 50, F_K = 2(1+K)T; N lies
-    between the fit's bound without early stop, (T-1) + 2T + T*inner = 2649, and 0 (the
+    """The formula at the paper's defaults: C = 500 x 4 = 2000, T = 50, F_K = (1+2K)T; N lies
+    between the fit's bound without early stop, T + 2T + T*inner = 2650, and 0 (the
     content term's lower limit), so both ends are given, and the N a fit at these settings
     measured (early stopping depends on the data and the model)."""
     t, c = DEFAULTS["T"], DEFAULTS["C"]
-    n_max = (t - 1) + 2 * t + t * DEFAULTS["inner"]
+    n_max = t + 2 * t + t * DEFAULTS["inner"]
     f1, fr = fusion_cost(1, t), grouped_fusion(r, t)
     out: dict = {"C": c, "T": t, "N_max": n_max, "F_1": f1, f"F_{r}": fr,
                  "ratio_vs_naive": {}, "ratio_vs_original": {}}

@@ -18,6 +18,12 @@ import pytest  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from tests.fixtures_s3 import s3_bucket, s3_server  # noqa: E402, F401
+from vct.threads import apply_thread_budget  # noqa: E402
+
+# The suite's own torch work runs at the thread count a vct process would use (VCT_THREADS
+# when set), so `VCT_THREADS=1 make test` and `VCT_THREADS=2 make test` run it in two
+# summation orders: a bit-equality holds only between results made at equal counts.
+apply_thread_budget()
 
 
 @pytest.fixture(scope="session")

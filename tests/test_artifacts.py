@@ -8,9 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
-from vct.artifacts import ArtifactError, Stored, load_result, result_bytes, textual_inversion_bytes
+from vct.artifacts import (
+    ArtifactError,
+    Stored,
+    encode,
+    load_result,
+    result_bytes,
+    textual_inversion_bytes,
+)
 from vct.concept import learn_concept
-from vct.config import ConceptConfig, ContentConfig
+from vct.config import ConceptConfig, ContentConfig, to_dict
 from vct.content import invert_content
 
 
@@ -55,24 +62,29 @@ def test_results_round_trip_bit_exactly(content, concept):
 
 
 def test_a_lean_content_entry_stores_and_loads_without_trajectories(content):
-    """What the job layer stores by default (no keep_trajectories): x_T and the embeddings
-    only; a half-lean entry is refused."""
+    """What the job layer stores by default (no keep_trajectories): x_T, the embeddings and the
+    reconstruction fusion's B* replays, not the inversion latents; an entry without the
+    reconstruction is refused."""
     import dataclasses
 
     from safetensors.torch import load
 
-    lean = dataclasses.replace(content, inversion_latents=None, reconstruction=None)
+    lean = dataclasses.replace(content, inversion_latents=None)
     data = result_bytes("content", Stored(lean, {}))
-    assert set(load(data)) == {"x_T", "embeddings"}
+    assert set(load(data)) == {"x_T", "embeddings", "reconstruction"}
     back = load_result("content", data).result
-    assert back.inversion_latents is None and back.reconstruction is None
+    assert back.inversion_latents is None
     assert torch.equal(back.x_T, content.x_T) and torch.equal(back.embeddings, content.embeddings)
+    assert torch.equal(back.reconstruction, content.reconstruction)
     full = result_bytes("content", Stored(content, {}))
     assert set(load(full)) == {"x_T", "embeddings", "inversion_latents", "reconstruction"}
     assert len(data) < len(full)
-    half = dataclasses.replace(content, reconstruction=None)
+    # an entry of the format before fusion replayed the fit: no reconstruction
+    old = encode("content", {"x_T": content.x_T, "embeddings": content.embeddings},
+                 {"provenance": {}, "config": to_dict(content.config),
+                  "stats": dataclasses.asdict(content.stats)})
     with pytest.raises(ArtifactError, match="do not match"):
-        load_result("content", result_bytes("content", Stored(half, {})))
+        load_result("content", old)
 
 
 def test_header_records_what_made_it(content):

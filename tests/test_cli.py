@@ -33,7 +33,7 @@ def test_translate_end_to_end_and_reproducible(tiny_model_dir, images, tmp_path,
         assert meta["seed"] == 5 and meta["config"]["concept"]["seed"] == 5
         assert meta["config"]["content"]["num_inference_steps"] == 8
         assert meta["config"]["fusion"]["cross_attention_injection_ratio"] == 0.2
-        assert meta["unet_evals"]["fusion"] == 4 * 8
+        assert meta["unet_evals"]["fusion"] == 3 * 8  # B's 2 passes, B*'s conditional one
         assert meta["unet_evals"]["concept_grad"] == 12
         assert {"concept", "inversion", "fit", "fusion"} <= set(meta["timings"])
         assert meta["model"]["identity"] and meta["versions"]["torch"]

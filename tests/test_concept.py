@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections import Counter
 
 import numpy as np
@@ -111,6 +112,23 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-30)
 
 
+def rows_bound(rows: torch.Tensor, updates: int, step: float) -> float:
+    """How far fp32 rows after `updates` AdamW steps may lie from the float64 spec.
+
+    Each update multiplies the rows by the decay 1 − lr·0.01 rounded to fp32 (up to half an
+    ulp of the largest row element) and rounds them twice, after the decay and after the Adam
+    step (half an ulp each): 2 ulps in all. It moves them by lr·m̂/(√v̂ + eps) (at most
+    `step`): a ratio
+    of fp32 gradients that went through the text encoder's backward, sums whose order and so
+    rounding depend on the CPU's kernels and thread count. 2⁻¹⁴ (≈ 6e-5) of the step bounds
+    that ratio's error: observed 1.3e-7 over 3 updates of lr = 2e-3, at 1 and 2 threads,
+    against 3.7e-7 allowed. The smallest formula slip pinned there, weight decay off, moves
+    the rows by 3·lr·0.01·|v| ≈ 2.6e-6, 7x more.
+    """
+    ulp = 2.0 ** (math.floor(math.log2(float(rows.abs().max()))) - 23)
+    return updates * (2 * ulp + step * 2.0 ** -14)
+
+
 # ------------------------------------------------------------ defaults and initializer
 def test_concept_defaults_are_the_originals():
     cfg = ConceptConfig()
@@ -173,8 +191,9 @@ def test_first_update_and_effective_lr(models, reference, encoder64, inject):
         f"first update moved the rows by {moved:.3g}: effective lr 5e-4 x accumulation 4 = "
         "2e-3 (spec §5)")
     assert effective_lr(result) == pytest.approx(LR), "recorded effective lr 2e-3 (spec §5)"
-    assert torch.allclose(result.vectors.double(), rows, atol=1e-7, rtol=0), (
-        "first AdamW update of the rows (spec §5)")
+    error = float((result.vectors.double() - rows).abs().max())
+    assert error <= rows_bound(rows, 1, LR), (
+        f"first AdamW update of the rows (spec §5); max error {error:.3g}")
 
 
 @pytest.mark.parametrize("batched", [False, True])
@@ -190,9 +209,11 @@ def test_updates_are_adamw(models, reference, encoder64, inject, batched):
     (rows, want), _ = run_oracle(models, encoder64, m.unet, draws, 3)
     assert all(_rel(a, b) < 1e-5 for a, b in zip(losses(result), want)), (
         "per-update loss, the mean of its 4 micro-step losses (spec §5)")
-    assert torch.allclose(result.vectors.double(), rows, atol=1e-7, rtol=0), (
+    bound = rows_bound(rows, 3, LR)
+    error = float((result.vectors.double() - rows).abs().max())
+    assert error <= bound, (
         "3 AdamW(β=(0.9, 0.999), eps 1e-8, weight decay 0.01, lr 2e-3) updates (spec §5); max "
-        f"error {float((result.vectors.double() - rows).abs().max()):.3g}")
+        f"error {error:.3g} > {bound:.3g}")
     assert m.unet_evals["concept_grad"] == 12, "one UNet fwd+bwd per micro-step (spec §8)"
 
 
@@ -204,7 +225,7 @@ def test_weight_decay_alone(models, reference, inject):
     init = spec_init(models, "girl", 3)
     want = init * (1 - LR * 0.01) ** 5
     error = float((result.vectors.double() - want).abs().max())
-    assert error < 2e-8 < float((want - init).abs().max()) / 50, (
+    assert error <= rows_bound(want, 5, 0.0) < float((want - init).abs().max()) / 50, (
         "AdamW decoupled weight decay 0.01 at lr 2e-3 shrinks the rows by (1 − lr·0.01) per "
         f"update (spec §5, §9); max error {error:.3g}")
 
@@ -220,9 +241,11 @@ def test_accumulation_divisor_and_adam_epsilon(models, reference, encoder64, inj
     (rows, _), init = run_oracle(models, encoder64, m.unet, draws, 2)
     decay_only = init * (1 - LR * 0.01) ** 2
     assert float((rows - decay_only).abs().max()) > 1e-6, "scenario: the gradient step shows"
-    assert torch.allclose(result.vectors.double(), rows, atol=1e-8, rtol=0), (
+    error = float((result.vectors.double() - rows).abs().max())
+    step = float((rows - decay_only).abs().max())
+    assert error <= rows_bound(rows, 2, step), (
         "gradient = mean over the 4 micro-steps (loss / accumulation), Adam eps 1e-8 (spec §5); "
-        f"max error {float((result.vectors.double() - rows).abs().max()):.3g}")
+        f"max error {error:.3g}")
 
 
 def test_draws(models, reference):

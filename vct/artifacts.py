@@ -28,7 +28,7 @@ from vct.config import ConceptConfig, ContentConfig, from_dict, to_dict
 from vct.content import ContentResult, ContentStats
 from vct.errors import UserError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: content entries always hold the reconstruction fusion replays
 HEADER_KEY = "vct"
 
 
@@ -119,7 +119,7 @@ _TENSORS = {
     "fusion": ("images",),
 }
 # Tensors an entry may lack (stored as None: a lean content entry, the default).
-_OPTIONAL = {"content": ("inversion_latents", "reconstruction")}
+_OPTIONAL = {"content": ("inversion_latents",)}
 
 
 def stored_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """The attention controller of fusion (spec §6.1), as a diffusers attention processor.
 
 The UNet is called once per step on a batch laid out as
-    [uncond: B*, B_1..B_K | cond: B*, B_1..B_K]
-(K edit branches sharing one content-matching branch B*). Only the conditional passes of the
+    [uncond: B_1..B_K | cond: B*, B_1..B_K]
+(K edit branches sharing one content-matching branch B*, which replays the content fit and so
+needs no unconditional pass). Only the conditional passes of the
 B_k are changed, always from B*'s conditional pass at the same layer and step:
 - cross-attention, steps s < S_x:  P_B[:, :, j] <- R[j] (a_j P_B*[:, :, m(j)] + (1 - a_j) P_B[:, :, j])
 - self-attention, steps s < S_self, layers with N_q <= limit:  P_B <- P_B*  (B keeps its own V)
@@ -70,6 +71,16 @@ class AttentionController:
     @property
     def branches(self) -> int:
         return 1 + len(self.edits)
+
+    @property
+    def passes(self) -> int:
+        """Rows of the UNet batch: K unconditional, then B*'s and the K conditional ones."""
+        return 2 * len(self.edits) + 1
+
+    @property
+    def star(self) -> int:
+        """Row of B*'s conditional pass; the B_k's conditional passes follow it."""
+        return len(self.edits)
 
     def mode(self, is_cross: bool, num_queries: int) -> str | None:
         """Which edit applies at this layer and step, if any."""
@@ -146,9 +157,9 @@ class ControlledAttnProcessor:
                 scale: float) -> torch.Tensor:
         ctl = self.controller
         mode = ctl.mode(self.is_cross, q.shape[2])
-        if mode is not None and q.shape[0] != 2 * ctl.branches:
+        if mode is not None and q.shape[0] != ctl.passes:
             raise RuntimeError(f"{self.name}: batch {q.shape[0]} does not match the controller's "
-                               f"{2 * ctl.branches} passes")
+                               f"{ctl.passes} passes")
         explicit = ctl.cfg.attention_impl == "explicit"
         if mode is None:
             if explicit:
@@ -156,8 +167,8 @@ class ControlledAttnProcessor:
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
         if ctl.record:
             ctl.log.append((ctl.step, self.name, mode))
-        star = ctl.branches  # index of B*'s conditional pass; the B_k follow it
-        edits = slice(star + 1, 2 * ctl.branches)
+        star = ctl.star
+        edits = slice(star + 1, ctl.passes)
         if mode == "self":
             if explicit:
                 probs = _explicit(q, k, scale)

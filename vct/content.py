@@ -52,11 +52,12 @@ class ContentResult:
 
     x_T: torch.Tensor  # (1, 4, h, w)
     embeddings: torch.Tensor  # (T, L, D), c_0..c_{T-1}
-    # The trajectories, for tests and debugging; fusion never reads them. invert_content(s)
-    # always returns them; a content cache entry holds them only with the run setting
+    # The pivots, for tests and debugging; fusion never reads them. invert_content(s) always
+    # returns them; a content cache entry holds them only with the run setting
     # keep_trajectories (else they are None when loaded back).
     inversion_latents: torch.Tensor | None  # (T+1, 4, h, w): z_0, z*_0..z*_{T-1}
-    reconstruction: torch.Tensor | None  # (T+1, 4, h, w): x_T, then z-bar after each step
+    # Fusion's B* replays this trajectory, so every content entry holds it.
+    reconstruction: torch.Tensor  # (T+1, 4, h, w): x_T, then z-bar after each step
     config: ContentConfig
     stats: ContentStats
 

@@ -1,8 +1,9 @@
 """The DDIM pieces shared by every stage: the faithful scheduler, its grid and the map D.
 
-The original builds its scheduler by hand with steps_offset 0, so timesteps are 980..0, not SD's
-981..1 (spec §2). Reverse and inverse steps go through diffusers' schedulers; the content fit
-needs the same step differentiably, which is `ddim_map` written out.
+The original builds its scheduler by hand with steps_offset 0, but its StableDiffusionPipeline
+rewrites that to 1 on the same object, so every stage runs on 981..1 (spec §2): our default.
+Inversion steps go through diffusers' inverse scheduler. The content fit's advance and every
+fusion branch step with `ddim_map`, one function, so fusion's B* can replay the fit exactly.
 """
 
 from __future__ import annotations

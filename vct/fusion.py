@@ -1,11 +1,13 @@
 """Stage 4: content-concept fusion, the two-branch sampler (spec §6).
 
 Both branches start from the source's x_T. The content-matching branch B* is guided from c_s
-towards the inversion prompt and so reproduces the stage-2 reconstruction; each main branch B_k is
-guided from c_s towards its concept prompt, with the same single weight w, and borrows B*'s
-attention through the controller. There is no noise-space mixing across branches. Several
-concepts for one source share one B* (it depends on the source only): all 2(1+K) passes of a
-step go through one batched UNet call.
+towards the inversion prompt, which is exactly the stage-2 fit's advance: so B* replays the fit's
+stored reconstruction z-bar bit for bit (as the original's B* does, its arithmetic being the
+fit's), and only B*'s conditional pass runs, for the attention it lends. Each main branch B_k is
+guided from c_s towards its concept prompt, with the same single weight w and the fit's step
+function, and borrows B*'s attention through the controller. There is no noise-space mixing
+across branches. Several concepts for one source share one B* (it depends on the source only):
+all 1 + 2K passes of a step go through one batched UNet call.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from vct.attention import AttentionController, install, restore, token_edit
 from vct.concept import ConceptResult
 from vct.config import ContentConfig, FusionConfig
 from vct.content import ContentResult
-from vct.ddim import guided, make_scheduler
+from vct.ddim import alpha_at, ddim_map, guided, make_scheduler, step_size
 from vct.errors import UserError
 from vct.images import to_uint8
 from vct.inversion import Progress
@@ -69,6 +71,10 @@ def check_content(content: ContentResult, expected: ContentConfig | None) -> Con
     if content.embeddings.shape[0] != made_with.num_inference_steps:
         raise FusionMismatch(f"content result holds {content.embeddings.shape[0]} embeddings for "
                              f"T={made_with.num_inference_steps}")
+    recon = content.reconstruction
+    if recon is None or recon.shape[0] != made_with.num_inference_steps + 1:
+        raise FusionMismatch("content result holds no reconstruction trajectory of T+1 latents "
+                             "for fusion's B* to replay; recompute the content")
     if made_with.inversion_prompt:
         raise FusionMismatch("fusion's token map assumes the inversion prompt \"\" (the "
                              "original's); recompute the content with an empty prompt")
@@ -103,37 +109,41 @@ def fuse(models: VCTModels, content: ContentResult, concepts: list[ConceptResult
         else:
             positives.append(encode_concept(models, concept.vectors))
             edits.append(token_edit(length, concept.vectors.shape[0], cfg))
-    branches = len(positives)
+    k = len(concepts)
     pos = torch.cat(positives)
-    x_T = content.x_T.to(models.device)
-    latents = x_T.expand(branches, -1, -1, -1).clone()
+    # B* replays the fit: its latent at step s is the fit's z-bar_s, bit for bit, so only its
+    # conditional pass (the attention it lends) is computed; its unconditional pass is not.
+    replay = content.reconstruction.to(models.device)
+    edit_latents = content.x_T.to(models.device).expand(k, -1, -1, -1).clone()
     embeddings = content.embeddings.to(models.device)
     controller = AttentionController(cfg, T, edits, record=record_controller)
     previous = install(models.unet, controller) if control else None
-    trajectory = [latents[:1]]
+    dt = step_size(sched)
     try:
         for s, t in enumerate(grid):
             controller.step = s
-            neg = embeddings[s:s + 1].expand(branches, -1, -1)
-            eps = models.eps(torch.cat([latents, latents]), t, torch.cat([neg, pos]),
-                             stage="fusion")
-            eps_neg, eps_pos = eps.chunk(2)
-            latents = sched.step(guided(eps_neg, eps_pos, w), t, latents).prev_sample
-            if keep_trajectory:
-                trajectory.append(latents[:1])
+            # [uncond: B_1..B_K | cond: B*, B_1..B_K], the layout the controller expects
+            batch = torch.cat([edit_latents, replay[s:s + 1], edit_latents])
+            neg = embeddings[s:s + 1].expand(k, -1, -1)
+            eps = models.eps(batch, t, torch.cat([neg, pos]), stage="fusion")
+            eps_neg, eps_pos = eps[:k], eps[k + 1:]
+            # the fit's advance, the same function and arithmetic (vct/content.py)
+            edit_latents = ddim_map(edit_latents, guided(eps_neg, eps_pos, w),
+                                    alpha_at(sched, t), alpha_at(sched, t - dt))
             if progress:
                 progress(s + 1, T)
     finally:
         if previous is not None:
             restore(models.unet, previous)
+    latents = torch.cat([replay[T:T + 1], edit_latents])
     t_sample = time.perf_counter() - start
     images = decode(models, latents[1:])
-    stats = FusionStats(branches=branches, cross_steps=controller.cross_steps,
+    stats = FusionStats(branches=1 + k, cross_steps=controller.cross_steps,
                         self_steps=controller.self_steps,
                         seconds={"fusion": t_sample,
                                  "decode": time.perf_counter() - start - t_sample})
     return FusionResult(images=images, latents=latents.cpu(), config=cfg, stats=stats,
-                        star_trajectory=torch.cat(trajectory).cpu() if keep_trajectory else None,
+                        star_trajectory=content.reconstruction.cpu() if keep_trajectory else None,
                         controller_log=controller.log)
 
 

@@ -51,7 +51,8 @@ def encode_source(models: VCTModels, image: Image.Image, resolution: int | None)
 @torch.no_grad()
 def ddim_invert(models: VCTModels, z0: torch.Tensor, cond: torch.Tensor, cfg: ContentConfig,
                 progress: Progress | None = None) -> InversionTrajectory:
-    """Run the inverse DDIM chain from z_0; step 0 is the identity and may skip its UNet call."""
+    """Run the inverse DDIM chain from z_0. At steps_offset 0 step 0 is the identity and may
+    skip its UNet call; at the original's offset 1 it goes from a(-19) to a(1) and runs."""
     sched = make_inverse_scheduler(models.scheduler_config, cfg.num_inference_steps,
                                    cfg.steps_offset)
     timesteps = [int(t) for t in sched.timesteps]

@@ -57,14 +57,15 @@ def step_size(T: int) -> int:
     return NUM_TRAIN // T
 
 
-def sampling_grid(T: int) -> list[int]:
-    """t_s = (T − 1 − s)·Δ for s = 0..T−1: 980, 960, ..., 0 at T = 50 (steps_offset 0)."""
-    return [(T - 1 - s) * step_size(T) for s in range(T)]
+def sampling_grid(T: int, offset: int = 1) -> list[int]:
+    """t_s = (T − 1 − s)·Δ + offset for s = 0..T−1: 981, 961, ..., 1 at T = 50 with the
+    original's steps_offset 1 (spec §2); 980, ..., 0 at offset 0."""
+    return [(T - 1 - s) * step_size(T) + offset for s in range(T)]
 
 
-def inversion_grid(T: int) -> list[int]:
-    """τ_k = k·Δ for k = 0..T−1 (spec §3)."""
-    return [k * step_size(T) for k in range(T)]
+def inversion_grid(T: int, offset: int = 1) -> list[int]:
+    """τ_k = k·Δ + offset for k = 0..T−1 (spec §3): 1, 21, ..., 981 at the original's offset."""
+    return [k * step_size(T) + offset for k in range(T)]
 
 
 class AdamState:

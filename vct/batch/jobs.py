@@ -60,7 +60,7 @@ class Job:
     config: dict
     cost: float = 1.0
     # What is stored beside the result, not how it is computed (never in ``config``): for a
-    # content job, {"keep_trajectories": True} keeps the inversion latents and reconstruction.
+    # content job, {"keep_trajectories": True} keeps the inversion latents too.
     store: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -221,9 +221,8 @@ def _contents(models: VCTModels, jobs: list[Job], progress: Progress | None,
     with _Counted(models) as counted:
         results = invert_contents(models, [image for _, image in inputs],
                                   from_dict(ContentConfig, jobs[0].config), progress=step)
-    if not jobs[0].store.get("keep_trajectories"):  # fusion needs x_T and the embeddings only
-        results = [replace(r, inversion_latents=None, reconstruction=None)
-                   for r in results]
+    if not jobs[0].store.get("keep_trajectories"):  # fusion needs x_T, c_s and z-bar only
+        results = [replace(r, inversion_latents=None) for r in results]
     out = []
     n = len(jobs)
     for job, (data, _), result in zip(jobs, inputs, results):

@@ -56,8 +56,8 @@ class RunSettings(BaseModel):
                               "while planning (threads; each streams one input through sha256 "
                               "and probes its header, S3 latency bound)")
     keep_trajectories: bool = Field(False, description="also store each source's inversion "
-                                    "latents and stage-2 reconstruction (about 6.6 MB per "
-                                    "source at 512 px) in its content entry, for debugging; a "
+                                    "latents (about 3.3 MB per source at 512 px) in its "
+                                    "content entry, for debugging; a "
                                     "separate content cache key, so outputs are re-fused once")
     concept: ConceptConfig = Field(default_factory=ConceptConfig,
                                    description="stage 3, concept inversion (per reference)")
