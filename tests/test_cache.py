@@ -98,3 +98,30 @@ def test_a_rejected_entry_is_left_for_its_writer_not_deleted(tmp_path: Path) -> 
     assert cache.contains("content", key)  # and still there
     cache.put("content", key, json.dumps({"format": 1, "v": 5}).encode())  # A's good entry
     assert cache.get("content", key, _validate) == {"format": 1, "v": 5}  # B reads A's
+
+
+def test_the_grid_and_the_entry_format_are_in_every_stage_key() -> None:
+    """Entries made on the old default grid (offset 0), or in the format before fusion replayed
+    the fit (no reconstruction in content entries), are never reused: their keys differ."""
+    from vct import artifacts
+    from vct.batch import keys
+    from vct.config import ContentConfig, FusionConfig
+
+    sha, model = "ab" * 32, "model-id"
+    offset1, offset0 = ContentConfig(), ContentConfig(steps_offset=0)
+    assert offset1.steps_offset == 1
+    assert keys.content_key(sha, model, offset1) != keys.content_key(sha, model, offset0)
+    k1, k0 = keys.content_key(sha, model, offset1), keys.content_key(sha, model, offset0)
+    concept = "cd" * 32
+    assert keys.output_key(k1, concept, FusionConfig()) != keys.output_key(k0, concept,
+                                                                            FusionConfig())
+    assert keys.fusion_key(k1, [concept], FusionConfig()) != keys.fusion_key(k0, [concept],
+                                                                             FusionConfig())
+    old_format = artifacts.FORMAT_VERSION
+    try:
+        artifacts.FORMAT_VERSION = 2
+        keys.FORMAT_VERSION = 2
+        assert keys.content_key(sha, model, offset1) != k1, "the format is in the key"
+    finally:
+        artifacts.FORMAT_VERSION = old_format
+        keys.FORMAT_VERSION = old_format

@@ -165,13 +165,16 @@ def test_run_without_a_model_is_a_usage_error(tmp_path, capsys):
 
 def test_translate_and_run_write_bit_identical_pngs(prefect_harness, tiny_model_dir, images,
                                                     tmp_path):
-    """One engine behind both commands: the same inputs and seed give the same bytes.
+    """One engine behind both commands: the same inputs, seed and thread count give the same
+    bytes. The count is set on both sides (run's default leaves a core to its Prefect server).
     (No capsys with flow runs: Prefect's console handler would keep its closed stream.)"""
-    assert _translate(tiny_model_dir, images, tmp_path / "tr", "--seed", "3") == 0
+    assert _translate(tiny_model_dir, images, tmp_path / "tr", "--seed", "3",
+                      "--threads", "1") == 0
     (tmp_path / "m.csv").write_text(f"source,reference,output_name\n{images['src_a']},"
                                     f"{images['ref']},a\n{images['src_b']},{images['ref']},b\n")
     code = main(["run", str(tmp_path / "m.csv"), "--output", str(tmp_path / "runs"),
-                 "--model", str(tiny_model_dir), "--seed", "3", "--run-id", "r", *FAST[:-1]])
+                 "--model", str(tiny_model_dir), "--seed", "3", "--run-id", "r", *FAST[:-1],
+                 "--threads", "1"])
     assert code == 0
     assert json.loads((tmp_path / "runs" / "r" / "run.json").read_text())["status"] == "complete"
     for stem, name in (("src_a", "a"), ("src_b", "b")):

@@ -156,7 +156,7 @@ def test_fit_loss_sign_target_and_guidance(stub_models, fitted, e_null):
         if loss_matches(code, want):
             continue
         wrong_pivot = latents[T - s:T - s + 1]
-        if _rel(code, -want) < 1e-4:
+        if loss_matches(-code, want):
             what = "content fit loss sign (spec §4.3): L = +mean((D(z̄, ε̂, t, t−Δ) − P_s)²)"
         elif loss_matches(code, pre_step_loss(eps, z, c_prev, e_null, wrong_pivot, t)):
             what = "content fit target index (spec §4): P_s = z*_{k−1}, not z*_k"
