@@ -1,0 +1,1 @@
+"""Golden values produced by the original VCT implementation (see regenerate.py)."""
