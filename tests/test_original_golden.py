@@ -77,7 +77,7 @@ def test_x_T_matches_the_original(vct_run, golden):
     tensors, _ = golden
     assert content.stats.timesteps == tensors["timesteps"].tolist(), (
         "vct's default timestep grid is not the one the original ran (steps_offset 1: 981..1)")
-    # 1e-4: 49 float32 UNet steps whose kernels round differently from diffusers 0.10's
+    # 1e-4: 50 float32 UNet steps whose kernels round differently from diffusers 0.10's
     # (component parity 8e-7) give ~1e-5 on |x_T| ~ 1.2; an off-by-one grid gives ~1e-2.
     delta = float((content.x_T - tensors["x_T"]).abs().max())
     assert delta <= 1e-4, f"x_T differs from the original's by {delta:.3g} (bound 1e-4)"
