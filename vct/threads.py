@@ -2,7 +2,7 @@
 
 torch sizes its pool to every core of the machine, which assumes the process owns it. With two
 accelerate ranks, or one other busy process, on 2 cores a UNet step then runs 4-5x slower than
-with the right count (measured: docs/platform-notes.md). Every process that runs torch (the
+with the right count (measured on a 2-core machine). Every process that runs torch (the
 in-process executor, each rank, `vct translate`) sets its count from here: the cores in its
 affinity mask divided by the ranks on the node, unless `--threads` / `VCT_THREADS` says
 otherwise. CPU results are bit-identical only at equal thread counts, so the count is also

@@ -2,7 +2,7 @@
 
 Why: a test that measures the method with the method's own helpers (`vct.ddim.ddim_map`,
 `guided`, `content_losses`, `concept_loss`) cannot fail when one of those helpers is wrong. The
-fidelity tests compute every expected value from `docs/vct-algorithm.md` with the few lines
+fidelity tests compute every expected value from the method (`docs/method.md`) with the few lines
 below instead. Nothing here imports `vct`: this module is the independent side of each check.
 
 All oracle arithmetic runs in float64, so a disagreement with the float32 code is a formula
