@@ -33,10 +33,12 @@ pytest_plugins = ("tests.fault_proxy",)  # the fault_proxy fixture
 
 
 class FakeRunner:
-    """Stores a valid entry for every job it is given, except the keys told to fail."""
+    """Stores a valid entry for every job it is given, except the keys told to fail and the
+    inputs told not to decode."""
 
-    def __init__(self, fail: set[str] | None = None):
+    def __init__(self, fail: set[str] | None = None, undecodable: set[str] | None = None):
         self.fail = fail or set()
+        self.undecodable = undecodable or set()
         self.ran: Counter[str] = Counter()
 
     def __call__(self, jobs: list[Job], settings: ExecutorSettings, **_: object):
@@ -46,6 +48,10 @@ class FakeRunner:
             self.ran[job.kind] += 1
             if job.key in self.fail or job.input_uri in self.fail:
                 out.append(JobOutcome(job.kind, job.key, False, 0, 0.0, error=f"boom {job.kind}"))
+                continue
+            if job.input_uri in self.undecodable:
+                out.append(JobOutcome(job.kind, job.key, False, 0, 0.0, bad_input=True,
+                                      error=f"{job.input_uri}: image data is truncated"))
                 continue
             cache.put(job.kind, job.key, result_bytes(job.kind, _stored(job)))
             out.append(JobOutcome(job.kind, job.key, True, 0, 0.01,
@@ -222,6 +228,21 @@ def test_a_failed_content_fails_only_its_pairs(tmp_path, inputs, path):
     summary, _ = _run(tmp_path, m, FakeRunner(fail={str(inputs["b"])}), path)
     assert _status(summary) == {"p1": "ok", "p2": "failed"}
     assert summary.counts["contents_failed"] == 1 and summary.counts["fusions_computed"] == 1
+
+
+def test_an_input_found_undecodable_by_its_job_is_a_bad_row(tmp_path, inputs, path):
+    """A PNG whose header passes planning's probe but whose pixels do not decode is a bad row
+    (reported by its line), like one refused at planning: the run completes without it."""
+    m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},good",
+                             f"{inputs['b']},{inputs['ref1']},half"])
+    summary, data = _run(tmp_path, m, FakeRunner(undecodable={str(inputs["b"])}), path)
+    assert _status(summary) == {"good": "ok", "half": "bad"}
+    bad = next(p for p in summary.pairs if p.pair_id == "half")
+    assert bad.line == 3 and "truncated" in bad.reason
+    assert summary.status == "complete" == data["status"]
+    assert summary.counts["pairs_bad"] == 1 and summary.counts["contents_failed"] == 1
+    assert (tmp_path / "out" / "run" / "_SUCCESS").exists()
+    assert not (tmp_path / "out" / "run" / "half.png").exists()
 
 
 def test_every_pair_failing_is_a_failed_run_without_success(tmp_path, inputs, path):
@@ -432,6 +453,25 @@ def test_unreadable_inputs_fail_only_their_rows_at_plan_time(tmp_path, inputs, t
     assert "FIFO" in reasons["fifo"] and "directory" in reasons["folder"]
     assert "input too large" in reasons["big"] and "not a readable image" in reasons["text"]
     assert "not found" in reasons["missing"]
+
+
+def test_a_half_written_png_is_a_bad_row_not_a_failed_run(tmp_path, inputs, tiny_model_dir):
+    """Tried as a user would: a good pair beside a PNG cut off mid-data (its header passes
+    planning's probe; its pixels do not decode when the content job reads them). The real job
+    on the tiny model: the run completes, the row is bad by its line, _SUCCESS is written."""
+    half = tmp_path / "half.png"
+    data = inputs["b"].read_bytes()
+    half.write_bytes(data[:len(data) // 2])
+    m = _manifest(tmp_path, [f"{inputs['a']},{inputs['ref1']},good",
+                             f"{half},{inputs['ref1']},half"])
+    settings = {"concept": {"max_train_steps": 1, "batch_microsteps": True},
+                "content": {"num_inference_steps": 2, "num_inner_steps": 1}, "threads": 1}
+    request = engine.prepare(str(m), str(tmp_path / "out"), str(tiny_model_dir), settings, "r")
+    summary = engine.run(request, write_report=False)
+    assert _status(summary) == {"good": "ok", "half": "bad"}, summary.pairs
+    bad = next(p for p in summary.pairs if p.pair_id == "half")
+    assert bad.line == 3 and str(half) in bad.reason, bad.reason
+    assert summary.status == "complete" and (tmp_path / "out" / "r" / "_SUCCESS").exists()
 
 
 def test_success_is_removed_before_a_folder_is_rewritten(tmp_path, inputs, path):

@@ -209,6 +209,8 @@ def run_stage(kind: str, jobs: list[Job], executor: ExecutorSettings,
             evals.update(outcome.unet_evals)
         else:
             report_.failed[outcome.key] = outcome.error or "failed"
+            if outcome.bad_input:
+                report_.bad.append(outcome.key)
             log.error("%s job %s failed: %s", kind, outcome.key[:12], outcome.error)
     report_.ranks = sorted(ranks)
     report_.unet_evals = dict(evals)
@@ -245,10 +247,10 @@ def fuse_and_write(the_plan: Plan, stages: dict[str, StageReport], executor: Exe
     results: dict[str, PairResult] = {}
     fusable: list[PairPlan] = []
     for pair in the_plan.pairs:
-        failed = (stages["concept"].failed.get(pair.concept_key)
-                  or stages["content"].failed.get(pair.content_key))
-        if failed:
-            results[pair.row.pair_id] = pairs.pair_result(pair, "failed", failed)
+        unusable = pairs.input_failure(pair, lambda kind, key: stages[kind].failed.get(key),
+                                       lambda kind, key: key in stages[kind].bad)
+        if unusable:
+            results[pair.row.pair_id] = unusable
         else:
             fusable.append(pair)
     finished = pairs.finished_outputs(fusable, the_plan.run_uri, the_plan.io_threads)

@@ -92,6 +92,7 @@ class JobOutcome:
     seconds: float
     error: str | None = None
     unet_evals: dict[str, int] = field(default_factory=dict)
+    bad_input: bool = False  # failed because its input image could not be decoded
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,8 +102,17 @@ class JobOutcome:
         return from_fields(cls, d)
 
 
-def failed(job: Job, rank: int, error: str) -> JobOutcome:
-    return JobOutcome(job.kind, job.key, ok=False, rank=rank, seconds=0.0, error=error)
+def is_bad_input(exc: BaseException) -> bool:
+    """An input whose header passed planning's probe but whose pixels do not decode (a
+    half-written PNG): the row is bad, not the computation."""
+    from vct.images import ImageError
+
+    return isinstance(exc, ImageError)
+
+
+def failed(job: Job, rank: int, error: str, bad_input: bool = False) -> JobOutcome:
+    return JobOutcome(job.kind, job.key, ok=False, rank=rank, seconds=0.0, error=error,
+                      bad_input=bad_input)
 
 
 def _first_line(text: str) -> str:
@@ -317,7 +327,8 @@ def run_job(models: VCTModels, job: Job, cache: StageCache, rank: int = 0,
         log.warning("job %s %s failed: %s", job.kind, job.key[:12], error)
         _release_accelerator_memory()
         return JobOutcome(job.kind, job.key, ok=False, rank=rank,
-                          seconds=time.perf_counter() - start, error=error)
+                          seconds=time.perf_counter() - start, error=error,
+                          bad_input=is_bad_input(exc))
     return JobOutcome(job.kind, job.key, ok=True, rank=rank, seconds=time.perf_counter() - start,
                       unet_evals=stored.provenance["unet_evals"])
 
@@ -335,7 +346,7 @@ def run_content_batch(models: VCTModels, jobs: list[Job], cache: StageCache,
             decoded[n] = _decode_input(job)
             ready.append(n)
         except Exception as exc:  # noqa: BLE001 - this input's failure only
-            outcomes[n] = failed(job, rank, error_line(job, exc))
+            outcomes[n] = failed(job, rank, error_line(job, exc), is_bad_input(exc))
     if len(ready) == 1:
         outcomes[ready[0]] = run_job(models, jobs[ready[0]], cache, rank)
     elif ready:

@@ -35,6 +35,19 @@ def pair_result(pair: PairPlan, status: str, reason: str | None = None,
                       reason=reason, timings=timings or {})
 
 
+def input_failure(pair: PairPlan, failed: Callable[[str, str], str | None],
+                  bad: Callable[[str, str], bool]) -> PairResult | None:
+    """The result of a pair whose concept or content job failed, or None: ``bad`` (with its
+    manifest line, not failing the run) when that job's input image did not decode,
+    ``failed`` otherwise. ``failed(kind, key)`` is the job's error, ``bad(kind, key)`` whether
+    it was a bad input."""
+    for kind, key in (("concept", pair.concept_key), ("content", pair.content_key)):
+        error = failed(kind, key)
+        if error:
+            return pair_result(pair, "bad" if bad(kind, key) else "failed", error)
+    return None
+
+
 def one_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

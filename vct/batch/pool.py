@@ -183,10 +183,10 @@ class JobPool:
         ones, and queue (or answer from the cache) the fusion of each group with a pair to write."""
         fusable = []
         for pair in fam.pairs:
-            error = (self.status.get(("concept", pair.concept_key))
-                     or self.status.get(("content", pair.content_key)))
-            if error:
-                self.results[pair.row.pair_id] = pairs.pair_result(pair, "failed", error)
+            unusable = pairs.input_failure(pair, lambda kind, key: self.status.get((kind, key)),
+                                           lambda kind, key: key in self.stages[kind].bad)
+            if unusable:
+                self.results[pair.row.pair_id] = unusable
             else:
                 fusable.append(pair)
         kept, todo = pairs.resume_state(fusable, self._kept)
@@ -279,6 +279,8 @@ class JobPool:
             return
         error = outcome.error or "failed"
         report.failed[key] = error
+        if outcome.bad_input:
+            report.bad.append(key)
         log.error("%s job %s failed: %s", kind, key[:12], error)
         if kind == "fusion":
             self._write(key, None, error)

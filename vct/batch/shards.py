@@ -161,6 +161,7 @@ class ShardResult:
     awaited: list[str] = field(default_factory=list)
     cached: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    bad: list[str] = field(default_factory=list)  # failed keys whose input did not decode
     took_over: list[str] = field(default_factory=list)
     unet_evals: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> counts
     busy_s: float = 0.0
@@ -204,6 +205,7 @@ def run_shard(plan_uri_: str, shard: int, phase: str, executor: ExecutorSettings
                 result.awaited += report.awaited
                 result.cached += report.cached
                 result.failed.update(report.failed)
+                result.bad += report.bad
                 result.took_over += report.took_over
                 result.unet_evals[kind] = dict(report.unet_evals)
     finally:
@@ -261,13 +263,14 @@ def stage_reports(kinds: tuple[str, ...], planned: dict[str, list[Job]],
         report = StageReport(kind)
         keys = [j.key for j in planned.get(kind, [])]
         wanted = set(keys)
-        computed, awaited, cached, failed = set(), set(), set(), {}
+        computed, awaited, cached, failed, bad = set(), set(), set(), {}, set()
         evals: dict[str, int] = {}
         for r in results:
             computed |= wanted & set(r.computed)
             awaited |= wanted & set(r.awaited)
             cached |= wanted & set(r.cached)
             failed.update({k: v for k, v in r.failed.items() if k in wanted})
+            bad |= wanted & set(r.bad)
             report.took_over += [k for k in r.took_over if k in wanted]
             for name, n in r.unet_evals.get(kind, {}).items():
                 evals[name] = evals.get(name, 0) + n
@@ -280,6 +283,8 @@ def stage_reports(kinds: tuple[str, ...], planned: dict[str, list[Job]],
                 report.cached.append(key)
             else:
                 report.failed[key] = failed.get(key, "its shard did not finish")
+                if key in bad:
+                    report.bad.append(key)
         report.unet_evals = evals
         out[kind] = report
     return out

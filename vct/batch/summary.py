@@ -1,7 +1,8 @@
 """What a run did, typed: each pair's status, each stage's report, the counts, the run status.
 
 Statuses of a pair: ``ok`` (written now), ``skipped`` (already done: same output key, PNG
-verified), ``bad`` (a manifest row refused at planning) and ``failed`` (a computation failed).
+verified), ``bad`` (a manifest row refused: at planning, or when a job found its image
+undecodable) and ``failed`` (a computation failed).
 The run is ``complete`` when every planned pair is ok or skipped (bad rows are reported but do
 not fail it), ``failed`` when none is, and ``partial`` in between. Only a complete run gets
 ``_SUCCESS``; a run with a failed pair ends in a failed state.
@@ -37,7 +38,9 @@ class StageReport:
     """One stage's jobs: which keys came from the cache, which were computed, which failed
     (key -> one-line reason), the ranks that ran them and the UNet evaluations they counted;
     ``awaited``: keys another process held a claim on, whose results this one waited for;
-    ``took_over``: keys whose expired claim (a dead owner's) this one took over and computed."""
+    ``took_over``: keys whose expired claim (a dead owner's) this one took over and computed;
+    ``bad``: failed keys whose input image could not be decoded (their rows are bad, not
+    failed: the input is wrong, not the computation)."""
 
     kind: str
     cached: list[str] = field(default_factory=list)
@@ -47,6 +50,7 @@ class StageReport:
     unet_evals: dict[str, int] = field(default_factory=dict)
     awaited: list[str] = field(default_factory=list)
     took_over: list[str] = field(default_factory=list)
+    bad: list[str] = field(default_factory=list)
 
 
 def run_status(pairs: list[PairResult]) -> RunStatus:
