@@ -41,6 +41,7 @@ from vct.batch import shards
 from vct.batch.claims import env_seconds
 from vct.batch.engine import RunRequest
 from vct.batch.jobs import Job, JobOutcome
+from vct.batch.judge import FINAL, gives_up, judge
 from vct.batch.plan import Plan
 from vct.batch.settings import RunSettings
 from vct.batch.summary import StageReport
@@ -53,10 +54,6 @@ ENV_POLL = "VCT_SHARD_POLL_S"
 ENV_START_TIMEOUT = "VCT_SHARD_START_TIMEOUT_S"
 DEFAULT_START_TIMEOUT_S = 900.0
 RUN_URI_LABEL = "vct.run_uri"
-RETRIES = 1
-FINAL_BAD = {"CRASHED", "CANCELLED", "FAILED"}
-FINAL = FINAL_BAD | {"COMPLETED"}
-WAITING = {"SCHEDULED", "PENDING"}  # no worker has started it (Late is a Scheduled state)
 
 
 def _poll_s() -> float:
@@ -237,45 +234,42 @@ class Fleet:
                     if state != before:
                         moved = self.clock()
                         live[i] = (attempt, run_id, since, state)
-                    if state == "RUNNING" and shards.lease_expired(
-                            self.plan.run_uri, self.plan.run_id, phase, i, str(run_id)):
+                    expired = state == "RUNNING" and shards.lease_expired(
+                        self.plan.run_uri, self.plan.run_id, phase, i, str(run_id))
+                    result = (shards.read_result(self.plan.run_uri, phase, i, attempt)
+                              if expired or state in FINAL else None)
+                    verdict = judge(state, attempt, lease_expired=expired,
+                                    has_result=result is not None)
+                    if verdict.action == "wait":
+                        seen[i] = (run, state)
+                        continue
+                    if verdict.mark_crashed:
                         client.set_flow_run_state(run_id, Crashed(
                             message="its shard lease expired: the worker or machine died"),
                             force=True)
-                        state = "CRASHED"
-                    if state not in FINAL:
-                        seen[i] = (run, state)
-                        continue
                     moved = self.clock()
-                    result = shards.read_result(self.plan.run_uri, phase, i, attempt)
-                    if state == "COMPLETED" and result is None:
-                        state = "FAILED"  # finished without its result: treat as a crash
                     row = (result.to_dict() if result else shards.ShardResult(
                         phase=phase, shard=i, attempt=attempt, flow_run_id=str(run_id)).to_dict())
-                    row.update({"flow_run_id": str(run_id), "state": state,
+                    row.update({"flow_run_id": str(run_id), "state": verdict.state,
                                 "worker": run.labels.get("prefect.worker.name")
                                 or row.get("worker", "")})
                     self.rows.append(row)
                     if result is not None:
                         results.append(result)
                     del live[i]
-                    if state != "COMPLETED" and attempt < RETRIES:
+                    if verdict.action == "retry":
                         log.warning("%s shard %d ended %s; re-dispatching its unfinished jobs",
-                                    phase, i, state)
+                                    phase, i, verdict.state)
                         live[i] = (attempt + 1, self._start(uri, phase, i, attempt + 1),
                                    self.clock(), "SCHEDULED")
-                # A shard queued behind its running siblings is waiting, not lost: only when
-                # none of the phase runs and nothing moved for the timeout are they given up.
-                if any(state not in WAITING for _, state in seen.values()):
-                    continue
                 now = self.clock()
+                waiting = [state for _, state in seen.values()]
                 for i, (run, _state) in seen.items():
                     attempt, _run_id, since, _ = live[i]
-                    if now - max(since, moved) < timeout:
-                        continue
-                    results.append(self._not_started(client, run, phase, i, attempt,
-                                                     parts[i], timeout))
-                    del live[i]
+                    if gives_up(waiting, now - since, now - moved, timeout):
+                        results.append(self._not_started(client, run, phase, i, attempt,
+                                                         parts[i], timeout))
+                        del live[i]
         return results
 
     def _not_started(self, client, run, phase: str, shard: int, attempt: int, jobs: list[Job],
