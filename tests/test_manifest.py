@@ -190,3 +190,24 @@ def test_pair_row_to_dict_and_seed_forms() -> None:
     assert d["seed"] == 7 and d["source"] == "/data/runs/a" and d["fusion_overrides"] == {}
     with pytest.raises(AttributeError):
         row.seed = 3  # type: ignore[misc]
+
+
+def test_per_row_concept_settings_typed_validated_and_in_the_id() -> None:
+    """The concept settings the original tunes per concept: training steps, vector count,
+    learning rate (the initializer word is concept_word), checked like the fusion overrides."""
+    text = ("source,reference,Max-Train-Steps,num_vectors,learning_rate\n"
+            "a,b,100,1,1e-3\n"
+            "c,b,0,99,fast\n"
+            "a,b,,,\n")
+    m = _parse(text)
+    assert m.rows[0].concept_overrides == {"max_train_steps": 100, "num_vectors": 1,
+                                           "learning_rate": 1e-3}
+    assert m.rows[0].fusion_overrides == {}
+    (error,) = m.errors
+    assert error.line == 3
+    for name in ("max_train_steps", "num_vectors", "learning_rate"):
+        assert name in error.reason
+    assert m.rows[1].concept_overrides == {}
+    # another concept, another derived id; a row without them keeps the id it always had
+    assert m.rows[0].pair_id != m.rows[1].pair_id
+    assert m.rows[1].pair_id == derive_pair_id("a", "b", {}, None, None)

@@ -353,3 +353,24 @@ def test_keep_trajectories_is_in_the_content_key_only_when_on(tmp_path):
     assert full.key != lean.key and full.config == lean.config
     assert Job.from_dict(full.to_dict()) == full  # survives the rank / shard hand-off
     assert plans[True].concept_jobs[0].key == plans[False].concept_jobs[0].key
+
+
+def test_per_row_concept_settings_make_their_own_concept(tmp_path):
+    """Two rows of one reference with other concept settings learn two concepts, each keyed by
+    its own settings; the row without them gets the run's concept."""
+    from vct.config import ConceptConfig
+
+    make_image(0, (16, 16)).save(tmp_path / "s.png")
+    make_image(1, (16, 16)).save(tmp_path / "r.png")
+    s, r = tmp_path / "s.png", tmp_path / "r.png"
+    m = parse_manifest(f"source,reference,max_train_steps,num_vectors,output_name\n"
+                       f"{s},{r},,,plain\n{s},{r},100,1,tuned\n".encode(),
+                       str(tmp_path / "m.csv"))
+    hashes = hash_inputs([str(s), str(r)])
+    plan = plan_run(m, hashes, "m" * 64, RunSettings(), str(tmp_path / "out"), "run")
+    assert len(plan.concept_jobs) == 2
+    by_name = {p.row.output_name: p for p in plan.pairs}
+    tuned = ConceptConfig(max_train_steps=100, num_vectors=1)
+    assert by_name["tuned"].concept == tuned
+    assert by_name["tuned"].concept_key == keys.concept_key(hashes[str(r)], "m" * 64, tuned)
+    assert by_name["plain"].concept == RunSettings().concept

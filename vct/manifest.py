@@ -23,15 +23,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
+from pydantic import BaseModel
 
 from vct import storage
-from vct.config import ConfigError, FusionConfig, with_overrides
+from vct.config import ConceptConfig, ConfigError, FusionConfig, with_overrides
 from vct.errors import UserError
 
 REQUIRED_COLUMNS = ("source", "reference")
 OPTIONAL_COLUMNS = ("pair_id", "output_name", "concept_word", "seed")
 OVERRIDE_COLUMNS = tuple(FusionConfig.model_fields)
-ALLOWED_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS + OVERRIDE_COLUMNS
+# What the original tunes per concept (its training steps, its vector count, its learning
+# rate); the initializer word is `concept_word`. They go into the concept's key.
+CONCEPT_OVERRIDE_COLUMNS = ("max_train_steps", "num_vectors", "learning_rate")
+ALLOWED_COLUMNS = (REQUIRED_COLUMNS + OPTIONAL_COLUMNS + OVERRIDE_COLUMNS
+                   + CONCEPT_OVERRIDE_COLUMNS)
 
 SAFE_NAME_RE = re.compile(r"^(?!\.)[A-Za-z0-9._-]{1,128}$")
 MAX_SEED = 2**63 - 1
@@ -60,8 +65,9 @@ class RowError:
 
 @dataclass(frozen=True)
 class PairRow:
-    """One validated pair. ``source``/``reference`` are resolved URIs; ``fusion_overrides``
-    holds only the override cells the row filled in, already typed and range-checked."""
+    """One validated pair. ``source``/``reference`` are resolved URIs; ``fusion_overrides`` and
+    ``concept_overrides`` hold only the override cells the row filled in, already typed and
+    range-checked."""
 
     line: int
     pair_id: str
@@ -71,6 +77,7 @@ class PairRow:
     concept_word: str | None = None
     seed: int | None = None
     fusion_overrides: dict[str, Any] = field(default_factory=dict)
+    concept_overrides: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view (for task parameters, logs and sidecars)."""
@@ -264,6 +271,7 @@ class _Draft:
     source: str = ""
     reference: str = ""
     overrides: dict[str, Any] = field(default_factory=dict)
+    concept_overrides: dict[str, Any] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
     pair_id: str | None = None
     output_name: str | None = None
@@ -283,7 +291,8 @@ def _build_rows(raw_rows: list[tuple[int, dict[str, str]]],
         rows.append(PairRow(line=d.line, pair_id=d.pair_id, source=d.source,
                             reference=d.reference, output_name=d.output_name,
                             concept_word=d.concept_word, seed=d.seed,
-                            fusion_overrides=dict(d.overrides)))
+                            fusion_overrides=dict(d.overrides),
+                            concept_overrides=dict(d.concept_overrides)))
     return rows, errors
 
 
@@ -296,7 +305,8 @@ def _draft(line: int, cells: dict[str, str], uri: str) -> _Draft:
     d.source = _resolve_cell(d, "source", d.source_cell, uri)
     d.reference = _resolve_cell(d, "reference", d.reference_cell, uri)
     d.seed = _parse_seed(d, cells.get("seed", ""))
-    d.overrides = _parse_overrides(d, cells)
+    d.overrides = _parse_overrides(d, cells, OVERRIDE_COLUMNS, FusionConfig())
+    d.concept_overrides = _parse_overrides(d, cells, CONCEPT_OVERRIDE_COLUMNS, ConceptConfig())
     return d
 
 
@@ -329,21 +339,22 @@ def _parse_seed(d: _Draft, cell: str) -> int | None:
     return seed
 
 
-def _parse_overrides(d: _Draft, cells: dict[str, str]) -> dict[str, Any]:
+def _parse_overrides(d: _Draft, cells: dict[str, str], columns: tuple[str, ...],
+                     base: BaseModel) -> dict[str, Any]:
     """Validate each filled override cell on its own (so every bad field is named), then all
-    together; typed values come back from the validated FusionConfig."""
-    raw = {name: cells[name] for name in OVERRIDE_COLUMNS if cells.get(name)}
+    together; typed values come back from the validated config (`base`'s class)."""
+    raw = {name: cells[name] for name in columns if cells.get(name)}
     bad = False
     for name, value in raw.items():
         try:
-            with_overrides(FusionConfig(), {name: value})
+            with_overrides(base, {name: value})
         except ConfigError as exc:
             d.reasons.append(f"bad override {exc}")
             bad = True
     if bad:
         return {}
     try:
-        cfg = with_overrides(FusionConfig(), raw)
+        cfg = with_overrides(base, raw)
     except ConfigError as exc:
         d.reasons.append(f"bad override {exc}")
         return {}
@@ -381,8 +392,8 @@ def _assign_pair_ids(drafts: list[_Draft]) -> None:
     for d in drafts:
         if d.pair_id_cell:
             continue
-        base = derive_pair_id(d.source_cell, d.reference_cell, d.overrides, d.seed,
-                              d.concept_word)
+        base = derive_pair_id(d.source_cell, d.reference_cell,
+                              {**d.overrides, **d.concept_overrides}, d.seed, d.concept_word)
         candidate, n = base, 1
         while candidate in used:
             n += 1

@@ -129,7 +129,7 @@ def hash_inputs(uris: list[str], digest: Digest | None = None, *,
 
 
 def _row_configs(row: PairRow, settings: RunSettings) -> tuple[ConceptConfig, FusionConfig]:
-    concept_overrides: dict[str, Any] = {}
+    concept_overrides: dict[str, Any] = dict(row.concept_overrides)
     if row.concept_word:
         concept_overrides["initializer_word"] = row.concept_word
     if row.seed is not None:
