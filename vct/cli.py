@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=None, help="seed of the concept inversion")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
     add_settings_arguments(tr, skip=("strict", "executor", "num_processes", "shards",
-                                      "shard_jobs"))
+                                      "shard_jobs", "report_link_expiry_s"))
 
     tiny = sub.add_parser("tiny-model", help="build the offline random-weight SD 1.x test model")
     tiny.add_argument("dir", type=Path, help="folder to create")
