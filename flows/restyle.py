@@ -2,7 +2,7 @@
 
 Thin wrappers: every decision lives in the library's batch engine (`vct.batch.engine`); this
 module turns its steps into tasks (retries of transient storage errors, the run graph in the
-UI), publishes progress and the summary as Prefect artifacts, and ends a run that failed any
+UI), publishes progress, the summary and a link to report.html as Prefect artifacts, and ends a run that failed any
 pair in a Failed state whose message gives the counts.
 """
 
@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
+    create_link_artifact,
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
@@ -28,6 +29,7 @@ from vct import report, storage
 from vct.batch import engine, incoming, shards
 from vct.batch.settings import RunSettings
 from vct.batch.summary import RunSummary
+from vct.report.names import page_name
 
 
 class RunFailed(RuntimeError):
@@ -162,6 +164,11 @@ def restyle(manifest_uri: str, output_uri: str, model: str,
     create_table_artifact(key="restyle-pairs",
                           table=report.table_rows(engine.report_outcomes(summary)) or [{}],
                           description=f"pairs of {plan.run_id}")
+    index = storage.join(plan.run_uri, page_name(1))
+    create_link_artifact(key="restyle-report-link", link_text=f"report of {plan.run_id}",
+                         link=storage.share_link(index, request.settings.report_link_expiry_s),
+                         description=f"{index}; on S3 a presigned URL, valid "
+                         f"{request.settings.report_link_expiry_s} s")
     logger.info("%s: %s", summary.message, json.dumps(summary.counts))
     if summary.status != "complete":
         return Failed(message=summary.message, data=RunFailed(summary.message, data))

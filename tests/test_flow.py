@@ -284,6 +284,60 @@ def test_prefect_artifacts_report_progress_table_and_summary(s3_run):
         assert all("pairs" in str(a.data) for a in of_these_runs("restyle-report"))
 
 
+def _report_link(flow_run_id: str) -> str:
+    """The URL of a flow run's link artifact to its report (exactly one per run)."""
+    import re
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = [a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["restyle-report-link"])))
+            if str(a.flow_run_id) == flow_run_id]
+    assert len(found) == 1, found
+    match = re.fullmatch(r"\[report of [^\]]+\]\((\S+)\)", found[0].data)
+    assert match, found[0].data
+    return match.group(1)
+
+
+def test_the_report_link_on_s3_is_presigned_and_opens_the_report(s3_run):
+    """The flow run's link artifact is a presigned URL for report.html's key, valid the
+    default 7 days; fetched over HTTP without credentials, it is the report."""
+    import urllib.request
+    from urllib.parse import parse_qs, urlparse
+
+    first = s3_run["first"]
+    link = _report_link(first["flow_run_id"])
+    report = storage.join(first["output_uri"], "report.html")
+    key = report.removeprefix("s3://").partition("/")[2]
+    query = parse_qs(urlparse(link).query)
+    assert urlparse(link).path.endswith("/" + key) and query["X-Amz-Expires"] == ["604800"]
+    with urllib.request.urlopen(link, timeout=10) as response:
+        assert response.read() == storage.read_bytes(report)
+
+
+def test_the_report_link_of_a_local_run_is_its_file_uri(prefect_harness, broken_model_dir,
+                                                        tmp_path):
+    """A local output gets the report's file:// URI, for a failed run too (its failures are
+    what a lead opens it for)."""
+    import urllib.request
+
+    from flows.restyle import restyle
+
+    for name, kind in (("s.png", 0), ("r.png", 1)):
+        (tmp_path / name).write_bytes(_png(kind))
+    (tmp_path / "m.csv").write_text("source,reference\ns.png,r.png\n")
+    state = restyle(manifest_uri=str(tmp_path / "m.csv"), output_uri=str(tmp_path / "out"),
+                    model=str(broken_model_dir), settings=FAST, return_state=True)
+    summary = state.result(raise_on_failure=False).summary
+    report = tmp_path / "out" / summary["run_id"] / "report.html"
+    link = _report_link(summary["flow_run_id"])
+    assert link == report.resolve().as_uri()
+    with urllib.request.urlopen(link) as response:
+        assert response.read() == report.read_bytes()
+
+
 def test_progress_moves_while_the_run_goes(prefect_harness, tiny_model_dir, tmp_path,
                                            monkeypatch):
     import flows.restyle as module

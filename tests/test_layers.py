@@ -17,7 +17,7 @@ RUNTIME_AND_UP = ("vct.storage", "vct.cache", "vct.manifest", "vct.batch", "vct.
 
 # vct/storage/: each module imports only those before it (no cycles), as its docstring says.
 STORAGE_ORDER = ("env", "errors", "retry", "uris", "s3", "local", "reads", "objects", "cas",
-                 "sweep", "sync")
+                 "sweep", "sync", "links")
 
 
 def _imports(path: Path) -> set[str]:

@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=None, help="seed of the concept inversion")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
     add_settings_arguments(tr, skip=("strict", "executor", "num_processes", "shards",
-                                      "shard_jobs"))
+                                      "shard_jobs", "report_link_expiry_s"))
 
     tiny = sub.add_parser("tiny-model", help="build the offline random-weight SD 1.x test model")
     tiny.add_argument("dir", type=Path, help="folder to create")
@@ -129,7 +129,95 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
                      help="stage setting, e.g. --set concept.max_train_steps=100")
     add_settings_arguments(run)
+
+    cache = sub.add_parser("cache", help="what a stage cache holds, and pruning it")
+    what = cache.add_subparsers(dest="cache_command", required=True)
+    cache_help = "the stage cache: a folder or s3:// prefix (a run's default: OUTPUT/_cache)"
+    ls = what.add_parser("ls", help="every entry: kind, size, age (since written), key")
+    du = what.add_parser("du", help="entries and bytes by kind, and the total")
+    prune = what.add_parser("prune", help="delete entries by age and/or to fit a size; prints "
+                            "what would go unless --yes (never an entry under a live claim)")
+    for p in (ls, du, prune):
+        p.add_argument("cache", help=cache_help)
+        p.add_argument("--kind", action="append", choices=("concept", "content", "fusion"),
+                       help="only entries of this kind (repeat for several)")
+    prune.add_argument("--older-than", type=_flag(_age), metavar="AGE",
+                       help="entries written longer ago than this: 30d, 12h, 90m, 45s")
+    prune.add_argument("--max-size", type=_flag(_size), metavar="SIZE",
+                       help="then the oldest, until the entries in scope fit: 500M, 50G, 1.5T "
+                       "(powers of 1024)")
+    mode = prune.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print what would go (the "
+                      "default)")
+    mode.add_argument("--yes", action="store_true", help="delete it")
     return parser
+
+
+def _age(text: str) -> float:
+    from vct.batch.cache_admin import parse_age
+
+    return parse_age(text)
+
+
+def _size(text: str) -> int:
+    from vct.batch.cache_admin import parse_size
+
+    return parse_size(text)
+
+
+def _flag(parse: Callable[[str], object]) -> Callable[[str], object]:
+    """An argparse type whose error is the parser's own one-line message."""
+    def convert(text: str) -> object:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return convert
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    """`vct cache ls|du|prune`: listing and choosing live in vct.batch.cache_admin."""
+    import time
+
+    from vct import storage
+    from vct.batch import cache_admin as A
+
+    root = args.cache
+    if not storage.is_s3(root) and not Path(root.removeprefix("file://")).expanduser().is_dir():
+        raise UserError(f"cache {root}: no such folder")
+    now = time.time()
+    found = A.scan(root, now)
+    entries = [e for e in found.entries if not args.kind or e.kind in args.kind]
+    if args.cache_command == "ls":
+        for e in entries:
+            print(f"{e.kind:8} {A.human_size(e.size):>10} {A.human_age(e.age(now)):>7}  {e.key}")
+        return 0
+    if args.cache_command == "du":
+        sums = A.totals(entries)
+        for kind, (count, size) in sums.items():
+            print(f"{kind:8} {count:8d} entries {A.human_size(size):>10}")
+        print(f"{'total':8} {sum(c for c, _ in sums.values()):8d} entries "
+              f"{A.human_size(sum(b for _, b in sums.values())):>10}")
+        return 0
+    if args.older_than is None and args.max_size is None:
+        raise UserError("vct cache prune: say what to delete: --older-than, --max-size or both")
+    chosen = A.select(found.entries, now, older_than_s=args.older_than,
+                      max_bytes=args.max_size, kinds=args.kind, protected=found.live_claims)
+    held = [e for e in entries if (e.kind, e.key) in found.live_claims]
+    if not args.yes:
+        for e in chosen:
+            print(f"would delete {e.kind} {e.key} ({A.human_size(e.size)}, "
+                  f"{A.human_age(e.age(now))} old)")
+        print(f"{len(chosen)} entries, {A.human_size(sum(e.size for e in chosen))} would go; "
+              f"{len(held)} under a live claim kept. Nothing was deleted: add --yes to delete")
+        return 0
+    pruned = A.delete(root, chosen)
+    for e in pruned.deleted:
+        print(f"deleted {e.kind} {e.key} ({A.human_size(e.size)})")
+    print(f"deleted {len(pruned.deleted)} entries, "
+          f"{A.human_size(sum(e.size for e in pruned.deleted))}; "
+          f"{len(held) + len(pruned.kept_claimed)} under a live claim kept")
+    return 0
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
@@ -272,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_libraries()
     args = build_parser().parse_args(argv)
-    handlers = {"translate": cmd_translate, "tiny-model": cmd_tiny_model, "run": cmd_run}
+    handlers = {"translate": cmd_translate, "tiny-model": cmd_tiny_model, "run": cmd_run,
+                "cache": cmd_cache}
     try:
         return handlers[args.command](args)
     except (UserError, FileExistsError) as exc:

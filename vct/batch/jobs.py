@@ -8,7 +8,8 @@ where it ran.
 
 Contracts: a job's failure is an outcome, never an exception (one line naming its input); a job
 never reads a result it did not ask for by key; results land only in the stage cache (atomic
-writes), so a crashed run loses nothing that finished.
+writes), so a crashed run loses nothing that finished; a result holding NaN or Inf is never
+stored (:func:`check_finite`): it would answer its key for every later pair, each reported ok.
 """
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ KINDS = ("concept", "content", "fusion")
 # How the input is named in error messages (decode_image prefixes its errors with this name).
 ROLE = {"concept": "reference", "content": "source", "fusion": "source"}
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+
+# How a failure names the stage that produced a result.
+STAGE = {"concept": "concept inversion", "content": "content inversion", "fusion": "fusion"}
+# The floating tensors of each stage's result that must be finite: everything stored, and for
+# fusion the final latents (its stored images are uint8, which cannot hold a NaN).
+FINITE = {"concept": ("vectors",),
+          "content": ("x_T", "embeddings", "reconstruction", "inversion_latents"),
+          "fusion": ("latents",)}
 
 Progress = Callable[[int, int], None]
 ProgressFactory = Callable[[str, int], Progress | None]
@@ -133,6 +142,42 @@ def error_line(job: Job, exc: BaseException) -> str:
     return message
 
 
+class NonFiniteResult(UserError, ValueError):
+    """A stage's result holds NaN or Inf (half precision overflowing, typically): refused."""
+
+
+def nonfinite(tensors: dict[str, Any]) -> dict[str, str]:
+    """{name: "NaN" or "Inf"} for each tensor holding a non-finite value (None is skipped)."""
+    import torch
+
+    bad = {}
+    for name, tensor in tensors.items():
+        if tensor is None or not tensor.is_floating_point():
+            continue
+        if torch.isnan(tensor).any():
+            bad[name] = "NaN"
+        elif torch.isinf(tensor).any():
+            bad[name] = "Inf"
+    return bad
+
+
+def check_finite(job: Job, result: Any, models: VCTModels) -> None:
+    """Refuse a result with NaN or Inf before it is stored, in one line naming the stage, the
+    input and the precision: stored, it would poison every pair that uses its key."""
+    bad = nonfinite({name: getattr(result, name, None) for name in FINITE[job.kind]})
+    if not bad:
+        return
+    from vct.models import DTYPES
+
+    precision = next((n for n, d in DTYPES.items() if d == models.dtype), str(models.dtype))
+    what = ", ".join(f"{kind} in {name}" for name, kind in bad.items())
+    hint = ("rerun with --dtype fp32 (or bf16)" if precision != "fp32"
+            else "check the model's weights and this stage's learning rate")
+    raise NonFiniteResult(
+        f"{ROLE[job.kind]} {job.input_uri}: {STAGE[job.kind]} produced non-finite values "
+        f"({what}) at {precision}; nothing was cached; {hint}")
+
+
 # ---------------------------------------------------------------- reading the cache
 def load(cache: StageCache, kind: str, key: str) -> Stored | None:
     """The verified entry for (kind, key), or None when missing or failing verification (a
@@ -208,15 +253,18 @@ def _concept(models: VCTModels, job: Job, progress: Progress | None) -> Stored:
     with _Counted(models) as counted:
         result = learn_concept(models, image, from_dict(ConceptConfig, job.config),
                                progress=progress)
+    check_finite(job, result, models)
     return Stored(result, _provenance(models, job, counted, reference_sha256=sha256_bytes(data)))
 
 
 def _contents(models: VCTModels, jobs: list[Job], progress: Progress | None,
-              inputs: list | None = None) -> list[Stored]:
+              inputs: list | None = None) -> list[Stored | NonFiniteResult]:
     """Several sources of one content config in one batched fit. The batch's UNet evaluations
     are counted once; each source is attributed its own gradient evaluations (its fit
     iterations, one per evaluation) and an equal share of the batched no-grad ones.
-    ``inputs``: the jobs' (bytes, image) when the caller has decoded them already."""
+    ``inputs``: the jobs' (bytes, image) when the caller has decoded them already. A source
+    whose result is not finite gets its error in place of a result: it fails alone, and the
+    batch's other sources are still stored."""
     from vct.batch.keys import sha256_bytes
     from vct.content import invert_contents
 
@@ -233,9 +281,14 @@ def _contents(models: VCTModels, jobs: list[Job], progress: Progress | None,
                                   from_dict(ContentConfig, jobs[0].config), progress=step)
     if not jobs[0].store.get("keep_trajectories"):  # fusion needs x_T, c_s and z-bar only
         results = [replace(r, inversion_latents=None) for r in results]
-    out = []
+    out: list[Stored | NonFiniteResult] = []
     n = len(jobs)
     for job, (data, _), result in zip(jobs, inputs, results):
+        try:
+            check_finite(job, result, models)
+        except NonFiniteResult as exc:
+            out.append(exc)
+            continue
         evals = {k: (result.stats.total_iterations if k == "content_grad" else v // n)
                  for k, v in counted.evals.items()}
         share = _Counted(models)
@@ -270,6 +323,7 @@ def _fusion(models: VCTModels, job: Job, cache: StageCache, progress: Progress |
     with _Counted(models) as counted:
         result = fuse(models, content.result, [c.result for c in concepts],
                       from_dict(FusionConfig, cfg["fusion"]), progress=progress)
+    check_finite(job, result, models)
     images = FusedImages(images=torch.from_numpy(result.images.copy()))
     return Stored(images, _provenance(models, job, counted,
                                       fusion_seconds=result.stats.seconds,
@@ -318,6 +372,8 @@ def run_job(models: VCTModels, job: Job, cache: StageCache, rank: int = 0,
             stored = _concept(models, job, bar)
         elif job.kind == "content":
             stored = _contents(models, [job], bar)[0]
+            if isinstance(stored, NonFiniteResult):
+                raise stored
         else:
             stored = _fusion(models, job, cache, bar)
         store(cache, job.kind, job.key, stored)
@@ -356,6 +412,9 @@ def run_content_batch(models: VCTModels, jobs: list[Job], cache: StageCache,
                                inputs=[decoded[n] for n in ready])
             seconds = (time.perf_counter() - start) / len(ready)
             for n, item in zip(ready, stored):
+                if isinstance(item, NonFiniteResult):  # this source alone; never stored
+                    outcomes[n] = failed(jobs[n], rank, error_line(jobs[n], item))
+                    continue
                 store(cache, "content", jobs[n].key, item)
                 checkpoint("content.stored")
                 outcomes[n] = JobOutcome("content", jobs[n].key, ok=True, rank=rank,

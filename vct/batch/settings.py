@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from vct.config import ConceptConfig, ConfigError, ContentConfig, FusionConfig, config_error
+from vct.storage.links import MAX_LINK_EXPIRY_S
 
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:[0-9]{1,2})?)$")
 TINY_MODEL = "tiny"
@@ -59,6 +60,10 @@ class RunSettings(BaseModel):
                                     "latents (about 3.3 MB per source at 512 px) in its "
                                     "content entry, for debugging; a "
                                     "separate content cache key, so outputs are re-fused once")
+    report_link_expiry_s: int = Field(MAX_LINK_EXPIRY_S, ge=60, le=MAX_LINK_EXPIRY_S,
+                                      description="seconds the flow's link to report.html "
+                                      "works, for an s3:// output (a presigned URL; at most 7 "
+                                      "days, S3's limit); a local output gets its file:// path")
     concept: ConceptConfig = Field(default_factory=ConceptConfig,
                                    description="stage 3, concept inversion (per reference)")
     content: ContentConfig = Field(default_factory=ContentConfig,

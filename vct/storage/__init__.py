@@ -67,6 +67,7 @@ The package, one job per module (imports point down this list only, so there are
   :func:`list_objects` (:class:`ObjectInfo`).
 - ``sweep``: :func:`sweep_temp_files` (what killed writers left).
 - ``sync``: :func:`sync_prefix` (an S3 folder mirrored into a local cache).
+- ``links``: :func:`share_link` (a presigned URL on S3, a ``file://`` URI locally).
 
 Callers use the package (``from vct import storage; storage.read_bytes(...)``); the names below
 are re-exported from the modules. A module uses the names of another as imported into its own
@@ -113,6 +114,7 @@ from vct.storage.errors import (
     StorageUnavailable,
     is_transient,
 )
+from vct.storage.links import MAX_LINK_EXPIRY_S, share_link
 from vct.storage.local import TMP_SUFFIX, _tmp_name
 from vct.storage.objects import check_writable, delete, exists, list_uris, write_bytes
 from vct.storage.reads import HEAD_BYTES, digest_input, read_bytes, read_input
@@ -158,4 +160,6 @@ __all__ = [
     "ObjectInfo", "list_objects",
     # stale temp files, prefix sync
     "sweep_temp_files", "COMPLETE_MARKER", "sync_prefix",
+    # links a person can open
+    "MAX_LINK_EXPIRY_S", "share_link",
 ]

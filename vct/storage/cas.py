@@ -220,11 +220,13 @@ class ObjectInfo:
     modified: float
 
 
-def list_objects(prefix_uri: str, suffixes: tuple[str, ...] = ()) -> list[ObjectInfo]:
+def list_objects(prefix_uri: str, suffixes: tuple[str, ...] = (), *,
+                 etags: bool = True) -> list[ObjectInfo]:
     """Every object under a folder/prefix (recursively, sorted by URI) with its ETag, in one
     listing; only names ending with one of ``suffixes`` (ignoring case) when given. Locally the
     ETag is computed by reading each file, so keep this to small prefixes (an incoming folder of
-    manifests and markers) and pass ``suffixes``."""
+    manifests and markers) and pass ``suffixes``; ``etags=False`` skips that (``etag`` is then
+    empty locally): sizes and times from one stat per file, for large folders (a stage cache)."""
     ends = tuple(s.lower() for s in suffixes)
     if is_s3(prefix_uri):
         bucket, _, objects = _s3_objects(prefix_uri)
@@ -237,6 +239,10 @@ def list_objects(prefix_uri: str, suffixes: tuple[str, ...] = ()) -> list[Object
             continue
         path = _local_path(uri)
         try:
+            if not etags:
+                stat = path.stat()
+                out.append(ObjectInfo(uri, "", stat.st_size, stat.st_mtime))
+                continue
             data = read_bytes(uri)
             modified = path.stat().st_mtime
         except (StorageNotFound, FileNotFoundError, NotARegularFile):

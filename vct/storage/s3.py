@@ -84,9 +84,13 @@ def s3_client() -> Any:
 
 
 def s3_config() -> botocore.config.Config:
-    """The botocore retry mode, attempts and timeouts the ``VCT_S3_*`` variables describe."""
+    """The botocore retry mode, attempts and timeouts the ``VCT_S3_*`` variables describe, and
+    SigV4 signing."""
     attempts = _env_int(ENV_S3_MAX_ATTEMPTS, DEFAULT_S3_MAX_ATTEMPTS, minimum=1)
+    # SigV4 explicitly: requests use it anyway, but presigned URLs (vct.storage.links) would
+    # otherwise get the legacy query signature in us-east-1.
     return botocore.config.Config(
+        signature_version="s3v4",
         retries={"mode": "standard", "total_max_attempts": attempts},
         connect_timeout=_env_float(ENV_S3_CONNECT_TIMEOUT, DEFAULT_S3_CONNECT_TIMEOUT_S, 0.001),
         read_timeout=_env_float(ENV_S3_READ_TIMEOUT, DEFAULT_S3_READ_TIMEOUT_S, 0.001),

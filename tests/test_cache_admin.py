@@ -1,0 +1,183 @@
+"""`vct cache ls|du|prune`: what a stage cache holds and pruning it (vct/batch/cache_admin.py).
+
+Choosing is pure and tested on made-up entries; the command is tested on a real folder and on
+the moto server, with a real live claim (vct.batch.claims), a foreign file inside the cache and
+a look-alike prefix beside it, which must all survive."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from vct import storage
+from vct.batch import cache_admin as A
+from vct.batch.claims import Claims
+from vct.cache import StageCache
+from vct.cli import main
+
+NOW = 1_000_000_000.0
+DAY = 86400.0
+
+
+def _key(n: int) -> str:
+    return f"{n:02x}" * 32
+
+
+def _entry(kind: str, n: int, size: int, age_days: float) -> A.Entry:
+    return A.Entry(kind, _key(n), f"/c/{kind}/{_key(n)[:2]}/{_key(n)}.safetensors", size,
+                   NOW - age_days * DAY)
+
+
+# ---------------------------------------------------------------- pure
+def test_only_objects_laid_out_as_entries_are_entries():
+    key = _key(0xab)
+    info = [storage.ObjectInfo(uri, "", 10, NOW) for uri in (
+        f"/c/concept/{key[:2]}/{key}.safetensors",           # an entry
+        f"/c/content/{key[:2]}/{key}.safetensors",           # an entry of another kind
+        f"/c/_claims/concept/{key}.json",                    # a claim
+        f"/c/concept/ff/{key}.safetensors",                  # wrong fan-out folder
+        f"/c/concept/{key[:2]}/{key}.safetensors.bak",       # another suffix
+        f"/c/concept/{key[:2]}/{key.upper()}.safetensors",   # not a key
+        f"/c/notes/{key[:2]}/x.safetensors",
+        f"/c-old/concept/{key[:2]}/{key}.safetensors",       # a look-alike prefix
+        "/c/readme.txt")]
+    entries = A.entries_of("/c", info)
+    assert [(e.kind, e.key) for e in entries] == [("concept", key), ("content", key)]
+    assert A.entries_of("/c/", info) == entries
+    assert A.claimed_keys("/c", info) == [("concept", key)]
+
+
+def test_select_by_age_then_size_oldest_first_never_a_claimed_one():
+    entries = [_entry("concept", 1, 100, 40), _entry("content", 2, 300, 20),
+               _entry("fusion", 3, 200, 10), _entry("fusion", 4, 50, 1),
+               _entry("content", 5, 100, 50)]
+    keys = lambda chosen: [e.key[:2] for e in chosen]  # noqa: E731
+    assert keys(A.select(entries, NOW, older_than_s=30 * DAY)) == ["05", "01"]
+    # 750 bytes in all; fit 400: the oldest go first (05, 01, 02 -> 250 left)
+    assert keys(A.select(entries, NOW, max_bytes=400)) == ["05", "01", "02"]
+    assert keys(A.select(entries, NOW, max_bytes=750)) == []
+    # a claimed entry is never chosen but still counts: 02 is skipped over, 03 goes instead
+    assert keys(A.select(entries, NOW, max_bytes=400,
+                         protected={("content", _key(2))})) == ["05", "01", "03"]
+    assert keys(A.select(entries, NOW, older_than_s=30 * DAY,
+                         protected={("content", _key(5))})) == ["01"]
+    # kinds: the scope of both the age and the size
+    assert keys(A.select(entries, NOW, max_bytes=100, kinds=["fusion"])) == ["03"]
+    assert keys(A.select(entries, NOW, older_than_s=5 * DAY, kinds=["fusion"])) == ["03"]
+    # both: age first, then size over what is left
+    assert keys(A.select(entries, NOW, older_than_s=45 * DAY, max_bytes=300)) == ["05", "01",
+                                                                                  "02"]
+    with pytest.raises(ValueError, match="say what to prune"):
+        A.select(entries, NOW)
+
+
+def test_totals_sizes_and_ages():
+    entries = [_entry("concept", 1, 100, 1), _entry("fusion", 3, 200, 1),
+               _entry("fusion", 4, 50, 1)]
+    assert A.totals(entries) == {"concept": (1, 100), "fusion": (2, 250)}
+    assert A.parse_size("500M") == 500 * 1024 ** 2 and A.parse_size("1.5T") == int(1.5 * 2 ** 40)
+    assert A.parse_size("2GiB") == 2 * 2 ** 30 and A.parse_size("1024") == 1024
+    assert A.parse_age("30d") == 30 * DAY and A.parse_age("90m") == 5400 and A.parse_age("7") == 7
+    for bad in ("", "-1G", "12 parsecs", "1e9"):
+        with pytest.raises(ValueError, match="not a size"):
+            A.parse_size(bad)
+    with pytest.raises(ValueError, match="not an age"):
+        A.parse_age("soon")
+
+
+# ---------------------------------------------------------------- the command, local and S3
+def _fill(root: str) -> dict[str, str]:
+    """Four entries (concept 1 KiB, content 4 KiB, fusion 2 KiB x 2), a foreign file in the
+    cache, a look-alike prefix beside it; returns name -> key."""
+    cache = StageCache(root)
+    keys = {"concept": _key(1), "content": _key(2), "fusion_a": _key(3), "fusion_b": _key(4)}
+    sizes = {"concept": 1024, "content": 4096, "fusion_a": 2048, "fusion_b": 2048}
+    for name, key in keys.items():
+        cache.put(name.split("_")[0], key, b"x" * sizes[name])
+    storage.write_bytes(storage.join(root, "notes.txt"), b"keep me")
+    storage.write_bytes(storage.join(root.rstrip("/") + "-old", "concept", "01",
+                                     _key(1) + ".safetensors"), b"not ours")
+    return keys
+
+
+def _survivors(root: str) -> set[str]:
+    prefix = root.rstrip("/")
+    return {u.removeprefix(prefix) for u in storage.list_uris(prefix + "-old")} | {
+        u.removeprefix(prefix) for u in storage.list_uris(prefix)}
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "cache")
+    return request.getfixturevalue("s3_bucket") + "/out/_cache"
+
+
+def test_ls_and_du(root, capsys):
+    keys = _fill(root)
+    assert main(["cache", "ls", root]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and {line.split()[-1] for line in lines} == set(keys.values())
+    assert lines[0].split()[:3] == ["concept", "1.0", "KiB"]
+    assert main(["cache", "du", root, "--kind", "fusion"]) == 0
+    assert capsys.readouterr().out.split() == ["fusion", "2", "entries", "4.0", "KiB",
+                                               "total", "2", "entries", "4.0", "KiB"]
+
+
+def test_prune_prints_by_default_deletes_with_yes_and_keeps_claimed_and_foreign(root, capsys):
+    keys = _fill(root)
+    assert Claims(root).acquire("content", keys["content"]) is not None  # a live claim
+    before = _survivors(root)
+    # 9 KiB of entries, fit 3 KiB: all but the claimed content (4 KiB alone) would go
+    assert main(["cache", "prune", root, "--max-size", "3K"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("would delete") == 3 and "Nothing was deleted" in out
+    assert keys["content"] not in out and _survivors(root) == before
+    assert main(["cache", "prune", root, "--max-size", "1K", "--kind", "fusion", "--yes"]) == 0
+    out = capsys.readouterr().out
+    assert "deleted 2 entries" in out
+    gone = {f"/fusion/{k[:2]}/{k}.safetensors" for k in (keys["fusion_a"], keys["fusion_b"])}
+    assert _survivors(root) == before - gone
+    assert main(["cache", "prune", root, "--max-size", "0", "--yes"]) == 0
+    assert "1 under a live claim kept" in capsys.readouterr().out
+    left = _survivors(root)
+    assert f"/content/{keys['content'][:2]}/{keys['content']}.safetensors" in left
+    assert "/notes.txt" in left and any(u.startswith("-old/") for u in left)
+    assert not any(u.startswith("/concept/") for u in left)
+
+
+def test_prune_by_age_on_local_disk(tmp_path, capsys):
+    root = str(tmp_path / "cache")
+    keys = _fill(root)
+    old = StageCache(root).uri("concept", keys["concept"])
+    os.utime(old, (time.time() - 40 * DAY,) * 2)
+    assert main(["cache", "prune", root, "--older-than", "30d", "--yes"]) == 0
+    assert "deleted 1 entries" in capsys.readouterr().out
+    assert not os.path.exists(old) and len(StageCache(root).uri("content", keys["content"])) > 0
+    assert {e.key for e in A.scan(root).entries} == {keys["content"], keys["fusion_a"],
+                                                     keys["fusion_b"]}
+
+
+def test_a_claim_taken_after_the_listing_still_keeps_its_entry(tmp_path):
+    root = str(tmp_path / "cache")
+    keys = _fill(root)
+    found = A.scan(root)
+    chosen = A.select(found.entries, time.time(), max_bytes=0)
+    assert len(chosen) == 4
+    assert Claims(root).acquire("concept", keys["concept"]) is not None
+    pruned = A.delete(root, chosen)
+    assert [e.key for e in pruned.kept_claimed] == [keys["concept"]] and len(pruned.deleted) == 3
+    assert StageCache(root).contains("concept", keys["concept"])
+
+
+def test_bad_flags_and_a_missing_cache_are_one_line_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["cache", "prune", str(tmp_path), "--older-than", "soon"])
+    assert exc.value.code == 2 and "not an age" in capsys.readouterr().err
+    assert main(["cache", "prune", str(tmp_path)]) == 2
+    assert "--older-than, --max-size or both" in capsys.readouterr().err
+    assert main(["cache", "ls", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no such folder" in err
