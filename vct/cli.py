@@ -119,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir", type=Path, help="folder to create")
     tiny.add_argument("--seed", type=int, default=None, help="weight seed (default 0)")
 
+    mini = sub.add_parser("train-mini", help="train the mini model on procedural images "
+                          "(resumable: rerun the same command to continue)")
+    mini.add_argument("dir", type=Path, help="training folder (checkpoints, logs, DIR/model)")
+    from vct.mini.config_flags import add_train_arguments
+
+    add_train_arguments(mini)
+
     run = sub.add_parser("run", help="run the restyle flow on a CSV manifest (embedded Prefect)")
     run.add_argument("manifest", help="manifest CSV: local path or s3:// URI")
     run.add_argument("--output", required=True, help="output prefix: folder or s3:// URI")
@@ -151,6 +158,22 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     from vct.tiny_model import build_tiny_model
 
     print(build_tiny_model(args.dir, seed=args.seed or 0))
+    return 0
+
+
+def cmd_train_mini(args: argparse.Namespace) -> int:
+    import torch
+
+    from vct.mini.config_flags import config_from
+    from vct.mini.train import Trainer, time_steps
+
+    torch.set_num_threads(args.threads)
+    cfg = config_from(args)
+    if args.time:
+        for name, value in time_steps(cfg).items():
+            print(f"{name}: {value:.3f}")
+        return 0
+    print(Trainer(args.dir, cfg, progress=not args.quiet).run())
     return 0
 
 
@@ -272,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_libraries()
     args = build_parser().parse_args(argv)
-    handlers = {"translate": cmd_translate, "tiny-model": cmd_tiny_model, "run": cmd_run}
+    handlers = {"translate": cmd_translate, "tiny-model": cmd_tiny_model, "run": cmd_run,
+                "train-mini": cmd_train_mini}
     try:
         return handlers[args.command](args)
     except (UserError, FileExistsError) as exc:
