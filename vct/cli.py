@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vct", description="Restyle images with VCT "
                                      "(Visual Concept Translator, ICCV 2023).")
     sub = parser.add_subparsers(dest="command", required=True)
-    model_help = ("diffusers SD 1.x folder, s3://bucket/prefix holding one, or 'tiny' for the "
+    model_help = ("diffusers SD 1.x folder, s3://bucket/prefix holding one, 'mini' for the "
+                  "small model trained on procedural shapes (shipped), or 'tiny' for the "
                   "offline random-weight test model")
 
     tr = sub.add_parser("translate", help="restyle source images after one reference image")
@@ -118,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("tiny-model", help="build the offline random-weight SD 1.x test model")
     tiny.add_argument("dir", type=Path, help="folder to create")
     tiny.add_argument("--seed", type=int, default=None, help="weight seed (default 0)")
+
+    mini = sub.add_parser("train-mini", help="train the mini model on procedural images "
+                          "(resumable: rerun the same command to continue)")
+    mini.add_argument("dir", type=Path, help="training folder (checkpoints, logs, DIR/model)")
+    from vct.mini.config_flags import add_train_arguments
+
+    add_train_arguments(mini)
 
     run = sub.add_parser("run", help="run the restyle flow on a CSV manifest (embedded Prefect)")
     run.add_argument("manifest", help="manifest CSV: local path or s3:// URI")
@@ -242,6 +250,22 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_mini(args: argparse.Namespace) -> int:
+    import torch
+
+    from vct.mini.config_flags import config_from
+    from vct.mini.train import Trainer, time_steps
+
+    torch.set_num_threads(args.threads)
+    cfg = config_from(args)
+    if args.time:
+        for name, value in time_steps(cfg).items():
+            print(f"{name}: {value:.3f}")
+        return 0
+    print(Trainer(args.dir, cfg, progress=not args.quiet).run())
+    return 0
+
+
 def parse_sets(items: list[str]) -> dict[str, dict[str, str]]:
     """--set stage.field=value pairs into the settings' stage overrides."""
     overrides: dict[str, dict[str, str]] = {}
@@ -361,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     args = build_parser().parse_args(argv)
     handlers = {"translate": cmd_translate, "tiny-model": cmd_tiny_model, "run": cmd_run,
-                "cache": cmd_cache}
+                "cache": cmd_cache, "train-mini": cmd_train_mini}
     try:
         return handlers[args.command](args)
     except (UserError, FileExistsError) as exc:

@@ -137,12 +137,13 @@ def pad_vocab(vocab: dict[str, int], size: int) -> dict[str, int]:
     return {tok: i for i, tok in enumerate([*tokens, *specials])}
 
 
-def _build_tokenizer(vocab_size: int | None = None):
+def _build_tokenizer(vocab_size: int | None = None, words: tuple[str, ...] = WORDS):
     """CLIPTokenizer with SD 1.5 conventions: bos/eos specials, pad == eos, max length 77;
-    the learnt vocabulary, or that vocabulary padded to `vocab_size` entries."""
+    the vocabulary learnt from `words` (each one token), or that vocabulary padded to
+    `vocab_size` entries."""
     from transformers import CLIPTokenizer
 
-    vocab, merges = train_bpe(WORDS)
+    vocab, merges = train_bpe(words)
     if vocab_size is not None:
         vocab = pad_vocab(vocab, vocab_size)
     tokenizer = CLIPTokenizer(
@@ -172,6 +173,8 @@ class ModelSpec:
     scheduler_class: str = "DDIMScheduler"
     vocab_size: int | None = None
     save_dtype: str = "float32"
+    words: tuple[str, ...] = WORDS
+    """The words the tokenizer learns as single tokens."""
 
 
 TINY_SPEC = ModelSpec(
@@ -199,7 +202,7 @@ def _build_pipeline(seed: int, spec: ModelSpec = TINY_SPEC):
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tokenizer, vocab, merges = _build_tokenizer(spec.vocab_size)
+    tokenizer, vocab, merges = _build_tokenizer(spec.vocab_size, spec.words)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(

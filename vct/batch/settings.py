@@ -18,6 +18,8 @@ from vct.storage.links import MAX_LINK_EXPIRY_S
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:[0-9]{1,2})?)$")
 TINY_MODEL = "tiny"
 """The name that asks for the offline random-weight test model; nothing else ever selects it."""
+MINI_MODEL = "mini"
+"""The name of the small trained model shipped in the package (vct/mini/, docs/mini-model.md)."""
 
 
 class RunSettings(BaseModel):
@@ -110,6 +112,6 @@ def require_model(model: str | None) -> str:
     fallback to the random test model (which would write noise to a real bucket)."""
     if not model or not str(model).strip():
         raise ConfigError("model", "a model is required: a diffusers SD 1.x folder, an s3:// "
-                          f"prefix holding one, or '{TINY_MODEL}' for the offline random-weight "
-                          "test model")
+                          f"prefix holding one, '{MINI_MODEL}' for the shipped mini model, or "
+                          f"'{TINY_MODEL}' for the offline random-weight test model")
     return str(model).strip()
