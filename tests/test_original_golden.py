@@ -87,17 +87,19 @@ def test_fit_iterations_match_the_original(vct_run, golden):
     content, _ = vct_run
     tensors, meta = golden
     got, want = content.stats.iterations, tensors["iterations"].tolist()
-    same = sum(a == b for a, b in zip(got, want))
-    # Not exact: where a step's loss hovers near its threshold (1e-5 + 2e-5 s), rounding
-    # decides whether it stops one iteration earlier, and Adam carries that on. Measured on
-    # this fixture: steps 0-32 identical, 8 of steps 33-41 off by 1-4, total 1691 vs 1694;
-    # vct against itself with 2 threads instead of 1 differs the same way (5 steps, total
-    # +1). A changed threshold, stop rule, lr or loss moves the counts from the early steps
-    # on and the total by far more than 1%.
-    assert same >= 40 and abs(sum(got) - sum(want)) <= 0.01 * sum(want), (
-        f"content fit: {same}/50 per-step iteration counts equal the original's (bound 40), "
-        f"total {sum(got)} vs {meta['total_iterations']} (bound 1%); per step vct {got}, "
-        f"original {want}")
+    worst = max(abs(a - b) for a, b in zip(got, want))
+    # Not exact, and not step for step: where a step's loss hovers near its threshold
+    # (1e-5 + 2e-5 s), rounding decides whether it stops an iteration earlier, and Adam
+    # carries that on, so which steps differ depends on the CPU's kernels and thread count.
+    # Measured on this fixture: 1 thread AVX-512, steps 0-32 identical, total 1691 vs 1694;
+    # 2 threads with torch and oneDNN held to AVX2, steps 0-10 identical, 19 steps off by
+    # 1-3, total 1692. So: every step within 5 iterations (a tenth of the cap) and the total
+    # within 1%. The offset-0 grid gives 1818 (7%); a changed threshold, stop rule, lr or loss
+    # moves the counts of many steps by far more.
+    assert worst <= 5 and abs(sum(got) - sum(want)) <= 0.01 * sum(want), (
+        f"content fit: per-step iteration counts differ from the original's by up to {worst} "
+        f"(bound 5), total {sum(got)} vs {meta['total_iterations']} (bound 1%); per step vct "
+        f"{got}, original {want}")
 
 
 def test_content_embeddings_match_the_original(vct_run, golden):
