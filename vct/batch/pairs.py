@@ -76,6 +76,7 @@ def write_group(group: list[PairPlan], fused: Stored, hit: Hit, fusion_key: str,
             seed=pair.concept.seed, stage_meta=stage_meta,
             extra={"pair_id": pair.row.pair_id, "line": pair.row.line,
                    "output_key": pair.output_key, "png": pair.png_name,
+                   "concept_file": pair.concept_file,
                    "cache": {kind: {"key": key, "hit": hit(kind, key)}
                              for kind, key in (("concept", pair.concept_key),
                                                ("content", pair.content_key),

@@ -18,7 +18,8 @@ from vct import storage
 from vct.batch import keys
 from vct.batch.fanout import bounded_map
 from vct.batch.jobs import Job
-from vct.batch.outputs import is_reserved, output_names
+from vct.batch.library import ConceptFile
+from vct.batch.outputs import concept_file, is_reserved, output_names
 from vct.batch.settings import RunSettings
 from vct.config import ConceptConfig, ConfigError, ContentConfig, FusionConfig, to_dict
 from vct.config import with_overrides as override
@@ -44,6 +45,8 @@ class PairPlan:
     sidecar_name: str
     png_uri: str
     sidecar_uri: str
+    concept_file: str
+    """Where the run keeps its concept, relative to the run (``outputs.concept_file``)."""
 
 
 DEFAULT_PLAN_THREADS = 8
@@ -62,6 +65,9 @@ class Plan:
     content_jobs: list[Job] = field(default_factory=list)
     io_threads: int = DEFAULT_PLAN_THREADS
     """Storage reads at once when the run checks what it already wrote (``plan_threads``)."""
+    given_concepts: list[str] = field(default_factory=list)
+    """Concept keys that come from concept files named as references: no job computes them;
+    planning put them in the stage cache (:func:`vct.batch.library.seed_cache`)."""
 
     def jobs(self, kind: str) -> list[Job]:
         return {"concept": self.concept_jobs, "content": self.content_jobs}[kind]
@@ -128,19 +134,42 @@ def hash_inputs(uris: list[str], digest: Digest | None = None, *,
     return dict(zip(distinct, bounded_map(one, distinct, threads, "vct-plan")))
 
 
-def _row_configs(row: PairRow, settings: RunSettings) -> tuple[ConceptConfig, FusionConfig]:
+def _row_configs(row: PairRow, settings: RunSettings, concept: ConceptConfig | None = None
+                 ) -> tuple[ConceptConfig, FusionConfig]:
+    """The row's concept and fusion settings: its cells over the run's (or over ``concept``,
+    a concept file's own settings)."""
     concept_overrides: dict[str, Any] = dict(row.concept_overrides)
     if row.concept_word:
         concept_overrides["initializer_word"] = row.concept_word
     if row.seed is not None:
         concept_overrides["seed"] = row.seed
-    return (override(settings.concept, concept_overrides),
+    return (override(concept or settings.concept, concept_overrides),
             override(settings.fusion, row.fusion_overrides))
 
 
+def _file_configs(row: PairRow, settings: RunSettings, file: ConceptFile
+                  ) -> tuple[ConceptConfig, FusionConfig]:
+    """A concept file's settings are its own: a row's concept cells (concept_word, seed, the
+    concept columns) may only repeat them."""
+    own = file.stored.result.config
+    asked, fusion = _row_configs(row, settings, own)
+    differ = [f"{name} {getattr(asked, name)!r}" for name in type(own).model_fields
+              if getattr(asked, name) != getattr(own, name)]
+    if differ:
+        raise ConfigError("reference", f"{file.uri} is a concept file learned with its own "
+                          f"settings; the row asks for {', '.join(differ)} (leave those cells "
+                          "empty)")
+    return own, fusion
+
+
 def plan_run(manifest: Manifest, hashes: dict[str, str | Exception], model_identity: str,
-             settings: RunSettings, run_uri: str, run_id: str) -> Plan:
-    """Effective configs and keys for every good row; inputs that failed become row errors."""
+             settings: RunSettings, run_uri: str, run_id: str,
+             concept_files: dict[str, ConceptFile] | None = None) -> Plan:
+    """Effective configs and keys for every good row; inputs that failed become row errors.
+    A reference in ``concept_files`` (checked concept files, :mod:`vct.batch.library`) gives
+    its row that file's concept and key and makes no concept job."""
+    files = concept_files or {}
+    given: dict[str, None] = {}
     pairs: list[PairPlan] = []
     errors = list(manifest.errors)
     concept_jobs: dict[str, Job] = {}
@@ -158,18 +187,23 @@ def plan_run(manifest: Manifest, hashes: dict[str, str | Exception], model_ident
             errors.append(RowError(row.line, row.pair_id, f"output_name {row.output_name!r} "
                                    "is a name the run itself writes; choose another"))
             continue
+        file = files.get(row.reference)
         try:
-            concept, fusion = _row_configs(row, settings)
+            concept, fusion = (_file_configs(row, settings, file) if file
+                               else _row_configs(row, settings))
         except ConfigError as exc:
             errors.append(RowError(row.line, row.pair_id, str(exc)))
             continue
         src_sha, ref_sha = hashes[row.source], hashes[row.reference]
-        k_concept = keys.concept_key(ref_sha, model_identity, concept)
+        k_concept = file.key if file else keys.concept_key(ref_sha, model_identity, concept)
         k_content = keys.content_key(src_sha, model_identity, content,
                                      keep_trajectories=settings.keep_trajectories)
-        concept_jobs.setdefault(k_concept, Job(
-            kind="concept", key=k_concept, input_uri=row.reference, config=to_dict(concept),
-            cost=float(concept.max_train_steps * concept.gradient_accumulation_steps)))
+        if file:
+            given[k_concept] = None
+        else:
+            concept_jobs.setdefault(k_concept, Job(
+                kind="concept", key=k_concept, input_uri=row.reference, config=to_dict(concept),
+                cost=float(concept.max_train_steps * concept.gradient_accumulation_steps)))
         content_jobs.setdefault(k_content, Job(
             kind="content", key=k_content, input_uri=row.source, config=to_dict(content),
             cost=float(content.num_inference_steps * (content.num_inner_steps + 2)),
@@ -181,12 +215,14 @@ def plan_run(manifest: Manifest, hashes: dict[str, str | Exception], model_ident
             content_key=k_content, output_key=keys.output_key(k_content, k_concept, fusion),
             png_name=names.png, sidecar_name=names.sidecar,
             png_uri=storage.join(run_uri, names.png),
-            sidecar_uri=storage.join(run_uri, names.sidecar)))
+            sidecar_uri=storage.join(run_uri, names.sidecar),
+            concept_file=concept_file(row.reference, k_concept)))
     errors.sort(key=lambda e: e.line)
     return Plan(run_id=run_id, run_uri=run_uri, manifest_uri=manifest.manifest_uri,
                 model_identity=model_identity, pairs=pairs, errors=errors,
                 concept_jobs=list(concept_jobs.values()),
-                content_jobs=list(content_jobs.values()), io_threads=settings.plan_threads)
+                content_jobs=list(content_jobs.values()), io_threads=settings.plan_threads,
+                given_concepts=[k for k in given if k not in concept_jobs])
 
 
 def fusion_groups(pairs: list[PairPlan], max_edits: int = 4) -> list[list[PairPlan]]:
