@@ -7,7 +7,8 @@ the UI) and ``vct translate`` (one reference, an in-memory manifest). The steps:
    device and precision, a writable output location: :mod:`vct.batch.preflight`) before
    anything is read or written.
 2. :func:`plan`: read the manifest and every input once, refuse bad rows with their line, key
-   every job (:mod:`vct.batch.keys`); a reference that is a concept file is checked against
+   every job (:mod:`vct.batch.keys`); a reference list, folder or prefix is expanded into
+   its images (one concept learns from all of them); a reference that is a concept file is checked against
    the model and its concept put in the stage cache (:mod:`vct.batch.library`), no job.
 3. :func:`run_pool`: every concept, content and fusion job of the run in one job pool
    (:mod:`vct.batch.pool`) on the executor's workers, launched once; each pair's PNG and
@@ -38,6 +39,7 @@ from vct.batch.plan import (
     PairPlan,
     Plan,
     default_run_id,
+    expand_references,
     fusion_groups,
     fusion_job,
     hash_inputs,
@@ -143,8 +145,12 @@ def plan(request: RunRequest, manifest: Manifest | None = None,
     files = library.read_concept_files(
         [row.reference for row in manifest.rows if library.is_concept_uri(row.reference)],
         identity, model_geometry(folder).text_width, threads=settings.plan_threads)
-    hashes = hash_inputs([u for row in manifest.rows for u in (row.source, row.reference)
-                          if u not in files], threads=settings.plan_threads)
+    references = expand_references(
+        [row.reference for row in manifest.rows if row.reference not in files],
+        settings.max_reference_images, threads=settings.plan_threads)
+    images = [u for found in references.values() if isinstance(found, list) for u in found]
+    hashes = hash_inputs([row.source for row in manifest.rows] + images,
+                         threads=settings.plan_threads)
     hashes.update({u: f.sha256 if isinstance(f, library.ConceptFile) else f
                    for u, f in files.items()})
     good = {u: f for u, f in files.items() if isinstance(f, library.ConceptFile)}
@@ -152,7 +158,8 @@ def plan(request: RunRequest, manifest: Manifest | None = None,
         request.manifest_uri, manifest_bytes,
         {"model": identity, "settings": settings.stage_dict()})
     the_plan = plan_run(manifest, hashes, identity, settings,
-                        run_uri or storage.join(request.output_uri, run_id), run_id, good)
+                        run_uri or storage.join(request.output_uri, run_id), run_id, good,
+                        references)
     used = {p.concept_key for p in the_plan.pairs}
     library.seed_cache(request.cache_uri, [f for f in good.values() if f.key in used])
     if settings.strict:  # rows whose inputs are missing or not images

@@ -31,6 +31,7 @@ from vct.cache import StageCache
 from vct.concept import ConceptResult, ConceptStats
 from vct.config import ConceptConfig, ConfigError, from_dict
 from vct.errors import UserError
+from vct.manifest import REFERENCE_SEPARATOR
 
 log = logging.getLogger("vct.batch")
 
@@ -45,8 +46,8 @@ class ConceptFileError(UserError, ValueError):
 
 
 def is_concept_uri(uri: str) -> bool:
-    """A reference naming a concept file rather than an image (by its suffix)."""
-    return uri.lower().endswith(outputs.CONCEPT_SUFFIX)
+    """A reference naming one concept file rather than images (by its suffix)."""
+    return REFERENCE_SEPARATOR not in uri and uri.lower().endswith(outputs.CONCEPT_SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,18 @@ class ConceptFile:
     model_identity: str
     stored: Stored
 
+    @property
+    def references(self) -> tuple[tuple[str, str], ...]:
+        """(URI, sha256) of the images the concept was learned from, as recorded."""
+        return tuple((r["uri"], r["sha256"]) for r in self.stored.provenance["references"])
+
+
+def references_of(provenance: dict) -> list[dict]:
+    """The reference images a concept entry records: every one ({uri, sha256}), or, for an
+    entry of one image, its input and hash."""
+    return provenance.get("references") or [{"uri": provenance.get("input_uri"),
+                                             "sha256": provenance.get("reference_sha256")}]
+
 
 def concept_file_bytes(stored: Stored, key: str, model_identity: str) -> bytes:
     """A concept cache entry as a portable file with its provenance: the model identity the
@@ -70,7 +83,7 @@ def concept_file_bytes(stored: Stored, key: str, model_identity: str) -> bytes:
     return textual_inversion_bytes(stored.result, {
         "vct_concept": LIBRARY_VERSION, "concept_key": key, "model_identity": model_identity,
         "model": prov.get("model"),
-        "references": [{"uri": prov.get("input_uri"), "sha256": prov.get("reference_sha256")}],
+        "references": references_of(prov),
         "stats": stats, "learned": {"unet_evals": prov.get("unet_evals", {})}}, token=TOKEN)
 
 
@@ -90,8 +103,12 @@ def read_concept_file(uri: str, model_identity: str, text_width: int | None = No
     try:
         cfg = from_dict(ConceptConfig, meta["config"])
         stats = ConceptStats(**meta["stats"])
-        reference = meta["references"][0]
-        learned_on, ref_sha = str(meta["model_identity"]), str(reference["sha256"])
+        references = [{"uri": str(r["uri"]), "sha256": str(r["sha256"])}
+                      for r in meta["references"]]
+        if not references:
+            raise ValueError("no reference images recorded")
+        learned_on = str(meta["model_identity"])
+        ref_sha = keys.references_digest([r["sha256"] for r in references])
     except (KeyError, IndexError, TypeError, ValueError, ConfigError) as exc:
         raise ConceptFileError(f"{uri}: unreadable provenance ({type(exc).__name__}: {exc})"
                                ) from None
@@ -107,8 +124,9 @@ def read_concept_file(uri: str, model_identity: str, text_width: int | None = No
                                f"encoder is {text_width}")
     key = keys.concept_key(ref_sha, learned_on, cfg)
     learned = meta.get("learned") or {}
-    provenance = {"cache_key": key, "model": meta.get("model"), "input_uri": reference.get("uri"),
-                  "reference_sha256": ref_sha, "unet_evals": learned.get("unet_evals", {}),
+    provenance = {"cache_key": key, "model": meta.get("model"),
+                  "input_uri": references[0]["uri"], "reference_sha256": ref_sha,
+                  "references": references, "unet_evals": learned.get("unet_evals", {}),
                   "seconds": 0.0,
                   "concept_file": {"uri": uri, "sha256": keys.sha256_bytes(data)}}
     return ConceptFile(uri=uri, sha256=keys.sha256_bytes(data), key=key,
