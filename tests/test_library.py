@@ -152,3 +152,28 @@ def test_a_concept_a_rerun_already_wrote_is_not_written_again(pictures, s3_bucke
     storage.write_bytes(f"{run}/{name}", b"kept")
     assert library.write_concepts(run, "m" * 64, {job.key: name}, cache) == {job.key: name}
     assert storage.read_bytes(f"{run}/{name}") == b"kept"
+
+
+@pytest.mark.parametrize("path", ["pool", "stages"])
+def test_both_paths_fuse_a_concept_files_concept_from_the_cache(tmp_path, pictures,
+                                                                tiny_model_dir, path):
+    """The pool of a run and the phases of a sharded one: no concept job runs, the pair is
+    fused and its sidecar says its concept came from the cache."""
+    ours = model_identity(tiny_model_dir)
+    file = _concept_file(tmp_path / "look.safetensors", ours)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"source,reference,pair_id\n{pictures['house']},{file},p\n")
+    request = engine.prepare(str(manifest), str(tmp_path / "out"), str(tiny_model_dir),
+                             {**FAST, "cache_uri": str(tmp_path / "cache")}, run_id="r")
+    plan, runner, executor = engine.plan(request), FakeRunner(), request.executor()
+    if path == "pool":
+        results = engine.run_pool(plan, executor, runner=runner).pairs
+    else:
+        stages = {kind: engine.run_stage(kind, plan.jobs(kind), executor, runner=runner)
+                  for kind in ("concept", "content")}
+        results = engine.fuse_and_write(plan, stages, executor, runner=runner).pairs
+    assert results["p"].status == "ok" and runner.ran == {"content": 1, "fusion": 1}
+    sidecar = json.loads((tmp_path / "out" / "r" / "p.json").read_text())
+    assert sidecar["cache"]["concept"] == {"key": plan.pairs[0].concept_key, "hit": True}
+    assert sidecar["references"] == [{"uri": "/styles/stripes.png", "sha256": "a" * 64}]
+    assert (tmp_path / "out" / "r" / sidecar["concept_file"]).is_file()
