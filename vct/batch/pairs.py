@@ -14,6 +14,7 @@ from vct import storage
 from vct.artifacts import Stored
 from vct.batch import outputs
 from vct.batch.fanout import bounded_map
+from vct.batch.library import is_concept_uri
 from vct.batch.plan import DEFAULT_PLAN_THREADS, PairPlan, branch_keys
 from vct.batch.summary import PairResult
 from vct.images import png_bytes
@@ -29,8 +30,9 @@ Hit = Callable[[str, str], bool]
 def pair_result(pair: PairPlan, status: str, reason: str | None = None,
                 timings: dict | None = None) -> PairResult:
     written = status in ("ok", "skipped")
-    images = [u for u, _ in pair.reference_images]
-    reference = REFERENCES_SHOWN.join(images) if len(images) > 1 else pair.row.reference
+    images = [u for u, _ in pair.reference_images]  # a folder's images, not the folder
+    reference = (pair.row.reference if is_concept_uri(pair.row.reference) or not images
+                 else REFERENCES_SHOWN.join(images))
     return PairResult(pair_id=pair.row.pair_id, line=pair.row.line, status=status,
                       source_uri=pair.row.source, reference_uri=reference,
                       png_name=pair.png_name if written else None,
