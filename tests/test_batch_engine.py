@@ -4,6 +4,7 @@ stores small, valid stage results, so each test takes milliseconds."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
@@ -83,7 +84,9 @@ class Overlapping:
 def _stored(job: Job) -> Stored:
     prov = {"cache_key": job.key, "unet_evals": {job.kind: 1}, "seconds": 0.01,
             "model": {"identity": "m" * 64, "source": "fake"}}
-    if job.kind == "concept":
+    if job.kind == "concept":  # the reference, as a concept job records it
+        prov["input_uri"] = job.input_uri
+        prov["reference_sha256"] = hashlib.sha256(storage.read_input(job.input_uri)).hexdigest()
         return Stored(ConceptResult(torch.zeros(3, 4), ConceptConfig(**job.config),
                                     ConceptStats([0.5], 2e-3, {"concept": 0.01})), prov)
     if job.kind == "content":

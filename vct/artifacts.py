@@ -168,11 +168,50 @@ def load_result(kind: str, data: bytes, *, key: str | None = None) -> Stored:
     return Stored(result=result, provenance=provenance)
 
 
+TEXTUAL_INVERSION = "textual_inversion"
+"""The ``kind`` of a concept file's header (``vct translate``'s concept.safetensors and a run's
+``concepts/``)."""
+
+
 def textual_inversion_bytes(concept: ConceptResult, provenance: dict | None = None,
                             token: str = "<s2>") -> bytes:
     """The diffusers textual-inversion format: {token: (n, D)}; `load_textual_inversion` reads it
-    and names the tokens token, token_1, ..., token_{n-1}."""
-    meta = {"config": to_dict(concept.config), **(provenance or {})}
-    return save({token: concept.vectors.detach().cpu().float().contiguous()},
-                metadata={HEADER_KEY: json.dumps(  # one key: safetensors orders keys randomly
-                    {"kind": "textual_inversion", "meta": meta}, sort_keys=True)})
+    and names the tokens token, token_1, ..., token_{n-1}. The header's ``sha256`` covers the
+    vectors and every header field, so :func:`read_textual_inversion` refuses an edited file."""
+    tensors = {token: concept.vectors.detach().cpu().float().contiguous()}
+    meta = json.loads(json.dumps({"config": to_dict(concept.config), **(provenance or {})},
+                                 default=str))  # exactly what a reader will see
+    header = {"kind": TEXTUAL_INVERSION, "meta": meta, "sha256": _digest(tensors, meta)}
+    return save(tensors, metadata={HEADER_KEY: json.dumps(  # one key: safetensors orders keys
+        header, sort_keys=True)})  # randomly
+
+
+def read_textual_inversion(data: bytes) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The vectors (n, D) and header ``meta`` of a file written by
+    :func:`textual_inversion_bytes`, verified; ArtifactError on anything else."""
+    try:
+        tensors = load(data)
+        metadata = _read_metadata(data)
+    except Exception as exc:  # safetensors raises several types for corrupt bytes
+        raise ArtifactError(f"not a safetensors file ({type(exc).__name__}: {exc})") from None
+    if HEADER_KEY not in metadata:
+        raise ArtifactError("a textual-inversion file without vct's header (made elsewhere); "
+                            "only concept files vct wrote can be read back")
+    try:
+        header = json.loads(metadata[HEADER_KEY])
+    except ValueError as exc:
+        raise ArtifactError(f"unreadable vct header ({exc})") from None
+    if not isinstance(header, dict) or header.get("kind") != TEXTUAL_INVERSION:
+        kind = header.get("kind") if isinstance(header, dict) else None
+        raise ArtifactError(f"not a vct concept file (its header's kind is {kind!r})")
+    meta = header.get("meta")
+    if not isinstance(meta, dict) or header.get("sha256") != _digest(tensors, meta):
+        raise ArtifactError("vectors or header do not match the file's checksum (edited, or "
+                            "written before vct recorded one)")
+    if len(tensors) != 1:
+        raise ArtifactError(f"expected one token's vectors, found {sorted(tensors)}")
+    (vectors,) = tensors.values()
+    if vectors.ndim != 2 or not vectors.is_floating_point():
+        raise ArtifactError(f"vectors must be a float (n, D) matrix, got {vectors.dtype} "
+                            f"{tuple(vectors.shape)}")
+    return vectors, meta

@@ -72,28 +72,63 @@ def concept_loss(models: VCTModels, rows: torch.Tensor, z0: torch.Tensor, t: tor
     return loss
 
 
+REPEATS = 100
+"""The original's dataset repeats its images this many times per epoch (``repeats=100``)."""
+
+
+class ImageOrder:
+    """Which reference image each micro-step draws, as the original's loader does: its
+    dataset is the images repeated REPEATS times, shuffled every epoch (one image a
+    micro-step). Its own generator, so the flips, timesteps and noise of the micro-steps are
+    those of a one-image concept; with one image it draws nothing."""
+
+    def __init__(self, count: int, seed: int):
+        self.count = count
+        self.gen = torch.Generator().manual_seed(seed)
+        self.pending: list[int] = []
+
+    def take(self, n: int) -> torch.Tensor:
+        """The next ``n`` image indices."""
+        if self.count == 1:
+            return torch.zeros(n, dtype=torch.long)
+        while len(self.pending) < n:
+            epoch = torch.randperm(self.count * REPEATS, generator=self.gen) % self.count
+            self.pending += epoch.tolist()
+        out, self.pending = self.pending[:n], self.pending[n:]
+        return torch.tensor(out, dtype=torch.long)
+
+
 def draw_microbatch(gen: torch.Generator, mean: torch.Tensor, std: torch.Tensor, count: int,
-                    cfg: ConceptConfig, num_train_timesteps: int, scale: float):
-    """One augmentation draw per micro-step, all from the seeded CPU generator (reproducible)."""
+                    cfg: ConceptConfig, num_train_timesteps: int, scale: float,
+                    images: torch.Tensor | None = None):
+    """One augmentation draw per micro-step, all from the seeded CPU generator (reproducible).
+    ``mean``/``std`` hold each image and its mirror (2 rows an image); ``images`` says which
+    image each micro-step uses (the first when None)."""
     flips = (torch.rand(count, generator=gen) < cfg.flip_p).long()
     sample = torch.randn((count, *mean.shape[1:]), generator=gen)
     t = torch.randint(0, num_train_timesteps, (count,), generator=gen)
     noise = torch.randn((count, *mean.shape[1:]), generator=gen)
     dev = mean.device
-    z0 = (mean[flips.to(dev)] + std[flips.to(dev)] * sample.to(dev)) * scale
+    rows = flips if images is None else 2 * images + flips
+    z0 = (mean[rows.to(dev)] + std[rows.to(dev)] * sample.to(dev)) * scale
     return z0, t, noise.to(dev)
 
 
-def learn_concept(models: VCTModels, image: Image.Image, cfg: ConceptConfig, *,
-                  progress: Progress | None = None) -> ConceptResult:
-    """Learn the concept's n vectors. Depends only on the reference, the model and `cfg`
-    (seed included), so its result is cached per distinct reference.
+def learn_concept(models: VCTModels, image: Image.Image | list[Image.Image], cfg: ConceptConfig,
+                  *, progress: Progress | None = None) -> ConceptResult:
+    """Learn the concept's n vectors from one reference image or several (each micro-step
+    draws one, :class:`ImageOrder`). Depends only on the references, the model and `cfg`
+    (seed included), so its result is cached per distinct set of references.
 
     A job runs on one device, so the lr scaling uses one process: the same key must never hold
     two results depending on how many GPUs the executor had."""
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg.seed)
-    mean, std = reference_posteriors(models, image, cfg)
+    images = image if isinstance(image, list) else [image]
+    posteriors = [reference_posteriors(models, one, cfg) for one in images]
+    mean = torch.cat([m for m, _ in posteriors])
+    std = torch.cat([s for _, s in posteriors])
+    order = ImageOrder(len(images), cfg.seed)
     n_train = int(models.scheduler_config.get("num_train_timesteps", 1000))
     alphas = make_scheduler(models.scheduler_config, 1, 0).alphas_cumprod.to(models.device)
     init = word_rows(models, cfg.initializer_word, cfg.num_vectors)
@@ -108,14 +143,14 @@ def learn_concept(models: VCTModels, image: Image.Image, cfg: ConceptConfig, *,
         total = 0.0
         if cfg.batch_microsteps:
             z0, t, noise = draw_microbatch(gen, mean, std, accum, cfg, n_train,
-                                           models.latent_scale)
+                                           models.latent_scale, order.take(accum))
             loss = concept_loss(models, rows, z0, t, noise, alphas, cfg)
             loss.backward()
             total = loss.item()
         else:
             for _ in range(accum):
                 z0, t, noise = draw_microbatch(gen, mean, std, 1, cfg, n_train,
-                                               models.latent_scale)
+                                               models.latent_scale, order.take(1))
                 loss = concept_loss(models, rows, z0, t, noise, alphas, cfg) / accum
                 loss.backward()
                 total += loss.item()

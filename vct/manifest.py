@@ -303,7 +303,7 @@ def _draft(line: int, cells: dict[str, str], uri: str) -> _Draft:
                output_name_cell=cells.get("output_name", ""),
                concept_word=cells.get("concept_word") or None)
     d.source = _resolve_cell(d, "source", d.source_cell, uri)
-    d.reference = _resolve_cell(d, "reference", d.reference_cell, uri)
+    d.reference = _resolve_references(d, d.reference_cell, uri)
     d.seed = _parse_seed(d, cells.get("seed", ""))
     d.overrides = _parse_overrides(d, cells, OVERRIDE_COLUMNS, FusionConfig())
     d.concept_overrides = _parse_overrides(d, cells, CONCEPT_OVERRIDE_COLUMNS, ConceptConfig())
@@ -322,6 +322,31 @@ def _resolve_cell(d: _Draft, name: str, cell: str, uri: str) -> str:
     except storage.StorageError as exc:
         d.reasons.append(f"{name} {cell!r}: {exc}")
         return ""
+
+
+REFERENCE_SEPARATOR = ";"
+"""Between the images of one concept in a ``reference`` cell (and in ``PairRow.reference``)."""
+
+
+def _resolve_references(d: _Draft, cell: str, uri: str) -> str:
+    """One reference, or several separated by ';' (images, folders, prefixes): each resolved
+    like a path cell; a part ending in '/' keeps it (an S3 prefix, a folder)."""
+    parts = [p.strip() for p in cell.split(REFERENCE_SEPARATOR)]
+    if len(parts) > 1 and not all(parts):
+        d.reasons.append(f"reference {cell!r} has an empty part between ';'")
+        return ""
+    resolved = []
+    for part in parts:
+        one = _resolve_cell(d, "reference", part, uri)
+        if not one:
+            return ""
+        resolved.append(one + "/" if part.endswith("/") and not one.endswith("/") else one)
+    return REFERENCE_SEPARATOR.join(resolved)
+
+
+def reference_parts(reference: str) -> list[str]:
+    """The resolved parts of a row's ``reference`` (one for a single image or file)."""
+    return reference.split(REFERENCE_SEPARATOR)
 
 
 def _parse_seed(d: _Draft, cell: str) -> int | None:

@@ -134,6 +134,8 @@ class Geometry:
     """How much the UNet shrinks a latent at its deepest level: 2 ** (down blocks - 1)."""
     native_resolution: int
     """UNet sample_size x VAE factor: 512 for SD 1.5."""
+    text_width: int | None = None
+    """The text encoder's hidden size D: a concept's vectors are (n, D), 768 for SD 1.5."""
 
     @property
     def min_resolution(self) -> int:
@@ -144,17 +146,21 @@ class Geometry:
 
 
 def model_geometry(folder: Path) -> Geometry:
-    """The VAE factor, the UNet's down factor and the native size, from the config files."""
+    """The VAE factor, the UNet's down factor, the native size and the text width, from the
+    config files."""
     try:
         vae = json.loads((folder / "vae/config.json").read_text())
         unet = json.loads((folder / "unet/config.json").read_text())
         vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
         unet_factor = 2 ** (len(unet["down_block_types"]) - 1)
         sample = int(unet["sample_size"])
+        text = json.loads((folder / "text_encoder/config.json").read_text())
+        width = int(text["hidden_size"]) if "hidden_size" in text else None
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"model {folder}: unreadable VAE/UNet config ({exc})") from None
+        raise ModelError(f"model {folder}: unreadable VAE/UNet/text encoder config ({exc})"
+                         ) from None
     return Geometry(vae_factor=vae_factor, unet_factor=unet_factor,
-                    native_resolution=sample * vae_factor)
+                    native_resolution=sample * vae_factor, text_width=width)
 
 
 def check_layout(folder: Path) -> None:

@@ -18,12 +18,15 @@ def model_info(models: VCTModels) -> dict:
 
 def build_sidecar(*, source: str, source_sha256: str, reference: str, reference_sha256: str,
                   model: dict, config: dict, seed: int, stage_meta: dict[str, dict],
-                  extra: dict[str, Any] | None = None) -> dict:
+                  extra: dict[str, Any] | None = None,
+                  references: list[dict] | None = None) -> dict:
     """Inputs with their hashes, the model, the full effective config, the seed, per-stage
-    timings and UNet evaluation counts, package versions, plus caller extras (cache keys...)."""
+    timings and UNet evaluation counts, package versions, plus caller extras (cache keys...).
+    ``references``: every image the concept learned from ({uri, sha256}), when known."""
     return {
         "source": {"uri": source, "sha256": source_sha256},
         "reference": {"uri": reference, "sha256": reference_sha256},
+        "references": references or [{"uri": reference, "sha256": reference_sha256}],
         "model": model,
         "config": config,
         "seed": seed,

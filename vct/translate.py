@@ -14,12 +14,11 @@ import tempfile
 from pathlib import Path
 
 from vct import storage
-from vct.artifacts import textual_inversion_bytes
 from vct.batch import engine
-from vct.batch.jobs import ProgressFactory, load
+from vct.batch.jobs import ProgressFactory
+from vct.batch.outputs import concept_file
 from vct.batch.settings import RunSettings
 from vct.batch.summary import RunSummary
-from vct.cache import StageCache
 from vct.errors import UserError
 from vct.manifest import Manifest, ManifestError, PairRow
 
@@ -54,7 +53,8 @@ def translate(model: str, reference: Path, sources: list[Path], out_dir: Path,
               settings: RunSettings, cache: str | None = None,
               progress: ProgressFactory | None = None) -> RunSummary:
     """Restyle every source after the reference into `out_dir`; also exports the concept in
-    the diffusers textual-inversion format. Bad input fails before any model work."""
+    the diffusers textual-inversion format, as `concept.safetensors` (a copy of the run's
+    `concepts/` file). Bad input fails before any model work."""
     manifest = one_reference_manifest(reference, sources)
     settings = settings.model_copy(update={"strict": True})
     scratch = None if cache else tempfile.mkdtemp(prefix="vct-translate-cache-")
@@ -69,14 +69,11 @@ def translate(model: str, reference: Path, sources: list[Path], out_dir: Path,
             if not exc.errors:
                 raise
             raise InputError("; ".join(e.reason for e in exc.errors)) from None
-        plan_key = summary.stages["concept"].computed + summary.stages["concept"].cached
-        concept = load(StageCache(cache_uri), "concept", plan_key[0]) if plan_key else None
-        if concept is not None:
-            storage.write_bytes(str(out_dir / CONCEPT_FILE),
-                                textual_inversion_bytes(concept.result, {
-                                    "reference_sha256": concept.provenance.get(
-                                        "reference_sha256"),
-                                    "model_identity": concept.provenance["model"]["identity"]}))
+        stage = summary.stages["concept"]
+        for key in stage.computed + stage.cached:  # the run's library file, under a fixed name
+            kept = out_dir / concept_file(manifest.rows[0].reference, key)
+            if kept.is_file():
+                storage.write_bytes(str(out_dir / CONCEPT_FILE), kept.read_bytes())
         return summary
     finally:
         if scratch:

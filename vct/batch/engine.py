@@ -7,13 +7,16 @@ the UI) and ``vct translate`` (one reference, an in-memory manifest). The steps:
    device and precision, a writable output location: :mod:`vct.batch.preflight`) before
    anything is read or written.
 2. :func:`plan`: read the manifest and every input once, refuse bad rows with their line, key
-   every job (:mod:`vct.batch.keys`).
+   every job (:mod:`vct.batch.keys`); a reference list, folder or prefix is expanded into
+   its images (one concept learns from all of them); a reference that is a concept file is checked against
+   the model and its concept put in the stage cache (:mod:`vct.batch.library`), no job.
 3. :func:`run_pool`: every concept, content and fusion job of the run in one job pool
    (:mod:`vct.batch.pool`) on the executor's workers, launched once; each pair's PNG and
    sidecar are written as soon as its fusion is done, and a pair whose verified output exists
    is skipped (the resume rule). A failed job fails only the pairs that need it.
    Sharded runs (:mod:`vct.batch.shards`) run the same jobs phase by phase instead:
-   :func:`run_stage` for concepts and contents, then :func:`fuse_and_write`.
+   :func:`run_stage` for concepts and contents, then :func:`fuse_and_write`. Both end by
+   writing the run's concept library, ``concepts/`` (:func:`write_library`).
 4. :func:`finish`: run.json, the report, and ``_SUCCESS`` only when the run is complete.
 """
 
@@ -28,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from vct import report, storage
-from vct.batch import outputs, pairs, pool, preflight
+from vct.batch import library, outputs, pairs, pool, preflight
 from vct.batch.claims import Claims, chunk_for, run_claimed
 from vct.batch.exec import ExecutorSettings, run_jobs
 from vct.batch.jobs import Job, JobOutcome, ProgressFactory, load
@@ -36,6 +39,7 @@ from vct.batch.plan import (
     PairPlan,
     Plan,
     default_run_id,
+    expand_references,
     fusion_groups,
     fusion_job,
     hash_inputs,
@@ -53,7 +57,7 @@ from vct.manifest import (
     raise_if_bad_rows,
     read_manifest_bytes,
 )
-from vct.models import local_model_folder, model_identity, precision_identity
+from vct.models import local_model_folder, model_geometry, model_identity, precision_identity
 
 log = logging.getLogger("vct.batch")
 
@@ -148,13 +152,26 @@ def plan(request: RunRequest, manifest: Manifest | None = None,
     preflight.check_model(folder, settings)  # one line for a wrong folder, before any hashing
     # the keys' model: the files, and the UNet precision unless fp32 (unchanged fp32 keys)
     identity = precision_identity(model_identity(folder), settings.dtype)
-    hashes = hash_inputs([u for row in manifest.rows for u in (row.source, row.reference)],
+    files = library.read_concept_files(
+        [row.reference for row in manifest.rows if library.is_concept_uri(row.reference)],
+        identity, model_geometry(folder).text_width, threads=settings.plan_threads)
+    references = expand_references(
+        [row.reference for row in manifest.rows if row.reference not in files],
+        settings.max_reference_images, threads=settings.plan_threads)
+    images = [u for found in references.values() if isinstance(found, list) for u in found]
+    hashes = hash_inputs([row.source for row in manifest.rows] + images,
                          threads=settings.plan_threads)
+    hashes.update({u: f.sha256 if isinstance(f, library.ConceptFile) else f
+                   for u, f in files.items()})
+    good = {u: f for u, f in files.items() if isinstance(f, library.ConceptFile)}
     run_id = request.run_id or default_run_id(
         request.manifest_uri, manifest_bytes,
         {"model": identity, "settings": settings.stage_dict()})
     the_plan = plan_run(manifest, hashes, identity, settings,
-                        run_uri or storage.join(request.output_uri, run_id), run_id)
+                        run_uri or storage.join(request.output_uri, run_id), run_id, good,
+                        references)
+    used = {p.concept_key for p in the_plan.pairs}
+    library.seed_cache(request.cache_uri, [f for f in good.values() if f.key in used])
     if settings.strict:  # rows whose inputs are missing or not images
         raise_if_bad_rows(request.manifest_uri, the_plan.errors)
     for prefix in (the_plan.run_uri, request.cache_uri):  # what killed writers left behind
@@ -277,12 +294,26 @@ def fuse_and_write(the_plan: Plan, stages: dict[str, StageReport], executor: Exe
     jobs = [fusion_job(group) for group in groups]
     fusion = run_stage("fusion", jobs, executor, on_fraction, progress, runner)
     cache = StageCache(executor.cache_uri)
-    hit = hit_test({**stages, "fusion": fusion})
+    stage_hit, given = hit_test({**stages, "fusion": fusion}), set(the_plan.given_concepts)
+
+    def hit(kind: str, key: str) -> bool:  # a concept file's concept: from the cache
+        return (kind == "concept" and key in given) or stage_hit(kind, key)
+
     for group, job in zip(groups, jobs):
         error = fusion.failed.get(job.key)
         fused = None if error else load(cache, "fusion", job.key)
         pairs.write_fused(group, fused, error, hit, job.key, run_info or {}, todo, results)
+    write_library(the_plan, results, executor.cache_uri)
     return FusionOutcome(pairs=results, stage=fusion)
+
+
+def write_library(the_plan: Plan, results: dict[str, PairResult], cache_uri: str
+                  ) -> dict[str, str]:
+    """The jobs step's last act: the run's ``concepts/`` (:mod:`vct.batch.library`), a file
+    for every concept a written or kept pair used; {concept key: its file in the run}."""
+    used = {p.concept_key: p.concept_file for p in the_plan.pairs
+            if (r := results.get(p.row.pair_id)) is not None and r.status in ("ok", "skipped")}
+    return library.write_concepts(the_plan.run_uri, the_plan.model_identity, used, cache_uri)
 
 
 def _backend(the_plan: Plan, executor: ExecutorSettings, runner: Runner | None,
@@ -302,10 +333,13 @@ def run_pool(the_plan: Plan, executor: ExecutorSettings, run_info: dict | None =
              runner: Runner | None = None) -> pool.PoolOutcome:
     """Step 3: the run's jobs in one pool on the executor's workers (in process, or one
     accelerate launch for the whole run); ``runner`` replaces the in-process worker (tests).
-    Returns every pair's result, the three stage reports and per-rank utilization."""
-    return pool.run_pool(the_plan, _backend(the_plan, executor, runner, progress),
-                         executor.cache_uri, content_batch=executor.content_batch,
-                         run_info=run_info, on_fraction=on_fraction)
+    Returns every pair's result, the three stage reports and per-rank utilization; ends by
+    writing the run's concept library (:func:`write_library`)."""
+    outcome = pool.run_pool(the_plan, _backend(the_plan, executor, runner, progress),
+                            executor.cache_uri, content_batch=executor.content_batch,
+                            run_info=run_info, on_fraction=on_fraction)
+    write_library(the_plan, outcome.pairs, executor.cache_uri)
+    return outcome
 
 
 def pool_details(outcome: pool.PoolOutcome) -> dict:

@@ -71,6 +71,9 @@ class Job:
     # What is stored beside the result, not how it is computed (never in ``config``): for a
     # content job, {"keep_trajectories": True} keeps the inversion latents too.
     store: dict = field(default_factory=dict)
+    # A concept of several reference images: every one, by hash (``input_uri`` is the
+    # first); empty for one image.
+    inputs: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # Caller bugs, not job failures: refuse them when the job is built.
@@ -131,13 +134,14 @@ def _first_line(text: str) -> str:
 
 def error_line(job: Job, exc: BaseException) -> str:
     """One line that names the job's input: user errors keep their message, anything else
-    becomes ``Type: first line``; the input is prefixed when the message does not name it."""
+    becomes ``Type: first line``; the input is prefixed when the message names none of the
+    job's inputs."""
     detail = _first_line(str(exc))
     if isinstance(exc, UserError):
         message = detail or type(exc).__name__
     else:
         message = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-    if job.input_uri not in message:
+    if not any(uri in message for uri in job.inputs or [job.input_uri]):
         message = f"{ROLE[job.kind]} {job.input_uri}: {message}"
     return message
 
@@ -238,23 +242,32 @@ def _provenance(models: VCTModels, job: Job, counted: _Counted, **extra: Any) ->
             "unet_evals": counted.evals, "seconds": counted.seconds, **extra}
 
 
-def _decode_input(job: Job):
+def _decode_input(job: Job, uri: str | None = None):
+    """(bytes, image) of the job's input, or of ``uri``, one of its inputs."""
     from vct.images import decode_image
 
-    data = storage.read_input(job.input_uri)
-    return data, decode_image(data, f"{ROLE[job.kind]} {job.input_uri}")
+    uri = uri or job.input_uri
+    data = storage.read_input(uri)
+    return data, decode_image(data, f"{ROLE[job.kind]} {uri}")
 
 
 def _concept(models: VCTModels, job: Job, progress: Progress | None) -> Stored:
-    from vct.batch.keys import sha256_bytes
+    """One concept from its reference image, or from each of several (``job.inputs``)."""
+    from vct.batch.keys import references_digest, sha256_bytes
     from vct.concept import learn_concept
 
-    data, image = _decode_input(job)
+    uris = job.inputs or [job.input_uri]
+    decoded = [_decode_input(job, uri) for uri in uris]  # a bad image fails naming it
+    images = [image for _, image in decoded]
     with _Counted(models) as counted:
-        result = learn_concept(models, image, from_dict(ConceptConfig, job.config),
-                               progress=progress)
+        result = learn_concept(models, images if len(images) > 1 else images[0],
+                               from_dict(ConceptConfig, job.config), progress=progress)
     check_finite(job, result, models)
-    return Stored(result, _provenance(models, job, counted, reference_sha256=sha256_bytes(data)))
+    shas = [sha256_bytes(data) for data, _ in decoded]
+    extra: dict[str, Any] = {"reference_sha256": references_digest(shas)}
+    if len(uris) > 1:
+        extra["references"] = [{"uri": u, "sha256": s} for u, s in zip(uris, shas)]
+    return Stored(result, _provenance(models, job, counted, **extra))
 
 
 def _contents(models: VCTModels, jobs: list[Job], progress: Progress | None,

@@ -1,7 +1,7 @@
 """Every cache key of a run, computed here and nowhere else (spec §1).
 
 A key hashes exactly what its result depends on, by content, never by name: concept =
-(reference bytes, model, concept config incl. seed, format), content = (source bytes, model,
+(reference bytes (the set of them, sorted), model, concept config incl. seed, format), content = (source bytes, model,
 content config, format), fusion = (content key, concept keys in branch order, fusion config,
 format), output = (content key, concept key, fusion config, format). So the same image under two
 names is computed once, and a changed byte, setting or seed is a different key.
@@ -20,8 +20,19 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def references_digest(shas: list[str]) -> str:
+    """What a concept key says of its reference images: one image's sha256 as it is (the key
+    of a one-image concept never changed), several images' sha256 over their sorted distinct
+    hashes, so the same set in another order, or an image named twice, is the same concept."""
+    distinct = sorted(set(shas))
+    if len(distinct) == 1:
+        return distinct[0]
+    return sha256_bytes(("references\n" + "\n".join(distinct)).encode())
+
+
 def concept_key(reference_sha256: str, model_identity: str, cfg: ConceptConfig) -> str:
-    """The seed is part of cfg, so it is part of the key."""
+    """The seed is part of cfg, so it is part of the key. ``reference_sha256`` is
+    :func:`references_digest` of the reference images."""
     return cache_key("concept", {"reference": reference_sha256, "model": model_identity,
                                  "config": to_dict(cfg), "format_version": FORMAT_VERSION})
 

@@ -18,6 +18,9 @@ from vct.faults import checkpoint
 
 SUCCESS = "_SUCCESS"
 RUN_JSON = "run.json"
+CONCEPTS = "concepts"
+"""The run's concept library: every concept its pairs used, as a textual-inversion file."""
+CONCEPT_SUFFIX = ".safetensors"
 
 
 @dataclass(frozen=True)
@@ -33,13 +36,27 @@ def output_names(output_name: str) -> OutputNames:
     return OutputNames(png=f"{output_name}.png", sidecar=f"{output_name}.json")
 
 
+def concept_file(reference_uri: str, concept_key: str) -> str:
+    """Where a run keeps a concept, relative to the run folder: ``concepts/<stem>-<key12>``,
+    the reference's file stem (made a safe name) and the concept key's first 12 digits, so
+    one reference under other settings gets its own file. A reference that is itself a
+    concept file of that key keeps its name (no second key suffix)."""
+    tail = f"-{concept_key[:12]}"
+    stem = reference_uri.rstrip("/").rsplit("/", 1)[-1]
+    stem = stem.rsplit(".", 1)[0] if "." in stem else stem
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).lstrip(".")[:100] or "concept"
+    if not stem.endswith(tail):
+        stem += tail
+    return f"{CONCEPTS}/{stem}{CONCEPT_SUFFIX}"
+
+
 _RESERVED_STEMS = re.compile(r"(?:run|report(?:-\d+)?|contact_sheet(?:-\d+)?|_success|thumbs"
-                             r"|_cache)", re.IGNORECASE)
+                             r"|_cache|concepts)", re.IGNORECASE)
 
 
 def is_reserved(output_name: str) -> bool:
     """Names the run itself writes (run.json, the report pages, the contact sheets, _SUCCESS,
-    thumbnails, the default cache), and their stems in any case: a pair named like one would
+    thumbnails, the default cache, the concept library), and their stems in any case: a pair named like one would
     be overwritten by the report (or overwrite it), or sit beside it under a confusable name
     (``report.png`` next to ``report.html``), so it is refused. Case is ignored because a run
     folder copied to a case-insensitive file system would fold the names together."""

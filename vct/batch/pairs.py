@@ -14,9 +14,11 @@ from vct import storage
 from vct.artifacts import Stored
 from vct.batch import outputs
 from vct.batch.fanout import bounded_map
+from vct.batch.library import is_concept_uri
 from vct.batch.plan import DEFAULT_PLAN_THREADS, PairPlan, branch_keys
 from vct.batch.summary import PairResult
 from vct.images import png_bytes
+from vct.report import REFERENCES_SHOWN
 from vct.sidecar import build_sidecar
 
 log = logging.getLogger("vct.batch")
@@ -28,8 +30,11 @@ Hit = Callable[[str, str], bool]
 def pair_result(pair: PairPlan, status: str, reason: str | None = None,
                 timings: dict | None = None) -> PairResult:
     written = status in ("ok", "skipped")
+    images = [u for u, _ in pair.reference_images]  # a folder's images, not the folder
+    reference = (pair.row.reference if is_concept_uri(pair.row.reference) or not images
+                 else REFERENCES_SHOWN.join(images))
     return PairResult(pair_id=pair.row.pair_id, line=pair.row.line, status=status,
-                      source_uri=pair.row.source, reference_uri=pair.row.reference,
+                      source_uri=pair.row.source, reference_uri=reference,
                       png_name=pair.png_name if written else None,
                       sidecar_name=pair.sidecar_name if written else None,
                       reason=reason, timings=timings or {})
@@ -74,8 +79,10 @@ def write_group(group: list[PairPlan], fused: Stored, hit: Hit, fusion_key: str,
                     "content": pair.content.model_dump(mode="json"),
                     "fusion": pair.fusion.model_dump(mode="json")},
             seed=pair.concept.seed, stage_meta=stage_meta,
+            references=[{"uri": u, "sha256": s} for u, s in pair.reference_images],
             extra={"pair_id": pair.row.pair_id, "line": pair.row.line,
                    "output_key": pair.output_key, "png": pair.png_name,
+                   "concept_file": pair.concept_file,
                    "cache": {kind: {"key": key, "hit": hit(kind, key)}
                              for kind, key in (("concept", pair.concept_key),
                                                ("content", pair.content_key),

@@ -145,7 +145,7 @@ class JobPool:
         self._evals: dict[str, dict[str, int]] = {kind: {} for kind in self.stages}
         self._ranks: dict[str, set[int]] = {kind: set() for kind in self.stages}
         self._total = max(1, len(the_plan.concept_jobs) + len(the_plan.content_jobs)
-                          + len(self.families))
+                          + len(the_plan.given_concepts) + len(self.families))
         self._resolved = 0
         self._kept: dict[str, dict] = {}  # pair id -> sidecar of an output to keep
 
@@ -328,6 +328,8 @@ class JobPool:
                         self.queue.push(job, self._unblocks(job))
                     else:
                         unused.append(job)
+                for key in self.plan.given_concepts:  # concept files: planning cached them
+                    self._cached("concept", key)
                 for kind in ("concept", "content"):
                     for key in self.stages[kind].cached:
                         self._resolve(kind, key, None)

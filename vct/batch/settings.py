@@ -58,6 +58,9 @@ class RunSettings(BaseModel):
     plan_threads: int = Field(8, ge=1, le=256, description="inputs read and hashed at once "
                               "while planning (threads; each streams one input through sha256 "
                               "and probes its header, S3 latency bound)")
+    max_reference_images: int = Field(16, ge=1, le=1000, description="most reference images "
+                                      "one concept may learn from (a ';' list, a folder or "
+                                      "an s3:// prefix); a row naming more is bad")
     keep_trajectories: bool = Field(False, description="also store each source's inversion "
                                     "latents (about 3.3 MB per source at 512 px) in its "
                                     "content entry, for debugging; a "

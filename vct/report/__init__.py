@@ -52,11 +52,18 @@ from vct.report.contact_sheets import MAX_SHEET_ROWS
 from vct.report.files import report_files
 from vct.report.names import RESERVED_NAMES, is_reserved
 from vct.report.prefect_artifacts import markdown_summary, table_rows
-from vct.report.summary import REQUIRED_COUNTS, PairOutcome, build_run_summary, run_json_bytes
+from vct.report.summary import (
+    REFERENCES_SHOWN,
+    REQUIRED_COUNTS,
+    PairOutcome,
+    build_run_summary,
+    run_json_bytes,
+)
 
 __all__ = [
     "MAX_FAILURES_SHOWN",
     "MAX_SHEET_ROWS",
+    "REFERENCES_SHOWN",
     "REQUIRED_COUNTS",
     "RESERVED_NAMES",
     "PairOutcome",

@@ -11,7 +11,7 @@ from vct.report.bounds import clip
 from vct.report.contact_sheets import MAX_SHEET_ROWS, contact_sheet
 from vct.report.names import join_uri, page_name, sheet_name
 from vct.report.pages import page_html
-from vct.report.summary import PairOutcome, manifest_order
+from vct.report.summary import PairOutcome, first_reference, manifest_order
 
 MAX_PAGE_SIZE = 1000
 """Largest accepted ``page_size``: beyond this one page could exceed a few MB of HTML."""
@@ -68,7 +68,7 @@ def _report_files(summary: dict, outcomes: list[PairOutcome],
 
     def uris_of(o: PairOutcome) -> tuple[str, str, str]:
         out = join_uri(output_uri, o.png_name) if o.png_name else ""
-        return (o.source_uri, o.reference_uri, out)
+        return (o.source_uri, first_reference(o.reference_uri), out)
 
     # The last page each URI appears on: its thumbnail is dropped once that page is done.
     last_page: dict[str, int] = {}

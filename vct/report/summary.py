@@ -40,10 +40,20 @@ class PairOutcome:
     status: str
     source_uri: str
     reference_uri: str
+    """One URI, or every reference image of a concept joined by REFERENCES_SHOWN."""
     png_name: str | None
     sidecar_name: str | None
     reason: str | None = None
     timings: dict | None = None
+
+
+REFERENCES_SHOWN = "; "
+"""Between the images of a concept learned from several, in ``reference_uri``."""
+
+
+def first_reference(reference_uri: str) -> str:
+    """The image a pair's reference thumbnail shows (the first of several)."""
+    return reference_uri.split(REFERENCES_SHOWN)[0]
 
 
 def _duration_s(started_at: str, finished_at: str) -> float | None:
