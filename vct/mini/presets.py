@@ -1,0 +1,50 @@
+"""Named stage settings for the mini model: what `make demo` and `make quality` run.
+
+Why a preset: the faithful defaults (500 concept updates x 4 micro-steps, up to 50 fit
+iterations per step) are sized for SD 1.5 on a GPU. The preset keeps VCT's method (both
+branches, attention injection, the pivotal content fit, three concept vectors) and trims only
+the budget, so the demo fits 10 minutes and the benchmark 30 on 2 CPU cores. `python -m
+vct.mini.presets NAME` prints a preset as `vct run` flags, so the Makefile and the benchmark
+read the same values.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from vct.batch.settings import RunSettings
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "faithful": {"concept": {}, "content": {}, "fusion": {}},
+    "mini": {
+        # The micro-steps as one batch (same expected update) and fewer updates: the concept
+        # of a 64 px procedural image converges long before 500.
+        "concept": {"max_train_steps": 200, "batch_microsteps": True},
+        # Fewer fit iterations per step (the fit stops early anyway when it converges).
+        "content": {"num_inner_steps": 10},
+        "fusion": {},
+    },
+}
+"""Stage overrides per preset; 'faithful' is the library's defaults."""
+
+
+def settings(name: str, base: RunSettings | None = None) -> RunSettings:
+    """Run settings with the preset's stage overrides applied (checked like any `--set`)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return (base or RunSettings()).with_stage_overrides(PRESETS[name])
+
+
+def as_flags(name: str) -> list[str]:
+    """The preset as `--set stage.field=value` arguments of `vct run`."""
+    flags = []
+    for stage, values in PRESETS[name].items():
+        for field, value in values.items():
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            flags += ["--set", f"{stage}.{field}={text}"]
+    return flags
+
+
+if __name__ == "__main__":
+    print(" ".join(as_flags(sys.argv[1] if len(sys.argv) > 1 else "mini")))
