@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vct", description="Restyle images with VCT "
                                      "(Visual Concept Translator, ICCV 2023).")
     sub = parser.add_subparsers(dest="command", required=True)
-    model_help = ("diffusers SD 1.x folder, s3://bucket/prefix holding one, or 'tiny' for the "
+    model_help = ("diffusers SD 1.x folder, s3://bucket/prefix holding one, 'mini' for the "
+                  "small model trained on procedural shapes (shipped), or 'tiny' for the "
                   "offline random-weight test model")
 
     tr = sub.add_parser("translate", help="restyle source images after one reference image")

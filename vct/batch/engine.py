@@ -41,7 +41,7 @@ from vct.batch.plan import (
     hash_inputs,
     plan_run,
 )
-from vct.batch.settings import TINY_MODEL, RunSettings, require_model
+from vct.batch.settings import MINI_MODEL, TINY_MODEL, RunSettings, require_model
 from vct.batch.summary import PairResult, RunSummary, StageReport, counts, run_status
 from vct.cache import StageCache
 from vct.config import ConfigError
@@ -92,6 +92,18 @@ def tiny_model_folder() -> str:
     return str(build_tiny_model(home / "tiny-model-seed0", seed=0))
 
 
+def named_model_folder(spec: str) -> str:
+    """The folder of a model asked for by name ('tiny': built here; 'mini': copied from the
+    package), or `spec` itself (a folder or s3:// prefix)."""
+    if spec == TINY_MODEL:
+        return tiny_model_folder()
+    if spec == MINI_MODEL:
+        from vct.mini.shipped import mini_model_folder
+
+        return str(mini_model_folder())
+    return spec
+
+
 def check_run_id(run_id: str) -> str:
     """A run id names a folder under the output prefix: the same rules as a pair id, so it can
     never climb out of it (no '..', no '/', no absolute path)."""
@@ -105,10 +117,8 @@ def prepare(manifest_uri: str, output_uri: str, model: str | None,
             settings: RunSettings | dict | None = None, run_id: str | None = None) -> RunRequest:
     """Check everything that needs no reading of the manifest or the model (settings, run id,
     device and dtype, output and cache locations): refused here, nothing has been claimed or
-    written. The tiny model is used only when asked for by name."""
-    spec = require_model(model)
-    if spec == TINY_MODEL:
-        spec = tiny_model_folder()
+    written. The tiny and mini models are used only when asked for by name."""
+    spec = named_model_folder(require_model(model))
     if not isinstance(settings, RunSettings):
         settings = RunSettings.build(settings)
     if not manifest_uri:

@@ -17,6 +17,8 @@ from vct.config import ConceptConfig, ConfigError, ContentConfig, FusionConfig, 
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:[0-9]{1,2})?)$")
 TINY_MODEL = "tiny"
 """The name that asks for the offline random-weight test model; nothing else ever selects it."""
+MINI_MODEL = "mini"
+"""The name of the small trained model shipped in the package (vct/mini/, docs/mini-model.md)."""
 
 
 class RunSettings(BaseModel):
@@ -105,6 +107,6 @@ def require_model(model: str | None) -> str:
     fallback to the random test model (which would write noise to a real bucket)."""
     if not model or not str(model).strip():
         raise ConfigError("model", "a model is required: a diffusers SD 1.x folder, an s3:// "
-                          f"prefix holding one, or '{TINY_MODEL}' for the offline random-weight "
-                          "test model")
+                          f"prefix holding one, '{MINI_MODEL}' for the shipped mini model, or "
+                          f"'{TINY_MODEL}' for the offline random-weight test model")
     return str(model).strip()

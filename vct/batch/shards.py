@@ -217,13 +217,11 @@ def run_shard(plan_uri_: str, shard: int, phase: str, executor: ExecutorSettings
 
 def shard_executor(plan_uri_: str, settings, model: str) -> ExecutorSettings:
     """How a shard runs its jobs: the parent's settings and model, into the plan's cache
-    (the tiny model is built on this machine when asked for by name)."""
-    from vct.batch.engine import RunRequest, tiny_model_folder
-    from vct.batch.settings import TINY_MODEL, RunSettings, require_model
+    (the tiny and mini models are made on this machine when asked for by name)."""
+    from vct.batch.engine import RunRequest, named_model_folder
+    from vct.batch.settings import RunSettings, require_model
 
-    spec = require_model(model)
-    if spec == TINY_MODEL:
-        spec = tiny_model_folder()
+    spec = named_model_folder(require_model(model))
     if not isinstance(settings, RunSettings):
         settings = RunSettings.build(settings)
     cache = read_plan(plan_uri_)["cache_uri"]

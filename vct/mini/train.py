@@ -43,11 +43,11 @@ class TrainConfig:
     seed: int = 0
     images: int = 16000
     heldout: int = 256
-    vae_steps: int = 1200
+    vae_steps: int = 800
     vae_batch: int = 16
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
-    unet_steps: int = 4500
+    unet_steps: int = 3200
     unet_batch: int = 32
     unet_lr: float = 5e-4
     warmup: int = 100
