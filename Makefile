@@ -26,8 +26,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check "torch==2.13.0" -e ".[dev]"
 	touch $(STAMP)
 
+# The mini model restyling procedural shapes (manifests/mini.csv), at the mini preset
+# (vct/mini/presets.py: fewer concept updates and fit iterations than the paper's schedule).
 demo: $(STAMP)
-	$(VENV)/bin/vct run manifests/example.csv --output demo --model tiny
+	$(VENV)/bin/vct run manifests/mini.csv --output demo --model mini \
+		$$($(PY) -m vct.mini.presets mini)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vct flows tests benchmarks
