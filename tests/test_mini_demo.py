@@ -32,3 +32,16 @@ def test_each_source_meets_clearly_different_references() -> None:
     for src in demo.SOURCES.values():
         for ref in refs:
             assert src.shape != ref.shape and src.color != ref.color and src.fill != ref.fill
+
+
+def test_preset_flags_give_the_preset_settings() -> None:
+    """`make demo` passes the preset as `--set` flags: they must build the same settings the
+    benchmark uses, and differ from the faithful defaults."""
+    from vct.cli import build_parser, settings_from
+    from vct.mini import presets
+
+    args = build_parser().parse_args(["run", "m.csv", "--output", "o", "--model", "mini",
+                                      *presets.as_flags("mini")])
+    assert settings_from(args) == presets.settings("mini")
+    assert presets.settings("mini") != presets.settings("faithful")
+    assert presets.settings("faithful").concept.max_train_steps == 500
