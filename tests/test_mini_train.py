@@ -91,16 +91,17 @@ def test_the_command_writes_a_loadable_model_and_resumes(tmp_path) -> None:
     from vct.models import load_models
 
     args = ["train-mini", str(tmp_path / "run"), "--spec", "test", "--images", "8",
-            "--heldout", "4", "--vae-steps", "2", "--vae-batch", "2", "--unet-steps", "2",
+            "--heldout", "4", "--vae-steps", "2", "--vae-batch", "2", "--decoder-steps", "1",
+            "--unet-steps", "2",
             "--unet-batch", "2", "--checkpoint-every", "1", "--warmup", "1", "--quiet",
             "--threads", "1"]
     assert main(args) == 0
     run = tmp_path / "run"
     rows = [json.loads(line) for line in (run / "losses.jsonl").read_text().splitlines()]
-    assert [(r["stage"], r["step"]) for r in rows] == [("vae", 1), ("vae", 2), ("unet", 1),
-                                                       ("unet", 2)]
+    assert [(r["stage"], r["step"]) for r in rows] == [("vae", 1), ("vae", 2), ("decoder", 1),
+                                                       ("unet", 1), ("unet", 2)]
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["scaling_factor"] > 0 and "vae_heldout_psnr_db" in summary
+    assert summary["scaling_factor"] > 0 and "decoder_heldout_psnr_db" in summary
     models = load_models(str(run / "model"), "cpu")
     assert models.native_resolution == D.SIZE
     assert models.latent_scale == summary["scaling_factor"]
@@ -108,5 +109,5 @@ def test_the_command_writes_a_loadable_model_and_resumes(tmp_path) -> None:
     assert len(ids) == 2 + 8  # every caption word is one token
     # a rerun finds every stage done and trains nothing more
     assert main(args) == 0
-    assert len((run / "losses.jsonl").read_text().splitlines()) == 4
+    assert len((run / "losses.jsonl").read_text().splitlines()) == 5
     assert TrainConfig.from_dict(json.loads((run / "config.json").read_text())).spec == "test"
