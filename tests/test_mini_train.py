@@ -31,7 +31,7 @@ def _fit(loss_fn, params, steps: int, lr: float) -> tuple[float, float]:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return first, float(loss_fn())
+    return first, float(loss_fn().detach())
 
 
 def test_a_few_steps_on_a_tiny_batch_lower_both_losses() -> None:

@@ -26,7 +26,7 @@ def loss_summary(train_dir: Path, window: int = 100) -> dict:
     """Mean loss of each stage's first and last `window` steps, and its last logged wall time."""
     rows = [json.loads(line) for line in (train_dir / "losses.jsonl").read_text().splitlines()]
     out = {}
-    for stage in ("vae", "unet"):
+    for stage in ("vae", "decoder", "unet"):
         own = sorted((r for r in rows if r["stage"] == stage), key=lambda r: r["step"])
         own = list({r["step"]: r for r in own}.values())  # a resumed step counts once
         if not own:

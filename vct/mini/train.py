@@ -47,7 +47,7 @@ class TrainConfig:
     vae_batch: int = 16
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
-    decoder_steps: int = 400
+    decoder_steps: int = 800
     decoder_lr: float = 5e-4
     unet_steps: int = 2500
     unet_batch: int = 32
