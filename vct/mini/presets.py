@@ -28,6 +28,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "content": {},
         "fusion": {},
     },
+    # The preset's cost check: the paper's 500 concept updates, still batched (the benchmark's
+    # test of what the mini preset's shorter concept stage loses).
+    "mini-500": {"concept": {"batch_microsteps": True}, "content": {}, "fusion": {}},
 }
 """Stage overrides per preset; 'faithful' is the library's defaults."""
 
