@@ -11,7 +11,8 @@ the same DDIM sampler (T, w, grid) and the same seeds:
   reference's caption (which names the target colour, fill and background exactly);
 - t2i-concept: text-to-image from the learned concept's prompt alone;
 - ablations of VCT: attention injection off, content embeddings replaced by the source
-  caption's text states, 1 concept vector instead of 3;
+  caption's text states, the cross-attention reweight on the concept's own columns or off,
+  1 concept vector instead of 3;
 - calibration rows: the source unchanged, and the ideal itself through the VAE (the best any
   method that decodes latents can score).
 
@@ -62,7 +63,8 @@ REFERENCE_START = D.HELDOUT_START + 10_000
 CAPTION_START = D.HELDOUT_START + 20_000
 SDEDIT_STRENGTHS = (0.5, 0.8)
 METHODS = ("vct", "sdedit-0.5", "sdedit-0.8", "t2i-concept")
-ABLATIONS = ("vct-no-injection", "vct-caption-content", "vct-1-vector")
+ABLATIONS = ("vct-no-injection", "vct-caption-content", "vct-reweight-concept-tokens",
+             "vct-no-reweight", "vct-1-vector")
 CALIBRATION = ("source-unchanged", "ideal-via-vae")
 SCORES = ("psnr", "ssim", "edge_corr", "mask_iou", "color_dist", "texture_dist",
           "cls_shape", "cls_color", "cls_fill", "cls_background", "cls_all")
@@ -361,6 +363,14 @@ def main(argv: list[str] | None = None) -> int:
             models, contents, concepts, pairs, fusion_cfg,
             content_fn=lambda i: caption_content(models, contents[i], srcs[i]))
         seconds["vct-caption-content"] = t_concept + t_content + t
+        # The original's reweight quirk (BOS and the first n-1 concept columns at 0.5): does
+        # reweighting the concept columns themselves, or not at all, change the transfer?
+        for name, update in (("vct-reweight-concept-tokens",
+                              {"reweight_positions": "concept_tokens"}),
+                             ("vct-no-reweight", {"reweight_value": 1.0})):
+            outputs[name], t = fuse_pairs(models, contents, concepts, pairs,
+                                          fusion_cfg.model_copy(update=update))
+            seconds[name] = t_concept + t_content + t
         one_cfg = concept_cfg.model_copy(update={"num_vectors": 1})
         one, t_one = concepts_for(models, refs, used, one_cfg, log)
         outputs["vct-1-vector"], t = fuse_pairs(models, contents, one, pairs, fusion_cfg)
