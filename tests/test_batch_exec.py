@@ -181,7 +181,9 @@ def accelerate_run(tiny_model_dir, good_jobs, models, bad_image, tmp_path_factor
     cache = tmp_path_factory.mktemp("acc_cache")
     jobs = [*good_jobs, content_job(models, bad_image, cost=1.0)]
     events: list[dict] = []
-    settings = _settings(tiny_model_dir, cache, mode="accelerate", cpu=True, num_processes=2)
+    # each rank at the local fixture's count, set here too: VCT_THREADS would change a rank's
+    settings = _settings(tiny_model_dir, cache, mode="accelerate", cpu=True, num_processes=2,
+                         threads=RANK_THREADS)
     outcomes = run_jobs(jobs, settings, on_progress=events.append)
     return jobs, outcomes, cache, events
 
