@@ -107,13 +107,18 @@ def header(models) -> dict:
             "torch": torch.__version__, "made_by": "python -m tests.golden.make_golden"}
 
 
-def read() -> tuple[dict[str, torch.Tensor], dict]:
+def read_fixture(path: Path, header: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """A golden fixture's tensors and the JSON stored under `header` in its metadata."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(GOLDEN), framework="pt") as f:
-        meta = json.loads(f.metadata()["vct_golden"])
-    return load_file(str(GOLDEN)), meta
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()[header])
+    return load_file(str(path)), meta
+
+
+def read() -> tuple[dict[str, torch.Tensor], dict]:
+    return read_fixture(GOLDEN, "vct_golden")
 
 
 def main(argv: list[str] | None = None) -> int:

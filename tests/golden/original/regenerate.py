@@ -185,12 +185,9 @@ def regenerate(original: Path, python: str) -> tuple[dict[str, torch.Tensor], di
 
 def read() -> tuple[dict[str, torch.Tensor], dict]:
     """The stored fixture and its JSON header."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from tests.golden.make_golden import read_fixture
 
-    with safe_open(str(FIXTURE), framework="pt") as f:
-        meta = json.loads(f.metadata()["vct_original_golden"])
-    return load_file(str(FIXTURE)), meta
+    return read_fixture(FIXTURE, "vct_original_golden")
 
 
 def main(argv: list[str] | None = None) -> int:
