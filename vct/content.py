@@ -17,7 +17,15 @@ import torch
 from PIL import Image
 
 from vct.config import ContentConfig
-from vct.ddim import alpha_at, ddim_map, guided, make_scheduler, predicted_x0, step_size
+from vct.ddim import (
+    alpha_at,
+    ddim_map,
+    guided,
+    guided_step,
+    make_scheduler,
+    predicted_x0,
+    step_size,
+)
 from vct.inversion import Progress, ddim_invert, encode_source
 from vct.models import VCTModels
 from vct.text import encode_prompt
@@ -125,7 +133,7 @@ def fit_content(models: VCTModels, latents: torch.Tensor, cond: torch.Tensor,
         with torch.no_grad():
             # The advance reuses eps_pos: same math as the original's batched call, 1 call less.
             eps_neg = models.eps(z, t, torch.cat(cs), stage="content")
-            z = ddim_map(z, guided(eps_neg, eps_pos, cfg.guidance_scale), a_t, a_prev)
+            z = guided_step(sched, z, eps_neg, eps_pos, cfg.guidance_scale, t)
         for i, st in enumerate(stats):
             st["embeddings"].append(cs[i])
             st["reconstruction"].append(z[i:i + 1])

@@ -58,6 +58,14 @@ def ddim_map(z: torch.Tensor, eps: torch.Tensor, a_from: torch.Tensor,
     return a_to.sqrt() * x0 + (1 - a_to).sqrt() * eps
 
 
+def guided_step(sched: DDIMScheduler, z: torch.Tensor, eps_neg: torch.Tensor,
+                eps_pos: torch.Tensor, w: float, t: int) -> torch.Tensor:
+    """One guided DDIM step from t to t - dt: the content fit's advance and every fusion branch
+    take it, so fusion's B* can replay the fit bit for bit."""
+    return ddim_map(z, guided(eps_neg, eps_pos, w), alpha_at(sched, t),
+                    alpha_at(sched, t - step_size(sched)))
+
+
 def predicted_x0(z: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
     a_t = a_t.to(z)
     return (z - (1 - a_t).sqrt() * eps) / a_t.sqrt()

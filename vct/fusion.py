@@ -22,7 +22,7 @@ from vct.attention import AttentionController, install, restore, token_edit
 from vct.concept import ConceptResult
 from vct.config import ContentConfig, FusionConfig
 from vct.content import ContentResult
-from vct.ddim import alpha_at, ddim_map, guided, make_scheduler, step_size
+from vct.ddim import guided_step, make_scheduler
 from vct.errors import UserError
 from vct.images import to_uint8
 from vct.inversion import Progress
@@ -118,7 +118,6 @@ def fuse(models: VCTModels, content: ContentResult, concepts: list[ConceptResult
     embeddings = content.embeddings.to(models.device)
     controller = AttentionController(cfg, T, edits, record=record_controller)
     previous = install(models.unet, controller) if control else None
-    dt = step_size(sched)
     try:
         for s, t in enumerate(grid):
             controller.step = s
@@ -127,9 +126,7 @@ def fuse(models: VCTModels, content: ContentResult, concepts: list[ConceptResult
             neg = embeddings[s:s + 1].expand(k, -1, -1)
             eps = models.eps(batch, t, torch.cat([neg, pos]), stage="fusion")
             eps_neg, eps_pos = eps[:k], eps[k + 1:]
-            # the fit's advance, the same function and arithmetic (vct/content.py)
-            edit_latents = ddim_map(edit_latents, guided(eps_neg, eps_pos, w),
-                                    alpha_at(sched, t), alpha_at(sched, t - dt))
+            edit_latents = guided_step(sched, edit_latents, eps_neg, eps_pos, w, t)
             if progress:
                 progress(s + 1, T)
     finally:
