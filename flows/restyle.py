@@ -121,7 +121,9 @@ def restyle(manifest_uri: str, output_uri: str, model: str,
     Args:
         manifest_uri: the CSV manifest, a local path or s3:// URI (see manifests/README.md).
         output_uri: output prefix; the run writes under `<output_uri>/<run_id>/`.
-        model: a diffusers SD 1.x folder or s3:// prefix holding one; `mini` = the shipped
+        model: a diffusers SD 1.x folder or s3:// prefix holding one, or a single-file
+            .safetensors/.ckpt checkpoint (local or s3://; settings.checkpoint_config names
+            its config folder when it is not SD 1.5-sized); `mini` = the shipped
             mini model (trained on procedural shapes), `tiny` = the offline random-weight test
             model (noise, for trying the pipeline). Required.
         settings: cache, executor, device and precision, and every stage hyperparameter.
@@ -185,7 +187,8 @@ def restyle_shard(plan_uri: str, shard: int, phase: str, model: str,
         plan_uri: the run's stored plan, `<run>/_plan/plan.json`.
         shard: which of the phase's shards to run.
         phase: `stage` (concepts and contents) or `fusion`.
-        model: the parent's model (a folder or s3:// prefix on this worker; `tiny` or `mini`).
+        model: the parent's model (a folder, s3:// prefix or single file as this worker sees
+            it; `tiny` or `mini`).
         settings: the parent's run settings (executor, device, cache), so this shard uses
             every GPU of its machine the way the parent was configured to.
         attempt: 0, or 1 when the parent re-dispatches a crashed shard.
@@ -221,8 +224,8 @@ def restyle_incoming(incoming_uri: str, output_uri: str, model: str,
     Args:
         incoming_uri: the prefix (folder or s3:// URI) that art teams drop manifests into.
         output_uri: output prefix; each manifest's run writes under `<output_uri>/<run_id>/`.
-        model: a diffusers SD 1.x folder or s3:// prefix; `mini` for the shipped mini model,
-            `tiny` for the test model. Required.
+        model: a diffusers SD 1.x folder, s3:// prefix or single-file checkpoint; `mini` for
+            the shipped mini model, `tiny` for the test model. Required.
         settings: the same run settings as the `restyle` flow, for every manifest.
         lease_seconds: how long a claim on a manifest lives without renewal; a run killed
             outright is taken over by a later poll once this has passed.

@@ -36,7 +36,7 @@ EMBEDDED_PREFECT_SETTINGS = {
 }
 """Prefect's own settings that `vct run` sets (unless already set) when it runs Prefect
 embedded, i.e. without PREFECT_API_URL; see docs/reliability.md for the failures behind them."""
-RUN_FLAGS = {"cache_uri": "--cache"}
+RUN_FLAGS = {"cache_uri": "--cache", "checkpoint_config": "--model-config"}
 """Run settings whose flag is not simply the field name."""
 
 
@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vct", description="Restyle images with VCT "
                                      "(Visual Concept Translator, ICCV 2023).")
     sub = parser.add_subparsers(dest="command", required=True)
-    model_help = ("diffusers SD 1.x folder, s3://bucket/prefix holding one, 'mini' for the "
+    model_help = ("diffusers SD 1.x folder, single-file .safetensors/.ckpt checkpoint, an "
+                  "s3:// URI of either, 'mini' for the "
                   "small model trained on procedural shapes (shipped), or 'tiny' for the "
                   "offline random-weight test model")
 
@@ -337,7 +338,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if settings.strict:
         manifest.raise_if_errors()
     if not request.model.startswith("s3://"):  # an s3:// model is checked once synced
-        check_model(Path(request.model).expanduser(), settings)
+        from vct.models import local_model_folder
+
+        # a local single file is converted here, once, so its refusal is one line too
+        check_model(local_model_folder(request.model, config=settings.checkpoint_config),
+                    settings)
     home = os.environ.get("PREFECT_HOME")
     if embedded and home:  # Prefect creates one missing folder, not its parents; sqlite then
         Path(home).expanduser().mkdir(parents=True, exist_ok=True)  # fails after minutes

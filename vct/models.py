@@ -1,4 +1,5 @@
-"""Load a Stable Diffusion 1.x diffusers folder (local or s3://) into the parts VCT needs.
+"""Load a Stable Diffusion 1.x model (a diffusers folder, local or s3://, or a single-file
+checkpoint: vct/single_file.py) into the parts VCT needs.
 
 The algorithm talks to the UNet through `VCTModels.eps`, which counts sample-evaluations per
 stage: compute is the budget of this method (spec §8), so every stage reports what it spent.
@@ -199,6 +200,11 @@ def model_identity(folder: Path) -> str:
 
     File hashes are memoised by (size, mtime) so hashing a 4 GB SD folder happens once.
     """
+    from vct.single_file import single_file_identity
+
+    converted = single_file_identity(folder)
+    if converted:  # a converted single file: its own bytes (and config), not the conversion's
+        return converted
     memo_path = folder / ".vct-file-hashes.json"
     try:
         memo = json.loads(memo_path.read_text())
@@ -235,13 +241,27 @@ def model_identity(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def local_model_folder(spec: str, cache_root: Path | None = None) -> Path:
-    """A local folder for `spec`, downloading an s3:// prefix once into a cache keyed by ETags."""
+def model_cache_root() -> Path:
+    """Where synced s3:// models and converted single files live (VCT_MODEL_CACHE)."""
+    return Path(os.environ.get("VCT_MODEL_CACHE", Path.home() / ".cache" / "vct" / "models"))
+
+
+def local_model_folder(spec: str, cache_root: Path | None = None,
+                       config: str | None = None) -> Path:
+    """A local diffusers folder for `spec`: an s3:// prefix downloaded once into a cache keyed
+    by ETags, a single-file checkpoint (local or s3://) converted once with `config` (None: the
+    shipped SD 1.5 configs), or a local folder as given."""
+    from vct.single_file import converted_folder, is_single_file
+
+    root = cache_root or model_cache_root()
+    if is_single_file(spec):
+        return converted_folder(spec, config, root)
+    if config:
+        raise ModelError(f"model {spec}: --model-config applies to a single-file checkpoint "
+                         "(.safetensors or .ckpt) only; a diffusers folder has its own configs")
     if spec.startswith("s3://"):
         from vct import storage
 
-        root = cache_root or Path(os.environ.get("VCT_MODEL_CACHE",
-                                                 Path.home() / ".cache" / "vct" / "models"))
         try:
             return storage.sync_prefix(spec, root)
         except storage.StorageError as exc:
@@ -250,7 +270,7 @@ def local_model_folder(spec: str, cache_root: Path | None = None) -> Path:
 
 
 def load_models(spec: str, device: str = "auto", dtype: str = "fp32", *,
-                allow_cpu_bf16: bool | None = None) -> VCTModels:
+                allow_cpu_bf16: bool | None = None, config: str | None = None) -> VCTModels:
     """Load tokenizer, text encoder, UNet and VAE frozen, on `device`; the UNet in `dtype`.
 
     The precision policy: only the UNet runs in `dtype`. The text encoder and the VAE are
@@ -258,11 +278,13 @@ def load_models(spec: str, device: str = "auto", dtype: str = "fp32", *,
     exactly); `VCTModels.eps` casts the UNet's inputs to `dtype` and returns fp32, so every
     latent, embedding, optimizer state and stored result stays fp32 (docs/performance.md).
     The UNet keeps diffusers' default SDPA attention processors; only fusion swaps in the
-    controller, and only for its own duration. `allow_cpu_bf16`: see :func:`check_device`.
+    controller, and only for its own duration. `allow_cpu_bf16`: see :func:`check_device`;
+    `config`: a single-file checkpoint's config folder (:func:`local_model_folder`).
     """
     if not spec:
-        raise ModelError("--model is required: a diffusers SD 1.x folder or s3:// prefix")
-    folder = local_model_folder(spec)
+        raise ModelError("--model is required: a diffusers SD 1.x folder, a single-file "
+                         "checkpoint, or an s3:// URI of either")
+    folder = local_model_folder(spec, config=config)
     check_layout(folder)
     dev = check_device(device, dtype, allow_cpu_bf16=allow_cpu_bf16)
     torch_dtype = DTYPES[dtype]

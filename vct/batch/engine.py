@@ -83,7 +83,8 @@ class RunRequest:
 
     def executor(self) -> ExecutorSettings:
         s = self.settings
-        return ExecutorSettings(model=self.model, cache_uri=self.cache_uri, device=s.device,
+        return ExecutorSettings(model=self.model, cache_uri=self.cache_uri,
+                                model_config=s.checkpoint_config, device=s.device,
                                 dtype=s.dtype, mode=s.executor, num_processes=s.num_processes,
                                 content_batch=s.content_batch, threads=s.threads)
 
@@ -148,7 +149,7 @@ def plan(request: RunRequest, manifest: Manifest | None = None,
         manifest_bytes = request.manifest_uri.encode()
     if settings.strict:
         manifest.raise_if_errors()
-    folder = local_model_folder(request.model)
+    folder = local_model_folder(request.model, config=settings.checkpoint_config)
     preflight.check_model(folder, settings)  # one line for a wrong folder, before any hashing
     # the keys' model: the files, and the UNet precision unless fp32 (unchanged fp32 keys)
     identity = precision_identity(model_identity(folder), settings.dtype)

@@ -30,6 +30,10 @@ class RunSettings(BaseModel):
 
     cache_uri: str | None = Field(None, description="stage cache prefix (a folder or s3:// "
                                   "URI); empty = <output_uri>/_cache")
+    checkpoint_config: str | None = Field(None, description="config folder of a single-file "
+                                          "checkpoint (SD 1.x component configs, tokenizer, "
+                                          "scheduler; no weights), for variants whose sizes "
+                                          "differ from SD 1.5's; empty = SD 1.5's, shipped")
     strict: bool = Field(False, description="refuse the whole manifest, before any model work, "
                          "if any row is bad (default: bad rows are reported and skipped)")
     executor: Literal["local", "accelerate"] = Field(
@@ -114,7 +118,8 @@ def require_model(model: str | None) -> str:
     """A run needs a model named explicitly: an empty value is an error, never a silent
     fallback to the random test model (which would write noise to a real bucket)."""
     if not model or not str(model).strip():
-        raise ConfigError("model", "a model is required: a diffusers SD 1.x folder, an s3:// "
-                          f"prefix holding one, '{MINI_MODEL}' for the shipped mini model, or "
+        raise ConfigError("model", "a model is required: a diffusers SD 1.x folder, a "
+                          "single-file .safetensors/.ckpt checkpoint, an s3:// URI of either, "
+                          f"'{MINI_MODEL}' for the shipped mini model, or "
                           f"'{TINY_MODEL}' for the offline random-weight test model")
     return str(model).strip()

@@ -66,7 +66,8 @@ The package, one job per module (imports point down this list only, so there are
   :func:`conditional_put`, :func:`create_if_absent`, :func:`delete_if_match`,
   :func:`list_objects` (:class:`ObjectInfo`).
 - ``sweep``: :func:`sweep_temp_files` (what killed writers left).
-- ``sync``: :func:`sync_prefix` (an S3 folder mirrored into a local cache).
+- ``sync``: :func:`sync_prefix` (an S3 folder mirrored into a local cache), :func:`sync_object`
+  (one object, e.g. a single-file checkpoint).
 - ``links``: :func:`share_link` (a presigned URL on S3, a ``file://`` URI locally).
 
 Callers use the package (``from vct import storage; storage.read_bytes(...)``); the names below
@@ -128,7 +129,7 @@ from vct.storage.s3 import (
     s3_config,
 )
 from vct.storage.sweep import sweep_temp_files
-from vct.storage.sync import COMPLETE_MARKER, sync_prefix
+from vct.storage.sync import COMPLETE_MARKER, sync_object, sync_prefix
 from vct.storage.uris import FILE_SCHEME, S3_SCHEME, is_s3, join, resolve
 
 __all__ = [
@@ -159,7 +160,7 @@ __all__ = [
     "version_of", "read_versioned", "conditional_put", "create_if_absent", "delete_if_match",
     "ObjectInfo", "list_objects",
     # stale temp files, prefix sync
-    "sweep_temp_files", "COMPLETE_MARKER", "sync_prefix",
+    "sweep_temp_files", "COMPLETE_MARKER", "sync_object", "sync_prefix",
     # links a person can open
     "MAX_LINK_EXPIRY_S", "share_link",
 ]

@@ -1,4 +1,5 @@
-"""Mirroring an S3 prefix (a model folder) into a local cache folder, once per listing."""
+"""Mirroring an S3 prefix (a model folder), or one object (a single-file checkpoint), into a
+local cache folder, once per listing or ETag."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from vct.storage.errors import StorageChanged, StorageError, StorageNotFound
 from vct.storage.local import TMP_SUFFIX
 from vct.storage.retry import retrying
 from vct.storage.s3 import _TRANSFER_CONFIG, _s3_objects, s3_client
-from vct.storage.uris import _local_path, _s3_uri, is_s3
+from vct.storage.uris import _local_path, _s3_uri, _split_s3, is_s3
 
 COMPLETE_MARKER = ".complete"
 
@@ -68,6 +69,42 @@ def sync_prefix(prefix_uri: str, cache_root: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def sync_object(uri: str, cache_root: Path) -> Path:
+    """One S3 object (a single-file checkpoint) as a local file, downloaded once.
+
+    Kept as ``cache_root/<digest>/<name>``, the digest hashing (bucket, key, ETag), with the
+    same temp folder, ``.complete`` marker and rename as :func:`sync_prefix`: a replaced object
+    is a new folder, an interrupted download is never used. A local path is returned unchanged.
+    """
+    if not is_s3(uri):
+        return _local_path(uri)
+    bucket, key = _split_s3(uri)
+    head = retrying(lambda: s3_client().head_object(Bucket=bucket, Key=key), uri=uri,
+                    action="read")
+    objects = [{"Key": key, "ETag": head["ETag"]}]
+    digest = _listing_digest(bucket, key, objects)
+    name = posixpath.basename(key)
+    final = Path(cache_root) / digest
+    if (final / COMPLETE_MARKER).is_file():
+        return final / name
+    Path(cache_root).mkdir(parents=True, exist_ok=True)
+    tmp = Path(cache_root) / f".{digest}.{secrets.token_hex(8)}{TMP_SUFFIX}"
+    try:
+        tmp.mkdir()
+        retrying(lambda: s3_client().download_file(bucket, key, str(tmp / name),
+                                                   Config=_TRANSFER_CONFIG),
+                 uri=uri, action="download")
+        again = retrying(lambda: s3_client().head_object(Bucket=bucket, Key=key), uri=uri,
+                         action="read")
+        if again["ETag"] != head["ETag"]:
+            raise StorageChanged(f"{uri} changed during download; retry")
+        (tmp / COMPLETE_MARKER).write_text(json.dumps({"uri": uri, "digest": digest}))
+        _publish_folder(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final / name
 
 
 def _download_objects(bucket: str, prefix: str, objects: list[dict[str, Any]],

@@ -23,13 +23,15 @@ ProgressCallback = Callable[[dict], None]
 class ExecutorSettings:
     """Where and how jobs run; travels to accelerate ranks as JSON.
 
-    ``model`` is a local folder or s3:// prefix (never empty). ``num_processes`` (accelerate)
+    ``model`` is a local folder, s3:// prefix or single-file checkpoint (never empty), with
+    ``model_config`` the config folder of a single file (None: SD 1.5's, shipped). ``num_processes`` (accelerate)
     defaults to one per visible GPU, or 2 with ``cpu=True``; ``cpu=True`` runs the ranks on CPU
     with gloo (tests, CPU dev boxes).
     """
 
     model: str
     cache_uri: str
+    model_config: str | None = None
     device: str = "auto"
     dtype: str = "fp32"
     mode: str = "local"

@@ -28,7 +28,7 @@ class _Loaded:
 
 
 _MEMO_SIZE = 2
-_memo: dict[tuple[str, str, str], _Loaded] = {}
+_memo: dict[tuple[str, str | None, str, str], _Loaded] = {}
 _memo_lock = threading.Lock()
 
 
@@ -38,11 +38,12 @@ def _loaded(settings: ExecutorSettings) -> _Loaded:
     combinations are kept so a long-lived process does not pile up GPU copies."""
     from vct.models import load_models
 
-    ident = (settings.model, settings.device, settings.dtype)
+    ident = (settings.model, settings.model_config, settings.device, settings.dtype)
     with _memo_lock:
         loaded = _memo.get(ident)
         if loaded is None:
-            loaded = _Loaded(load_models(settings.model, settings.device, settings.dtype))
+            loaded = _Loaded(load_models(settings.model, settings.device, settings.dtype,
+                                         config=settings.model_config))
             while len(_memo) >= _MEMO_SIZE:
                 _memo.pop(next(iter(_memo)))
             _memo[ident] = loaded

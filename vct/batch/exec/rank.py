@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         models, load_error = None, None
         try:
             device = rank_device(settings, cpu, state.local_process_index)
-            models = load_models(settings.model, device, settings.dtype)
+            models = load_models(settings.model, device, settings.dtype,
+                                 config=settings.model_config)
         except Exception as exc:  # every job of this rank fails with the model's own message
             load_error = exc
         _write(out, {"event": "ready", "rank": rank, "load_s": time.perf_counter() - start,
