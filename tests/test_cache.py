@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -76,7 +77,27 @@ def test_local_cache_get_put_miss_reject(tmp_path: Path, caplog: pytest.LogCaptu
 def test_s3_cache_get_put_miss_reject(s3_bucket: str, caplog: pytest.LogCaptureFixture) -> None:
     cache = StageCache(storage.join(s3_bucket, "cache"))
     _exercise(cache, caplog)
-    assert storage.list_uris(storage.join(s3_bucket, "cache")) == [cache.uri("content", _key())]
+    # the entry, and the record of its last use (written by the first hit)
+    assert storage.list_uris(storage.join(s3_bucket, "cache")) == [
+        cache.used_uri("content", _key()), cache.uri("content", _key())]
+
+
+def test_a_hit_records_its_use_once_an_hour_and_a_miss_never(tmp_path: Path, monkeypatch) -> None:
+    from vct import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "_recorded", {})
+    cache = StageCache(str(tmp_path / "cache"))
+    key, used = _key(), Path(cache.used_uri("content", _key()))
+    assert cache.get("content", key, _validate) is None and not used.exists()
+    cache.put("content", key, json.dumps({"format": 1, "v": 3}).encode())
+    assert not used.exists()  # a write is not a use: the entry's own time says when it was written
+    assert cache.get("content", key, _validate) is not None and used.is_file()
+    os.utime(used, (1.0, 1.0))
+    assert cache.get("content", key, _validate) is not None
+    assert used.stat().st_mtime == 1.0  # within the hour: not written again
+    monkeypatch.setattr(cache_module, "USE_INTERVAL_S", 0.0)
+    assert cache.get("content", key, _validate) is not None
+    assert used.stat().st_mtime > 1.0
 
 
 def test_storage_errors_other_than_missing_propagate(tmp_path: Path) -> None:

@@ -117,13 +117,20 @@ def root(request, tmp_path) -> str:
 
 def test_ls_and_du(root, capsys):
     keys = _fill(root)
+    StageCache(root).record_model("fusion", keys["fusion_a"], "ab12" * 16 + "+fp16")
     assert main(["cache", "ls", root]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    header, *lines = capsys.readouterr().out.splitlines()
+    assert header.split() == ["kind", "size", "unused", "model", "key"]
     assert len(lines) == 4 and {line.split()[-1] for line in lines} == set(keys.values())
-    assert lines[0].split()[:3] == ["concept", "1.0", "KiB"]
+    fields = lines[0].split()
+    assert fields[:3] == ["concept", "1.0", "KiB"] and fields[3].endswith("s") and fields[4] == "?"
+    assert [line.split()[4] for line in lines if keys["fusion_a"] in line] == ["ab12" * 4]
     assert main(["cache", "du", root, "--kind", "fusion"]) == 0
-    assert capsys.readouterr().out.split() == ["fusion", "2", "entries", "4.0", "KiB",
-                                               "total", "2", "entries", "4.0", "KiB"]
+    assert capsys.readouterr().out.split() == [
+        "kind", "fusion", "2", "entries", "4.0", "KiB",
+        "model", "?", "1", "entries", "2.0", "KiB",
+        "model", ("ab12" * 16 + "+fp16")[:24], "1", "entries", "2.0", "KiB",
+        "total", "2", "entries", "4.0", "KiB"]
 
 
 def test_prune_prints_by_default_deletes_with_yes_and_keeps_claimed_and_foreign(root, capsys):
@@ -181,3 +188,94 @@ def test_bad_flags_and_a_missing_cache_are_one_line_errors(tmp_path, capsys):
     assert main(["cache", "ls", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no such folder" in err
+
+
+def test_age_is_the_last_use_and_a_prune_takes_its_records_along(tmp_path, capsys):
+    root = str(tmp_path / "cache")
+    keys = _fill(root)
+    cache = StageCache(root)
+    for name in ("concept", "content"):  # both written 40 days ago ...
+        os.utime(cache.uri(name, keys[name]), (time.time() - 40 * DAY,) * 2)
+    cache.record_use("content", keys["content"])  # ... and the content read just now
+    cache.record_model("concept", keys["concept"], "feed" * 16)
+    assert main(["cache", "prune", root, "--older-than", "30d", "--yes"]) == 0
+    assert "deleted 1 entries" in capsys.readouterr().out
+    assert not cache.contains("concept", keys["concept"])
+    assert cache.contains("content", keys["content"])
+    left = _survivors(root)
+    assert f"/_used/content/{keys['content']}" in left
+    # no record outlives its entry (the look-alike prefix beside the cache is not ours)
+    assert not any(keys["concept"] in u for u in left if not u.startswith("-old/"))
+
+
+def test_prune_one_models_entries(root, capsys):
+    keys = _fill(root)
+    cache = StageCache(root)
+    cache.record_model("concept", keys["concept"], "aaaa" * 16)
+    cache.record_model("content", keys["content"], "aaaa" * 16 + "+fp16")
+    cache.record_model("fusion", keys["fusion_a"], "bbbb" * 16)
+    assert main(["cache", "prune", root, "--max-size", "0", "--model", "aaaa", "--yes"]) == 0
+    assert "deleted 2 entries" in capsys.readouterr().out
+    assert {e.key for e in A.scan(root).entries} == {keys["fusion_a"], keys["fusion_b"]}
+
+
+def test_a_run_records_each_entrys_model(tiny_model_dir, images, tmp_path):
+    from vct.models import model_identity
+
+    out = tmp_path / "out"
+    assert main(["translate", "--model", str(tiny_model_dir), "--reference", str(images["ref"]),
+                 "--source", str(images["src_a"]), "--out", str(out), "--max-train-steps", "2",
+                 "--num-inference-steps", "4", "--num-inner-steps", "1", "--quiet",
+                 "--threads", "1", "--cache", str(tmp_path / "cache")]) == 0
+    entries = A.scan(str(tmp_path / "cache")).entries
+    assert {e.kind for e in entries} == {"concept", "content", "fusion"}
+    assert {e.model for e in entries} == {model_identity(tiny_model_dir)}
+
+
+def _model_folder(root, rel: str, marker: str, size: int, age_s: float, used_s: float | None):
+    folder = root / rel
+    folder.mkdir(parents=True)
+    (folder / "weights.bin").write_bytes(b"w" * size)
+    (folder / marker).write_text("{}")
+    os.utime(folder / marker, (time.time() - age_s,) * 2)
+    if used_s is not None:
+        (folder / ".vct-last-used").touch()
+        os.utime(folder / ".vct-last-used", (time.time() - used_s,) * 2)
+    return folder
+
+
+def test_the_model_cache_lists_and_prunes_but_never_a_folder_in_use(tmp_path, monkeypatch,
+                                                                    capsys):
+    root = tmp_path / "models"
+    monkeypatch.setenv("VCT_MODEL_CACHE", str(root))
+    old = _model_folder(root, "single-" + "1" * 24, "vct_single_file.json", 4000, 50 * DAY, None)
+    busy = _model_folder(root, "2" * 64, ".complete", 3000, 50 * DAY, 60)  # loaded a minute ago
+    fresh = _model_folder(root, "files/" + "3" * 64, ".complete", 2000, DAY, DAY)
+    partial = root / ("4" * 64)  # a sync that never completed: not an entry
+    partial.mkdir()
+    (root / "notes").mkdir()
+    assert main(["cache", "ls", "--model-cache"]) == 0
+    out = capsys.readouterr().out
+    assert "single-file" in out and "s3-model" in out and "s3-file" in out
+    assert "4" * 64 not in out and "notes" not in out
+    assert main(["cache", "prune", "--model-cache", "--max-size", "0", "--yes"]) == 0
+    assert "1 in use kept" in capsys.readouterr().out
+    assert not old.exists() and not fresh.exists() and busy.is_dir()
+    assert partial.is_dir() and (root / "notes").is_dir()
+    assert main(["cache", "ls"]) == 2  # neither a stage cache nor --model-cache
+
+
+def test_the_cache_prune_flow_is_a_dry_run_until_told(prefect_harness, tmp_path):
+    from flows.maintenance import cache_prune
+
+    root = str(tmp_path / "cache")
+    keys = _fill(root)
+    assert Claims(root).acquire("content", keys["content"]) is not None
+    before = _survivors(root)
+    dry = cache_prune(cache_uri=root, older_than=None, max_size="0")
+    assert dry["dry_run"] and dry["deleted"] == 3 and _survivors(root) == before
+    done = cache_prune(cache_uri=root, older_than=None, max_size="0", dry_run=False)
+    assert done["deleted"] == 3 and done["kept_protected"] >= 1
+    assert {e.key for e in A.scan(root).entries} == {keys["content"]}
+    with pytest.raises(ValueError, match="not both"):
+        cache_prune(cache_uri=root, model_cache=True)

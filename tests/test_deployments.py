@@ -65,9 +65,17 @@ def _walk(node, key: str = ""):
 # --- the file itself ----------------------------------------------------------------------------
 
 
-def test_prefect_yaml_declares_the_four_deployments():
+def test_prefect_yaml_declares_the_five_deployments():
     deps = _deployments()
-    assert set(deps) == {"on-demand", "nightly", "frequent", "shard"}
+    assert set(deps) == {"on-demand", "nightly", "frequent", "shard", "weekly"}
+
+    weekly = deps["weekly"]  # cache-prune/weekly: inactive, a dry run until edited
+    assert weekly["entrypoint"] == "flows/maintenance.py:cache_prune"
+    assert weekly["parameters"]["dry_run"] is True
+    assert weekly["parameters"]["older_than"] == "30d"
+    assert weekly["parameters"]["cache_uri"].startswith("s3://")
+    (prune,) = weekly["schedules"]
+    assert prune["cron"] == "0 3 * * 0" and not prune["active"]
 
     shard = deps["shard"]  # what flows/fleet.py dispatches: restyle-shard/shard
     assert shard["entrypoint"] == "flows/restyle.py:restyle_shard"

@@ -13,6 +13,8 @@ import hashlib
 import json
 import logging
 import re
+import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -25,6 +27,16 @@ log = logging.getLogger("vct.cache")
 _KIND_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 SUFFIX = ".safetensors"
+USED_DIR = "_used"
+"""``_used/<kind>/<key>``: an empty object rewritten when an entry is read, so its time is the
+entry's last use (S3 keeps no access time). Written at most once an hour per entry and process."""
+MODELS_DIR = "_models"
+"""``_models/<model identity>/<kind>/<key>``: an empty object written with the entry, so one
+listing tells which model every entry belongs to (the key itself is a one-way hash)."""
+USE_INTERVAL_S = 3600.0
+_recorded: dict[tuple[str, str, str], float] = {}
+_recorded_lock = threading.Lock()
+_IDENTITY_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z_.+-]{0,199}$")
 
 
 def cache_key(kind: str, parts: dict[str, Any]) -> str:
@@ -83,7 +95,39 @@ class StageCache:
             log.warning("rejecting bad cache entry %s (%s: %s); it will be recomputed",
                         uri, type(exc).__name__, exc)
             return None
+        self.record_use(kind, key)
         return value
+
+    def used_uri(self, kind: str, key: str) -> str:
+        self.uri(kind, key)  # the same checks
+        return storage.join(self.root_uri, USED_DIR, kind, key)
+
+    def model_uri(self, kind: str, key: str, model: str) -> str:
+        self.uri(kind, key)
+        if not _IDENTITY_RE.match(model):
+            raise ValueError(f"invalid model identity {model!r}")
+        return storage.join(self.root_uri, MODELS_DIR, model, kind, key)
+
+    def record_use(self, kind: str, key: str) -> None:
+        """Mark the entry as used now (`vct cache prune` ages entries by last use). Bookkeeping
+        only: a failure is logged and never fails the read."""
+        ident, now = (self.root_uri, kind, key), time.monotonic()
+        with _recorded_lock:
+            if now - _recorded.get(ident, -USE_INTERVAL_S) < USE_INTERVAL_S:
+                return
+            _recorded[ident] = now
+        self._mark(self.used_uri(kind, key))
+
+    def record_model(self, kind: str, key: str, model: str) -> None:
+        """Say which model the entry was computed with (bookkeeping, like :meth:`record_use`)."""
+        self._mark(self.model_uri(kind, key, model))
+
+    @staticmethod
+    def _mark(uri: str) -> None:
+        try:
+            storage.write_bytes(uri, b"")
+        except storage.StorageError as exc:
+            log.warning("could not record cache bookkeeping %s (%s)", uri, exc)
 
     def put(self, kind: str, key: str, data: bytes) -> str:
         """Store an entry atomically (replacing a bad one); returns its URI."""

@@ -139,19 +139,29 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stage setting, e.g. --set concept.max_train_steps=100")
     add_settings_arguments(run)
 
-    cache = sub.add_parser("cache", help="what a stage cache holds, and pruning it")
+    cache = sub.add_parser("cache", help="what a stage cache (or the model cache) holds, and "
+                           "pruning it")
     what = cache.add_subparsers(dest="cache_command", required=True)
     cache_help = "the stage cache: a folder or s3:// prefix (a run's default: OUTPUT/_cache)"
-    ls = what.add_parser("ls", help="every entry: kind, size, age (since written), key")
-    du = what.add_parser("du", help="entries and bytes by kind, and the total")
+    ls = what.add_parser("ls", help="every entry: kind, size, time unused (since its last read "
+                         "or write), model, key")
+    du = what.add_parser("du", help="entries and bytes by kind and by model, and the total")
     prune = what.add_parser("prune", help="delete entries by age and/or to fit a size; prints "
                             "what would go unless --yes (never an entry under a live claim)")
     for p in (ls, du, prune):
-        p.add_argument("cache", help=cache_help)
-        p.add_argument("--kind", action="append", choices=("concept", "content", "fusion"),
-                       help="only entries of this kind (repeat for several)")
+        p.add_argument("cache", nargs="?", help=cache_help)
+        p.add_argument("--model-cache", action="store_true", help="the model cache instead "
+                       "(VCT_MODEL_CACHE, default ~/.cache/vct/models: s3:// models synced, "
+                       "single files downloaded and converted)")
+        p.add_argument("--kind", action="append", choices=(
+            "concept", "content", "fusion", "single-file", "s3-model", "s3-file"),
+            help="only entries of this kind (repeat for several)")
+        p.add_argument("--model", action="append", metavar="IDENTITY",
+                       help="only entries of this model: its identity or a prefix of it, as "
+                       "`ls` shows it (repeat for several)")
     prune.add_argument("--older-than", type=_flag(_age), metavar="AGE",
-                       help="entries written longer ago than this: 30d, 12h, 90m, 45s")
+                       help="entries unused (not read or written) for longer than this: 30d, "
+                       "12h, 90m, 45s")
     prune.add_argument("--max-size", type=_flag(_size), metavar="SIZE",
                        help="then the oldest, until the entries in scope fit: 500M, 50G, 1.5T "
                        "(powers of 1024)")
@@ -191,41 +201,51 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from vct import storage
     from vct.batch import cache_admin as A
 
+    if bool(args.cache) == bool(args.model_cache):
+        raise UserError(f"vct cache {args.cache_command}: give a stage cache (a folder or s3:// "
+                        "prefix) or --model-cache, not both")
     root = args.cache
-    if not storage.is_s3(root) and not Path(root.removeprefix("file://")).expanduser().is_dir():
+    if root and not storage.is_s3(root) and not Path(root.removeprefix("file://")).expanduser(
+            ).is_dir():
         raise UserError(f"cache {root}: no such folder")
     now = time.time()
-    found = A.scan(root, now)
-    entries = [e for e in found.entries if not args.kind or e.kind in args.kind]
+    listing = A.list_cache(root, args.model_cache, now)
+    entries_all, live = listing.entries, listing.protected
+    models = tuple(args.model) if args.model else None
+    entries = [e for e in entries_all if (not args.kind or e.kind in args.kind)
+               and (models is None or (e.model or "").startswith(models))]
     if args.cache_command == "ls":
+        print(f"{'kind':11} {'size':>10} {'unused':>7}  {'model':16} key")
         for e in entries:
-            print(f"{e.kind:8} {A.human_size(e.size):>10} {A.human_age(e.age(now)):>7}  {e.key}")
+            print(f"{e.kind:11} {A.human_size(e.size):>10} {A.human_age(e.age(now)):>7}  "
+                  f"{(e.model or '?')[:16]:16} {e.key}")
         return 0
     if args.cache_command == "du":
-        sums = A.totals(entries)
-        for kind, (count, size) in sums.items():
-            print(f"{kind:8} {count:8d} entries {A.human_size(size):>10}")
-        print(f"{'total':8} {sum(c for c, _ in sums.values()):8d} entries "
-              f"{A.human_size(sum(b for _, b in sums.values())):>10}")
+        for by in ("kind", "model"):
+            for name, (count, size) in A.totals(entries, by).items():
+                print(f"{by} {name[:24]:24} {count:8d} entries {A.human_size(size):>10}")
+        print(f"{'total':29} {len(entries):8d} entries "
+              f"{A.human_size(sum(e.size for e in entries)):>10}")
         return 0
     if args.older_than is None and args.max_size is None:
         raise UserError("vct cache prune: say what to delete: --older-than, --max-size or both")
-    chosen = A.select(found.entries, now, older_than_s=args.older_than,
-                      max_bytes=args.max_size, kinds=args.kind, protected=found.live_claims)
-    held = [e for e in entries if (e.kind, e.key) in found.live_claims]
+    chosen = A.select(entries_all, now, older_than_s=args.older_than, max_bytes=args.max_size,
+                      kinds=args.kind, models=models, protected=live)
+    held = [e for e in entries if (e.kind, e.key) in live]
+    why = "in use" if args.model_cache else "under a live claim"
     if not args.yes:
         for e in chosen:
-            print(f"would delete {e.kind} {e.key} ({A.human_size(e.size)}, "
-                  f"{A.human_age(e.age(now))} old)")
+            print(f"would delete {e.kind} {e.key} ({A.human_size(e.size)}, unused "
+                  f"{A.human_age(e.age(now))})")
         print(f"{len(chosen)} entries, {A.human_size(sum(e.size for e in chosen))} would go; "
-              f"{len(held)} under a live claim kept. Nothing was deleted: add --yes to delete")
+              f"{len(held)} {why} kept. Nothing was deleted: add --yes to delete")
         return 0
-    pruned = A.delete(root, chosen)
+    pruned = A.prune(listing, chosen)
     for e in pruned.deleted:
         print(f"deleted {e.kind} {e.key} ({A.human_size(e.size)})")
     print(f"deleted {len(pruned.deleted)} entries, "
           f"{A.human_size(sum(e.size for e in pruned.deleted))}; "
-          f"{len(held) + len(pruned.kept_claimed)} under a live claim kept")
+          f"{len(held) + len(pruned.kept_claimed)} {why} kept")
     return 0
 
 

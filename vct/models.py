@@ -255,7 +255,7 @@ def local_model_folder(spec: str, cache_root: Path | None = None,
 
     root = cache_root or model_cache_root()
     if is_single_file(spec):
-        return converted_folder(spec, config, root)
+        return touch_last_used(converted_folder(spec, config, root))
     if config:
         raise ModelError(f"model {spec}: --model-config applies to a single-file checkpoint "
                          "(.safetensors or .ckpt) only; a diffusers folder has its own configs")
@@ -263,10 +263,22 @@ def local_model_folder(spec: str, cache_root: Path | None = None,
         from vct import storage
 
         try:
-            return storage.sync_prefix(spec, root)
+            return touch_last_used(storage.sync_prefix(spec, root))
         except storage.StorageError as exc:
             raise ModelError(f"model {spec}: {exc}") from None
     return Path(spec).expanduser()
+
+
+LAST_USED = ".vct-last-used"
+"""An empty file in each model-cache folder, touched at every use (`vct cache --model-cache`)."""
+
+
+def touch_last_used(folder: Path) -> Path:
+    try:
+        (folder / LAST_USED).touch()
+    except OSError:
+        pass  # a read-only cache only loses the record
+    return folder
 
 
 def load_models(spec: str, device: str = "auto", dtype: str = "fp32", *,

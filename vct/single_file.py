@@ -211,6 +211,9 @@ def converted_folder(spec: str, config: str | None, cache_root: Path) -> Path:
             path = storage.sync_object(spec, cache_root / "files")
         except storage.StorageError as exc:
             raise CheckpointError(f"model {spec}: {exc}") from None
+        from vct.models import touch_last_used
+
+        touch_last_used(path.parent)
     else:
         path = Path(spec).expanduser()
     if not path.is_file():

@@ -6,30 +6,43 @@ entries older than an age, then the oldest until the cache fits a size, optional
 only. Choosing is pure (entries in, entries to delete out); listing and deleting are thin
 adapters over :mod:`vct.storage`.
 
+Age is the time since an entry was last used: a read records it (``_used/<kind>/<key>``, an
+empty object whose time is the last use; S3 has no access time), and an entry never read since
+it was written is as old as its write. Each entry's model is recorded beside it when written
+(``_models/<identity>/<kind>/<key>``), so one listing gives kind, size, age and model; entries
+written before these records existed show no model.
+
 Safety: only objects laid out exactly as :class:`vct.cache.StageCache` writes them
 (``<root>/<kind>/<key[:2]>/<key>.safetensors``) are entries, and a deletion's URI is rebuilt by
 ``StageCache.uri``, so nothing outside the cache's entries (claims, temp files, foreign files,
 other prefixes) is ever deleted. An entry whose key is under a live claim
 (:mod:`vct.batch.claims`) is kept: its holder is computing or storing it right now; the claim is
-read again just before each deletion. Age is the time since the entry was written (its mtime or
-S3 LastModified): reads are not recorded, so a hit does not make an entry younger.
+read again just before each deletion. A run that finds an entry gone computes it again.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
+import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from vct import storage
 from vct.batch.claims import CLAIMS_DIR, Claims
-from vct.cache import SUFFIX, StageCache
+from vct.cache import MODELS_DIR, SUFFIX, USED_DIR, StageCache
 
 _ENTRY_RE = re.compile(r"^(?P<kind>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})/(?P<fan>[0-9a-f]{2})/"
                        r"(?P<key>[0-9a-f]{64})" + re.escape(SUFFIX) + "$")
 _CLAIM_RE = re.compile(r"^" + CLAIMS_DIR + r"/(?P<kind>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})/"
                        r"(?P<key>[0-9a-f]{64})\.json$")
+_KIND = r"(?P<kind>[A-Za-z0-9][A-Za-z0-9_.-]{0,63})"
+_USED_RE = re.compile(rf"^{USED_DIR}/{_KIND}/(?P<key>[0-9a-f]{{64}})$")
+_MODEL_RE = re.compile(rf"^{MODELS_DIR}/(?P<model>[0-9A-Za-z][0-9A-Za-z_.+-]{{0,199}})/{_KIND}/"
+                       r"(?P<key>[0-9a-f]{64})$")
 _UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -43,9 +56,16 @@ class Entry:
     uri: str
     size: int
     modified: float  # epoch seconds: when it was written
+    used: float | None = None  # epoch seconds: when it was last read, if ever recorded
+    model: str | None = None  # the model identity it was computed with, if recorded
+
+    @property
+    def last_use(self) -> float:
+        return max(self.modified, self.used or 0.0)
 
     def age(self, now: float) -> float:
-        return max(0.0, now - self.modified)
+        """Seconds since the entry was last used (read, or written)."""
+        return max(0.0, now - self.last_use)
 
 
 # ---------------------------------------------------------------- pure: parsing and choosing
@@ -56,13 +76,21 @@ def _relative(root_uri: str, uri: str) -> str | None:
 
 
 def entries_of(root_uri: str, objects: Iterable[storage.ObjectInfo]) -> list[Entry]:
-    """The cache entries among a listing of the cache root; anything else is not an entry."""
-    out = []
+    """The cache entries among a listing of the cache root, with their last use and model
+    from the bookkeeping records in the same listing; anything else is not an entry."""
+    found, used, models = [], {}, {}
     for obj in objects:
         rel = _relative(root_uri, obj.uri)
-        match = _ENTRY_RE.match(rel) if rel is not None else None
-        if match and match["fan"] == match["key"][:2]:
-            out.append(Entry(match["kind"], match["key"], obj.uri, obj.size, obj.modified))
+        if rel is None:
+            continue
+        if (match := _ENTRY_RE.match(rel)) and match["fan"] == match["key"][:2]:
+            found.append((match["kind"], match["key"], obj))
+        elif match := _USED_RE.match(rel):
+            used[(match["kind"], match["key"])] = obj.modified
+        elif match := _MODEL_RE.match(rel):
+            models[(match["kind"], match["key"])] = match["model"]
+    out = [Entry(kind, key, obj.uri, obj.size, obj.modified, used.get((kind, key)),
+                 models.get((kind, key))) for kind, key, obj in found]
     return sorted(out, key=lambda e: (e.kind, e.modified, e.key))
 
 
@@ -77,21 +105,24 @@ def claimed_keys(root_uri: str, objects: Iterable[storage.ObjectInfo]) -> list[t
     return out
 
 
-def totals(entries: Iterable[Entry]) -> dict[str, tuple[int, int]]:
-    """{kind: (entries, bytes)}, kinds sorted."""
+def totals(entries: Iterable[Entry], by: str = "kind") -> dict[str, tuple[int, int]]:
+    """{kind (or model, with by="model"): (entries, bytes)}, sorted."""
     out: dict[str, tuple[int, int]] = {}
     for e in entries:
-        count, size = out.get(e.kind, (0, 0))
-        out[e.kind] = (count + 1, size + e.size)
+        name = (e.model or "?") if by == "model" else e.kind
+        count, size = out.get(name, (0, 0))
+        out[name] = (count + 1, size + e.size)
     return dict(sorted(out.items()))
 
 
 def select(entries: Iterable[Entry], now: float, *, older_than_s: float | None = None,
            max_bytes: int | None = None, kinds: Iterable[str] | None = None,
+           models: Iterable[str] | None = None,
            protected: Iterable[tuple[str, str]] = ()) -> list[Entry]:
-    """The entries to delete, oldest first.
+    """The entries to delete, least recently used first.
 
-    In scope are the entries of ``kinds`` (all when None). Of those, every entry older than
+    In scope are the entries of ``kinds`` (all when None) computed with one of ``models`` (all
+    when None; a model matches by identity prefix). Of those, every entry unused for longer than
     ``older_than_s`` goes; then, while the scope's remaining total is over ``max_bytes``, the
     oldest remaining ones go. A ``protected`` (kind, key) (under a live claim) never goes, but
     its size still counts towards the total.
@@ -99,9 +130,11 @@ def select(entries: Iterable[Entry], now: float, *, older_than_s: float | None =
     if older_than_s is None and max_bytes is None:
         raise ValueError("say what to prune: an age (older_than_s), a size (max_bytes) or both")
     wanted = set(kinds) if kinds is not None else None
+    prefixes = tuple(models) if models is not None else None
     keep = set(protected)
-    scope = sorted((e for e in entries if wanted is None or e.kind in wanted),
-                   key=lambda e: (e.modified, e.kind, e.key))
+    scope = sorted((e for e in entries if (wanted is None or e.kind in wanted)
+                    and (prefixes is None or (e.model or "").startswith(prefixes))),
+                   key=lambda e: (e.last_use, e.kind, e.key))
     chosen: list[Entry] = []
     rest: list[Entry] = []
     for e in scope:
@@ -116,7 +149,7 @@ def select(entries: Iterable[Entry], now: float, *, older_than_s: float | None =
                 continue
             chosen.append(e)
             total -= e.size
-    return sorted(chosen, key=lambda e: (e.modified, e.kind, e.key))
+    return sorted(chosen, key=lambda e: (e.last_use, e.kind, e.key))
 
 
 def parse_size(text: str) -> int:
@@ -194,5 +227,103 @@ def delete(root_uri: str, chosen: Iterable[Entry]) -> Pruned:
             done.kept_claimed.append(e)
             continue
         storage.delete(uri)
+        for record in [cache.used_uri(e.kind, e.key)] + (
+                [cache.model_uri(e.kind, e.key, e.model)] if e.model else []):
+            storage.delete(record)  # its bookkeeping goes with it (a missing one is fine)
         done.deleted.append(e)
     return done
+
+
+# ---------------------------------------------------------------- the model cache
+MODEL_IN_USE_S = 600.0
+"""A model folder used this recently is never pruned: a process may be loading it."""
+_MODEL_FOLDERS = (  # (kind, pattern of the path below the root, the file that completes it)
+    ("single-file", re.compile(r"^single-[0-9a-f]{24}(-[0-9a-f]{12})?$"), "vct_single_file.json"),
+    ("s3-model", re.compile(r"^[0-9a-f]{64}$"), ".complete"),
+    ("s3-file", re.compile(r"^files/[0-9a-f]{64}$"), ".complete"),
+)
+
+
+def _folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def model_entries(root: Path) -> list[Entry]:
+    """The model cache's folders (VCT_MODEL_CACHE): s3:// models synced, single files
+    downloaded and converted. Only complete folders laid out as vct makes them are entries."""
+    from vct.models import LAST_USED
+    from vct.single_file import single_file_identity
+
+    root = Path(root)
+    candidates = [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+    if (root / "files").is_dir():
+        candidates += [p for p in (root / "files").iterdir() if p.is_dir()]
+    out = []
+    for folder in candidates:
+        rel = folder.relative_to(root).as_posix()
+        for kind, pattern, marker in _MODEL_FOLDERS:
+            if pattern.match(rel) and (folder / marker).is_file():
+                used = folder / LAST_USED
+                out.append(Entry(kind, rel, str(folder), _folder_size(folder),
+                                 (folder / marker).stat().st_mtime,
+                                 used.stat().st_mtime if used.is_file() else None,
+                                 single_file_identity(folder)))
+    return sorted(out, key=lambda e: (e.kind, e.modified, e.key))
+
+
+def delete_models(root: Path, chosen: Iterable[Entry], now: float | None = None) -> Pruned:
+    """Delete model folders: each renamed aside first (a loader sees it whole or not at all),
+    then removed; a folder used in the last :data:`MODEL_IN_USE_S` is kept."""
+    from vct.models import LAST_USED
+
+    root = Path(root).resolve()
+    done = Pruned([], [])
+    for e in chosen:
+        folder = Path(e.uri).resolve()
+        if folder.parent not in (root, root / "files") or not any(
+                p.match(e.key) for _, p, _ in _MODEL_FOLDERS):
+            raise ValueError(f"{folder} is not a model cache folder of {root}")
+        used = folder / LAST_USED
+        last = used.stat().st_mtime if used.is_file() else 0.0
+        if (now if now is not None else time.time()) - last < MODEL_IN_USE_S:
+            done.kept_claimed.append(e)
+            continue
+        aside = folder.with_name(f".{folder.name}.{secrets.token_hex(4)}.deleting")
+        os.rename(folder, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        done.deleted.append(e)
+    return done
+
+
+# ---------------------------------------------------------------- one listing, one prune
+@dataclass
+class Listing:
+    """A stage cache or the model cache, listed once: its entries and those never to delete
+    (under a live claim; for models, in use)."""
+
+    root: str
+    entries: list[Entry]
+    protected: set[tuple[str, str]]
+    models: bool
+
+
+def list_cache(cache: str | None, model_cache: bool = False,
+               now: float | None = None) -> Listing:
+    """`cache` (a stage cache: folder or s3:// prefix), or with `model_cache` the model cache."""
+    from vct.models import model_cache_root
+
+    now = time.time() if now is None else now
+    if model_cache:
+        root = str(model_cache_root())
+        entries = model_entries(Path(root))
+        busy = {(e.kind, e.key) for e in entries if now - e.last_use < MODEL_IN_USE_S}
+        return Listing(root, entries, busy, True)
+    found = scan(cache, now)
+    return Listing(cache, found.entries, found.live_claims, False)
+
+
+def prune(listing: Listing, chosen: list[Entry]) -> Pruned:
+    """Delete what :func:`select` chose from this listing (each entry checked again first)."""
+    if listing.models:
+        return delete_models(Path(listing.root), chosen)
+    return delete(listing.root, chosen)

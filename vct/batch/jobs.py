@@ -30,7 +30,7 @@ from vct.cache import StageCache
 from vct.config import ConceptConfig, ContentConfig, FusionConfig, from_dict
 from vct.errors import UserError
 from vct.faults import checkpoint
-from vct.models import VCTModels
+from vct.models import VCTModels, precision_identity
 from vct.sidecar import model_info
 
 log = logging.getLogger("vct.batch")
@@ -207,6 +207,10 @@ def store(cache: StageCache, kind: str, key: str, stored: Stored) -> None:
     read back from those bytes (not the object given: storing may change dtypes)."""
     data = result_bytes(kind, stored)
     cache.put(kind, key, data)
+    model = stored.provenance.get("model") or {}
+    if model.get("identity"):  # the identity the keys use: the files', plus a non-fp32 dtype
+        dtype = {"float16": "fp16", "bfloat16": "bf16"}.get(model.get("dtype"), "fp32")
+        cache.record_model(kind, key, precision_identity(model["identity"], dtype))
     if (memo := active_memo()) is not None:  # what a later read would give, bit for bit
         memo.put((cache.root_uri, kind, key), load_result(kind, data, key=key), len(data))
 
