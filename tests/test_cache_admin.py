@@ -279,3 +279,45 @@ def test_the_cache_prune_flow_is_a_dry_run_until_told(prefect_harness, tmp_path)
     assert {e.key for e in A.scan(root).entries} == {keys["content"]}
     with pytest.raises(ValueError, match="not both"):
         cache_prune(cache_uri=root, model_cache=True)
+
+
+def test_a_prune_racing_a_run_loses_nothing_of_the_run(tiny_model_dir, images, tmp_path):
+    """A pruner deleting every unclaimed entry in a loop while a run goes: the run completes
+    with the same PNGs as an undisturbed one (what it stored it keeps in memory, what it
+    claimed is never deleted), and the next run computes again what was pruned."""
+    import threading
+
+    def run(out: str, cache: str) -> int:
+        return main(["translate", "--model", str(tiny_model_dir), "--reference",
+                     str(images["ref"]), "--source", str(images["src_a"]), "--source",
+                     str(images["src_b"]), "--out", str(tmp_path / out), "--max-train-steps",
+                     "3", "--num-inference-steps", "4", "--num-inner-steps", "1", "--quiet",
+                     "--threads", "1", "--cache", str(tmp_path / cache)])
+
+    raced = str(tmp_path / "raced")
+    os.makedirs(raced)
+    stop, deleted = threading.Event(), []
+
+    def pruner() -> None:
+        while not stop.is_set():
+            listing = A.list_cache(raced)
+            chosen = A.select(listing.entries, time.time(), max_bytes=0,
+                              protected=listing.protected)
+            deleted.extend(A.prune(listing, chosen).deleted)
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=pruner)
+    thread.start()
+    try:
+        assert run("a", "raced") == 0
+    finally:
+        stop.set()
+        thread.join()
+    assert {e.kind for e in deleted} >= {"concept", "content"}  # it did race the run
+    assert run("b", "quiet") == 0
+    for stem in ("src_a", "src_b"):
+        assert (tmp_path / "a" / f"{stem}.png").read_bytes() == \
+            (tmp_path / "b" / f"{stem}.png").read_bytes()
+    A.prune(A.list_cache(raced), A.list_cache(raced).entries)
+    assert run("c", "raced") == 0 and {e.kind for e in A.scan(raced).entries} == {
+        "concept", "content", "fusion"}
