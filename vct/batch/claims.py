@@ -22,6 +22,10 @@ its key is *claimed* in the cache, next to where its result will land:
 - The claim is deleted (again only by the version its holder wrote) once the result is stored,
   or when the job failed.
 
+The lease itself (create if absent, compare-and-swap renewals and takeover, release, the renewal
+thread) is :mod:`vct.batch.lease`, shared with the incoming manifests' markers; this module
+says what a claim's record holds and how jobs wait on each other's claims.
+
 A claim is only ever an optimisation of *who* computes: results are content-addressed and
 written atomically, so even a holder that lost its lease and finished anyway writes the same
 bytes. Leases compare wall clocks across machines: keep them NTP-synchronised, and keep the
@@ -30,11 +34,9 @@ lease (``VCT_CLAIM_LEASE_S``, default 60 s) far above any clock skew and storage
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -43,6 +45,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from vct import storage
+from vct.batch import lease
 from vct.batch.jobs import Job, JobOutcome
 from vct.cache import StageCache
 
@@ -90,16 +93,12 @@ class Owner:
                 "flow_run_id": self.flow_run_id}
 
 
-@dataclass
-class Claim:
-    """A claim this process holds: where it is, the version it last wrote, whether it lost it."""
+class Claim(lease.Lease):
+    """A claim this process holds: a lease on one (kind, key)."""
 
-    kind: str
-    key: str
-    uri: str
-    version: str
-    record: dict
-    lost: bool = False
+    def __init__(self, kind: str, key: str, uri: str, version: str, record: dict):
+        super().__init__(uri, version, record)
+        self.kind, self.key = kind, key
 
 
 @dataclass
@@ -124,7 +123,6 @@ class Claims:
                                                                         DEFAULT_LEASE_S)
         self.poll_s = poll_s if poll_s is not None else env_seconds(ENV_POLL, DEFAULT_POLL_S)
         self.clock = clock
-        self._lock = threading.Lock()  # renewals vs release of the same claim
 
     def landed(self, kind: str, key: str) -> bool:
         """Whether a *verified* result is in the cache: a bad entry (the very reason a job may
@@ -146,21 +144,14 @@ class Claims:
                 "expires_at": now + self.lease_s, "lease_s": self.lease_s,
                 "took_over": took_over}
 
-    @staticmethod
-    def _bytes(record: dict) -> bytes:
-        return json.dumps(record, sort_keys=True).encode()
-
     def read(self, kind: str, key: str) -> tuple[dict, str] | None:
         """The current claim on (kind, key) and its version, or None. An unreadable claim
         (a foreign or truncated object) counts as expired: it must not block the key forever."""
-        got = storage.read_versioned(self.uri(kind, key))
+        got = lease.read(self.uri(kind, key))
         if got is None:
             return None
-        data, version = got
-        try:
-            record = json.loads(data)
-            float(record["expires_at"])
-        except (ValueError, KeyError, TypeError):
+        record, version = got
+        if not isinstance(record.get("expires_at"), int | float):
             record = {"expires_at": 0.0, "owner": {}, "unreadable": True}
         return record, version
 
@@ -169,18 +160,18 @@ class Claims:
         None when someone else holds a live claim (or won the race for an expired one)."""
         uri = self.uri(kind, key)
         record = self._record(kind, key)
-        version = storage.conditional_put(uri, self._bytes(record), None)
+        version = lease.create(uri, record)
         if version is not None:
             return Claim(kind, key, uri, version, record)
         current = self.read(kind, key)
         if current is None:  # released between our create and our read: try once more
-            version = storage.conditional_put(uri, self._bytes(record), None)
+            version = lease.create(uri, record)
             return Claim(kind, key, uri, version, record) if version is not None else None
         theirs, their_version = current
-        if float(theirs["expires_at"]) > self.clock():
+        if lease.is_live(theirs, self.clock()):
             return None
         record = self._record(kind, key, took_over=theirs.get("owner"))
-        version = storage.conditional_put(uri, self._bytes(record), their_version)
+        version = lease.create(uri, record, replacing=their_version)
         if version is None:
             return None  # renewed meanwhile, or another waiter took it first
         log.warning("%s %s: took over the claim of %s, whose lease expired", kind, key[:12],
@@ -190,53 +181,22 @@ class Claims:
         return Claim(kind, key, uri, version, record)
 
     def renew(self, claim: Claim) -> bool:
-        """Push the lease forward; False (and ``claim.lost``) when someone took it over."""
-        with self._lock:
-            if claim.lost:
-                return False
-            now = self.clock()
-            record = {**claim.record, "expires_at": now + self.lease_s,
-                      "renewed_at": datetime.fromtimestamp(now, UTC).isoformat()}
-            version = storage.conditional_put(claim.uri, self._bytes(record), claim.version)
-            if version is None:
-                claim.lost = True
-                log.warning("%s %s: lost its claim (lease expired and taken over); the result "
-                            "it stores is the same bytes either way", claim.kind, claim.key[:12])
-                return False
-            claim.version, claim.record = version, record
-            return True
+        """Push the lease forward; False (and ``claim.lost``) when someone took it over (the
+        result it stores is the same bytes either way)."""
+        now = self.clock()
+        return claim.swap({**claim.record, "expires_at": now + self.lease_s,
+                           "renewed_at": datetime.fromtimestamp(now, UTC).isoformat()})
 
     def release(self, claim: Claim) -> None:
         """Delete the claim if it is still ours (after the result is stored, or on failure)."""
-        with self._lock:
-            if not claim.lost:
-                storage.delete_if_match(claim.uri, claim.version)
-            claim.lost = True
+        claim.drop()
 
     @contextmanager
     def renewing(self, claims: list[Claim]) -> Iterator[None]:
-        """Renew these claims every ``lease_s / 3`` seconds from a daemon thread while the
-        block runs. A renewal's storage error is logged and retried at the next tick: the
-        lease is three ticks long, so one failed renewal does not lose it."""
-        stop = threading.Event()
-
-        def loop() -> None:
-            while not stop.wait(self.lease_s / 3):
-                for claim in claims:
-                    if stop.is_set():
-                        return
-                    try:
-                        self.renew(claim)
-                    except storage.StorageError as exc:
-                        log.warning("renewing claim %s failed (%s)", claim.uri, exc)
-
-        thread = threading.Thread(target=loop, name="vct-claim-renewer", daemon=True)
-        thread.start()
-        try:
+        """Renew these claims every ``lease_s / 3`` seconds while the block runs: the lease is
+        three ticks long, so one failed renewal does not lose it."""
+        with lease.renewing(claims, self.renew, self.lease_s / 3, "vct-claim-renewer"):
             yield
-        finally:
-            stop.set()
-            thread.join()
 
 
 @dataclass

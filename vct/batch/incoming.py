@@ -17,7 +17,8 @@ JSON record. The rules, and why:
   crashes or raises releases its claim at once (status ``released``: the flow's Prefect state
   hooks call :func:`release_held`; the ``renewing`` block releases on any exception leaving
   it), so the next poll takes it over without waiting.
-- **Every write of a marker is a compare-and-swap** (:func:`vct.storage.conditional_put`):
+- **Every write of a marker is a compare-and-swap** (the lease of :mod:`vct.batch.lease`,
+  shared with the cache's claims):
   a claim creates the marker only if absent; a renewal, a release, a takeover and the final
   record replace it only if it still has the ETag this process last saw. Two pollers that
   judged the same marker can never both win, and a run whose lease was taken over (it stalled
@@ -48,6 +49,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from vct import storage
+from vct.batch import lease
 from vct.config import ConfigError
 
 log = logging.getLogger("vct.batch")
@@ -156,10 +158,7 @@ def judge(manifest: storage.ObjectInfo, marker: storage.ObjectInfo | None,
         return "unreadable", {}
     status = record.get("status")
     if status == RUNNING:
-        expires = record.get("expires_at")
-        if isinstance(expires, int | float) and expires > now:
-            return "held", record
-        return "expired", record
+        return ("held" if lease.is_live(record, now) else "expired"), record
     if status == RELEASED:
         return "released", record
     if status in FINISHED:
@@ -193,19 +192,15 @@ _held: dict[str, set[Lease]] = {}
 _held_lock = threading.Lock()
 
 
-class Lease:
-    """A claim on one manifest held by this process: renew it while working, then
-    :meth:`finish` with the run's outcome or :meth:`release` it. Every write is a
-    compare-and-swap on the ETag this lease last wrote; if one fails the lease is ``lost``
-    (another poller took the manifest over) and this lease never writes the marker again."""
+class Lease(lease.Lease):
+    """A claim on one manifest held by this process, in its marker record: renew it while
+    working, then :meth:`finish` with the run's outcome or :meth:`release` it. The mechanism
+    (compare-and-swap writes, ``lost``, the renewal thread) is :mod:`vct.batch.lease`."""
 
     def __init__(self, candidate: Candidate, owner: str, policy: LeasePolicy, key: str,
                  record: dict[str, Any], etag: str):
+        super().__init__(marker_uri(candidate.manifest.uri), etag, record)
         self.candidate, self.owner, self.policy, self.key = candidate, owner, policy, key
-        self.record, self.etag = record, etag
-        self.lost = False
-        self.closed = False
-        self._lock = threading.Lock()
 
     @property
     def manifest_uri(self) -> str:
@@ -213,62 +208,34 @@ class Lease:
 
     @property
     def marker_uri(self) -> str:
-        return marker_uri(self.manifest_uri)
-
-    def _write(self, record: dict[str, Any]) -> bool:
-        """Replace the marker with `record` if it is still ours; False (and lost) if not."""
-        with self._lock:
-            if self.lost or self.closed:
-                return False
-            etag = storage.conditional_put(self.marker_uri, _record_bytes(record), self.etag)
-            if etag is None:
-                self.lost = True
-                log.warning("lease on %s lost: another run took the manifest over",
-                            self.manifest_uri)
-                return False
-            self.record, self.etag = record, etag
-            return True
+        return self.uri
 
     def renew(self, now: float | None = None) -> bool:
         """Push the expiry ``lease_s`` ahead of now; False once the lease is lost or closed."""
         now = time.time() if now is None else now
-        return self._write({**self.record, "expires_at": now + self.policy.lease_s,
-                            "expires": _iso(now + self.policy.lease_s), "renewed": _iso(now),
-                            "renewals": int(self.record.get("renewals", 0)) + 1})
+        return self.swap({**self.record, "expires_at": now + self.policy.lease_s,
+                          "expires": _iso(now + self.policy.lease_s), "renewed": _iso(now),
+                          "renewals": int(self.record.get("renewals", 0)) + 1})
 
     @contextlib.contextmanager
     def renewing(self) -> Iterator[Lease]:
         """Renew every ``renew_s`` seconds in a daemon thread while the block runs; any
         exception leaving the block (an error, a termination signal) releases the claim."""
-        stop = threading.Event()
-
-        def loop() -> None:
-            while not stop.wait(self.policy.renew_s):
-                try:
-                    if not self.renew():
-                        return
-                except Exception as exc:  # noqa: BLE001 - a failed renewal is retried next time
-                    log.warning("renewing the lease on %s failed: %s", self.manifest_uri, exc)
-
-        thread = threading.Thread(target=loop, name=f"lease {self.manifest_uri}", daemon=True)
-        thread.start()
-        try:
-            yield self
-        except BaseException as exc:
-            stop.set()
-            self.release(f"{type(exc).__name__}: {exc}".strip().rstrip(":"))
-            raise
-        finally:
-            stop.set()
-            thread.join(timeout=5)
+        with lease.renewing([self], lambda held: held.renew(), self.policy.renew_s,
+                            f"lease {self.manifest_uri}"):
+            try:
+                yield self
+            except BaseException as exc:
+                self.release(f"{type(exc).__name__}: {exc}".strip().rstrip(":"))
+                raise
 
     def finish(self, status: str, **fields: Any) -> bool:
         """The final record (``done``, ``partial`` or ``failed``, with the run's fields)."""
         if status not in FINISHED:
             raise ValueError(f"status must be one of {', '.join(FINISHED)}, got {status!r}")
         now = time.time()
-        ok = self._write({**self.record, **fields, "status": status, "finished": _iso(now),
-                          "expires_at": None, "expires": None})
+        ok = self.swap({**self.record, **fields, "status": status, "finished": _iso(now),
+                        "expires_at": None, "expires": None})
         self._close()
         return ok
 
@@ -276,25 +243,21 @@ class Lease:
         """Give the claim up now (cancelled, crashed, failed before an outcome): the next
         poll takes the manifest over without waiting for the expiry."""
         now = time.time()
-        ok = self._write({**self.record, "status": RELEASED, "released": _iso(now),
-                          "release_reason": reason[:500], "expires_at": now})
+        ok = self.swap({**self.record, "status": RELEASED, "released": _iso(now),
+                        "release_reason": reason[:500], "expires_at": now})
         self._close()
         if ok:
             log.warning("released the claim on %s (%s)", self.manifest_uri, reason)
         return ok
 
     def _close(self) -> None:
-        self.closed = True
+        self.close()
         with _held_lock:
             held = _held.get(self.key)
             if held is not None:
                 held.discard(self)
                 if not held:
                     del _held[self.key]
-
-
-def _record_bytes(record: dict[str, Any]) -> bytes:
-    return (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
 
 
 def claim(candidate: Candidate, owner: str, policy: LeasePolicy, key: str = "",
@@ -317,14 +280,14 @@ def claim(candidate: Candidate, owner: str, policy: LeasePolicy, key: str = "",
     if previous.get("owner"):
         record["previous"] = {k: previous.get(k) for k in ("status", "owner", "claimed",
                                                             "release_reason")}
-    etag = storage.conditional_put(marker_uri(candidate.manifest.uri), _record_bytes(record),
-                                   candidate.marker_etag)
+    etag = lease.create(marker_uri(candidate.manifest.uri), record,
+                        replacing=candidate.marker_etag)
     if etag is None:
         return None
-    lease = Lease(candidate, owner, policy, key, record, etag)
+    held = Lease(candidate, owner, policy, key, record, etag)
     with _held_lock:
-        _held.setdefault(key, set()).add(lease)
-    return lease
+        _held.setdefault(key, set()).add(held)
+    return held
 
 
 def release_held(key: str, reason: str) -> int:
@@ -333,11 +296,11 @@ def release_held(key: str, reason: str) -> int:
     with _held_lock:
         leases = list(_held.get(key, ()))
     released = 0
-    for lease in leases:
+    for one in leases:
         try:
-            released += lease.release(reason)
+            released += one.release(reason)
         except Exception as exc:  # noqa: BLE001 - a hook must not mask the run's own failure
-            log.error("could not release %s: %s", lease.marker_uri, exc)
+            log.error("could not release %s: %s", one.marker_uri, exc)
     return released
 
 
