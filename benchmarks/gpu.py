@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda"
         else platform.processor() or "cpu",
-        "torch": torch.__version__, "model": args.model, "folder": folder, "size": args.size,
+        "torch": torch.__version__, "model": args.model, "folder": Path(str(folder)).name, "size": args.size,
         "concept_steps": args.concept_steps, "T": args.steps, "inner_steps": args.inner_steps,
         "threads": torch.get_num_threads(), "model_build_or_find_s": round(build_s, 2),
         "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32,

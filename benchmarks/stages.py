@@ -11,6 +11,8 @@ Every line also reports the UNet sample evaluations the counting wrapper saw.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from PIL import Image
 
 from benchmarks.common import ROOT, Section, evals, timed
@@ -25,6 +27,12 @@ def _mse(a, b) -> float:
     return float(((a.float() - b.float()) ** 2).mean())
 
 
+def model_record(spec: str, models) -> dict:
+    """A model as committed results name it: its identity (what every cache key uses) and the
+    folder's name, never the path it had on the machine that measured."""
+    return {"name": Path(str(spec)).name, "identity": models.identity}
+
+
 def measure(model: str, device: str = "cpu", steps: int = 50, concept_steps: int = 25,
             inner_steps: int | None = None, resolution: int | None = None,
             repeats: int = 1, label: str = "stages") -> Section:
@@ -35,7 +43,7 @@ def measure(model: str, device: str = "cpu", steps: int = 50, concept_steps: int
     content_cfg = ContentConfig(num_inference_steps=steps, resolution=resolution,
                                 **({"num_inner_steps": inner_steps}
                                    if inner_steps is not None else {}))
-    data: dict = {"model": model, "device": str(models.device),
+    data: dict = {"model": model_record(model, models), "device": str(models.device),
                   "content_config": content_cfg.model_dump(mode="json")}
 
     # content: the default target and the article's reading
@@ -147,7 +155,8 @@ def sd15(device: str, full: bool, steps: int = 2, concept_steps: int = 2,
                                 resolution=resolution)
     concept_cfg = ConceptConfig(max_train_steps=concept_steps, gradient_accumulation_steps=1,
                                 reference_resolution=resolution)
-    data: dict = {"model": folder, "device": str(models.device), "resolution": resolution,
+    data: dict = {"model": model_record(folder, models), "device": str(models.device),
+                  "resolution": resolution,
                   "T": steps, "concept_updates": concept_steps,
                   "rss_after_load_mib": round(_peak_rss_mib(), 1), "stages": {}}
     runs = (("content", lambda: invert_content(models, house, content_cfg)),

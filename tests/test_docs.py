@@ -34,3 +34,12 @@ def test_the_method_page_has_every_section_the_tests_cite() -> None:
     text = (ROOT / "docs" / "method.md").read_text()
     numbers = {int(n) for n in re.findall(r"^## (\d+)\. ", text, flags=re.M)}
     assert numbers == set(range(1, 14)), sorted(numbers)
+
+
+def test_committed_results_name_models_by_identity_not_by_path() -> None:
+    """A results file names the model it measured by name and identity: the path it had on
+    the measuring machine means nothing to a reader of the clone."""
+    for path in sorted((ROOT / "benchmarks").glob("*.json")):
+        text = path.read_text()
+        for absolute in ("/work/", "/root/", "/tmp/", "/home/"):
+            assert f'"{absolute}' not in text, f"{path.name} names a machine's path {absolute}"

@@ -281,7 +281,7 @@ def fuse_and_write(the_plan: Plan, stages: dict[str, StageReport], executor: Exe
             results[pair.row.pair_id] = unusable
         else:
             fusable.append(pair)
-    finished = pairs.finished_outputs(fusable, the_plan.run_uri, the_plan.io_threads)
+    finished = pairs.finished_outputs(fusable, the_plan.run_uri, the_plan.plan_threads)
     kept, todo = pairs.resume_state(fusable, finished)
     results.update(kept)
     if todo:

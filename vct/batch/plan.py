@@ -67,7 +67,7 @@ class Plan:
     errors: list[RowError]
     concept_jobs: list[Job] = field(default_factory=list)
     content_jobs: list[Job] = field(default_factory=list)
-    io_threads: int = DEFAULT_PLAN_THREADS
+    plan_threads: int = DEFAULT_PLAN_THREADS
     """Storage reads at once when the run checks what it already wrote (``plan_threads``)."""
     given_concepts: list[str] = field(default_factory=list)
     """Concept keys that come from concept files named as references: no job computes them;
@@ -303,7 +303,7 @@ def plan_run(manifest: Manifest, hashes: dict[str, str | Exception], model_ident
     return Plan(run_id=run_id, run_uri=run_uri, manifest_uri=manifest.manifest_uri,
                 model_identity=model_identity, pairs=pairs, errors=errors,
                 concept_jobs=list(concept_jobs.values()),
-                content_jobs=list(content_jobs.values()), io_threads=settings.plan_threads,
+                content_jobs=list(content_jobs.values()), plan_threads=settings.plan_threads,
                 given_concepts=[k for k in given if k not in concept_jobs])
 
 

@@ -20,7 +20,7 @@ another process holds is awaited, not recomputed.
 The start costs what the run needs, not what the manifest names: one listing of the run
 folder says which pairs are finished (:func:`vct.batch.pairs.finished_outputs`); only the
 concepts and contents of families with an unfinished pair are read and verified, the others
-only looked up (a complete rerun reads no stage entry), ``io_threads`` at a time.
+only looked up (a complete rerun reads no stage entry), ``plan_threads`` at a time.
 
 Utilization: each worker's busy seconds (its jobs' wall time) over the time it was ready to
 work (from its model being loaded to the pool's last outcome) goes to run.json, per rank.
@@ -300,7 +300,7 @@ class JobPool:
         return out
 
     def _look_up(self, jobs: list[Job], needed: set[tuple[str, str]]) -> list[bool]:
-        """Whether each job's result is in the cache, ``io_threads`` lookups at once (on S3,
+        """Whether each job's result is in the cache, ``plan_threads`` lookups at once (on S3,
         10 000 contents one after another were minutes before the first job): a needed one
         is read and verified (and kept in the run's memo for its fusions), any other only
         looked for, since nothing will read it."""
@@ -309,7 +309,7 @@ class JobPool:
                 return load(self.cache, job.kind, job.key) is not None
             return self.cache.contains(job.kind, job.key)
 
-        return bounded_map(one, jobs, self.plan.io_threads, "vct-lookup")
+        return bounded_map(one, jobs, self.plan.plan_threads, "vct-lookup")
 
     # ------------------------------------------------------------ the loop
     def run(self) -> PoolOutcome:
@@ -317,7 +317,7 @@ class JobPool:
         with result_memo(), self.claims.renewing(self._held_list):
             try:
                 self._kept = pairs.finished_outputs(self.plan.pairs, self.plan.run_uri,
-                                                    self.plan.io_threads)
+                                                    self.plan.plan_threads)
                 needed = self._needed()
                 jobs = [*self.plan.concept_jobs, *self.plan.content_jobs]
                 unused = []  # every pair that uses it is finished: nothing to compute
