@@ -22,7 +22,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import pandas as pd
 from pydantic import BaseModel
 
 from vct import storage
@@ -130,8 +129,7 @@ def parse_manifest(data: bytes, manifest_uri: str) -> Manifest:
     columns = _normalize_header(header, header_line, manifest_uri)
     data_records = records[header_index + 1:]
     columns = _pad_columns(columns, data_records)
-    frame = _read_frame(data, columns, header_line, manifest_uri)
-    raw_rows, errors = _check_unnamed(_align_rows(data_records, frame))
+    raw_rows, errors = _check_unnamed(_cells_by_column(data_records, columns))
     if not raw_rows and not errors:
         raise ManifestError(f"{manifest_uri}: no data rows below the header (line {header_line})")
     rows, row_errors = _build_rows(raw_rows, manifest_uri)
@@ -153,12 +151,10 @@ def _blank(cells: list[str]) -> bool:
 
 
 def _csv_records(text: str, uri: str) -> list[tuple[int, list[str]]]:
-    """Each CSV record with the physical line it starts on (header = 1).
-
-    Only used for line numbers and field counts: pandas does the parsing, but a quoted cell may
-    span lines, so record index + 2 is not the line number; the csv module tracks it exactly.
-    """
-    reader = csv.reader(io.StringIO(text, newline=""))
+    """Each CSV record with the physical line it starts on (header = 1): the one parse of the
+    file. A quoted cell may span lines, so record index + 2 is not the line number; the csv
+    module tracks it exactly."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     records, previous_end = [], 0
     try:
         for cells in reader:
@@ -204,38 +200,21 @@ def _unknown_message(unknown: list[str], line: int) -> str:
             f"{', '.join(ALLOWED_COLUMNS)}")
 
 
-def _read_frame(data: bytes, columns: list[str], header_line: int, uri: str) -> pd.DataFrame:
-    """pandas parse, everything as text; blank lines kept so rows align with csv records.
-
-    ``columns`` has a placeholder name for every cell position any row uses, so rows with extra
-    cells are parsed (and reported by _check_unnamed) instead of dropped or fatal, and
-    ``index_col=False`` stops pandas from turning the first column into an index.
-    """
-    try:
-        return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False,
-                           encoding="utf-8-sig", skip_blank_lines=False, index_col=False,
-                           header=None, names=columns, skiprows=header_line)
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{uri}: cannot parse CSV: {exc}") from None
-
-
 def _pad_columns(columns: list[str], records: list[tuple[int, list[str]]]) -> list[str]:
     width = max([len(columns)] + [len(cells) for _, cells in records])
     return columns + [_UNNAMED.format(i) for i in range(len(columns) + 1, width + 1)]
 
 
-def _align_rows(records: list[tuple[int, list[str]]],
-                frame: pd.DataFrame) -> list[tuple[int, dict[str, str]]]:
-    """Pair each pandas row with its physical line and drop blank rows."""
-    lines = [line for line, _ in records]
-    if len(lines) != len(frame):  # parsers disagree (never seen): fall back to positions
-        first = records[0][0] if records else 2
-        lines = [first + i for i in range(len(frame))]
+def _cells_by_column(records: list[tuple[int, list[str]]],
+                     columns: list[str]) -> list[tuple[int, dict[str, str]]]:
+    """Each record's cells under their column names (stripped; a short record's missing cells
+    empty), with its physical line; blank rows dropped."""
     rows = []
-    for line, record in zip(lines, frame.to_dict("records")):
-        cells = {k: ("" if v is None else str(v)).strip() for k, v in record.items()}
-        if any(cells.values()):
-            rows.append((line, cells))
+    for line, cells in records:
+        named = {name: (cells[i] if i < len(cells) else "").strip()
+                 for i, name in enumerate(columns)}
+        if any(named.values()):
+            rows.append((line, named))
     return rows
 
 
