@@ -31,7 +31,7 @@ from vct.report import (
     MAX_SHEET_ROWS,
     REQUIRED_COUNTS,
     RESERVED_NAMES,
-    PairOutcome,
+    PairResult,
     build_run_summary,
     contact_sheets,
     is_reserved,
@@ -82,7 +82,7 @@ def _out(name: str, run: str = RUN) -> str:
 def _pair(pair_id: str, line: int, store: Store, *, status: str = "ok",
           source: str | None = None, reference: str | None = None,
           output_name: str | None = None, reason: str | None = None,
-          output: bytes | None = None, run: str = RUN) -> PairOutcome:
+          output: bytes | None = None, run: str = RUN) -> PairResult:
     """A pair whose images exist in ``store`` (unless it failed): outputs at ``<name>.png``."""
     source = source or f"s3://bucket/in/{pair_id}-src.png"
     reference = reference or f"s3://bucket/in/{pair_id}-ref.png"
@@ -92,7 +92,7 @@ def _pair(pair_id: str, line: int, store: Store, *, status: str = "ok",
     has_output = status != "failed"
     if has_output:
         store.data[_out(f"{name}.png", run)] = output if output is not None else _gradient(line)
-    return PairOutcome(
+    return PairResult(
         pair_id=pair_id, line=line, status=status, source_uri=source, reference_uri=reference,
         png_name=f"{name}.png" if has_output else None,
         sidecar_name=f"{name}.json" if has_output else None,
@@ -100,7 +100,7 @@ def _pair(pair_id: str, line: int, store: Store, *, status: str = "ok",
     )
 
 
-def _summary(outcomes: list[PairOutcome], *, status: str = "partial",
+def _summary(outcomes: list[PairResult], *, status: str = "partial",
              row_errors: list[dict] | None = None, run_id: str = "run1",
              output_uri: str = RUN) -> dict:
     return build_run_summary(
@@ -113,7 +113,7 @@ def _summary(outcomes: list[PairOutcome], *, status: str = "partial",
     )
 
 
-def _build(summary: dict, outcomes: list[PairOutcome], store: Store,
+def _build(summary: dict, outcomes: list[PairResult], store: Store,
            **kw: int) -> dict[str, tuple[bytes, str]]:
     """All report files by name; fails if a name is yielded twice (a file written twice)."""
     files: dict[str, tuple[bytes, str]] = {}
@@ -191,7 +191,7 @@ def store() -> Store:
 
 
 @pytest.fixture
-def outcomes(store: Store) -> list[PairOutcome]:
+def outcomes(store: Store) -> list[PairResult]:
     return [
         _pair("p1", 2, store, output_name="house"),
         _pair("p2", 3, store, status="skipped"),
@@ -200,7 +200,7 @@ def outcomes(store: Store) -> list[PairOutcome]:
 
 
 @pytest.fixture
-def summary(outcomes: list[PairOutcome]) -> dict:
+def summary(outcomes: list[PairResult]) -> dict:
     return _summary(outcomes, row_errors=[{"line": 4, "pair_id": "dup",
                                            "reason": "duplicate pair_id"}])
 
@@ -346,7 +346,7 @@ def test_empty_run(store: Store) -> None:
     assert _open(files["contact_sheet.png"][0]).width < 400
 
 
-def test_rejects_bad_page_size_and_thumb(store: Store, outcomes: list[PairOutcome],
+def test_rejects_bad_page_size_and_thumb(store: Store, outcomes: list[PairResult],
                                          summary: dict) -> None:
     for kw in ({"page_size": 0}, {"page_size": 100_000}, {"thumb": 4}):
         with pytest.raises(ValueError):
@@ -518,7 +518,7 @@ def test_transparency_and_cmyk_look_right() -> None:
 # ---------------------------------------------------------------- links
 
 
-def test_links_use_output_names_and_resolve(store: Store, outcomes: list[PairOutcome],
+def test_links_use_output_names_and_resolve(store: Store, outcomes: list[PairResult],
                                             summary: dict) -> None:
     missing = _pair("lost", 6, store, output_name="lost-output")
     del store.data[_out("lost-output.png")]
@@ -647,7 +647,7 @@ def big_run() -> dict:
         for j in range(20):
             name = f"out-{i}-{j}"
             store.data[_out(f"{name}.png")] = _gradient(5000 + line, 24)
-            outcomes.append(PairOutcome(
+            outcomes.append(PairResult(
                 f"pair-{i}-{j}", line, "ok" if line % 97 else "failed",
                 f"s3://in/s{i}.png", f"s3://in/r{j}.png",
                 f"{name}.png" if line % 97 else None, f"{name}.json" if line % 97 else None,
@@ -857,7 +857,7 @@ def _chromium() -> str:
 
 
 def _write_run(folder: Path, files: dict[str, tuple[bytes, str]], store: Store,
-               outcomes: list[PairOutcome], summary: dict, out: str) -> None:
+               outcomes: list[PairResult], summary: dict, out: str) -> None:
     """A downloaded run folder: the report files, run.json, and the outputs at their names."""
     for name, (data, _) in files.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)

@@ -371,13 +371,9 @@ def _read_optional(uri: str) -> bytes | None:
         return None
 
 
-def report_outcomes(summary: RunSummary) -> list[report.PairOutcome]:
-    """The report's view of every planned pair (bad rows are listed as row errors)."""
-    return [report.PairOutcome(pair_id=p.pair_id, line=p.line, status=p.status,
-                               source_uri=p.source_uri, reference_uri=p.reference_uri,
-                               png_name=p.png_name, sidecar_name=p.sidecar_name,
-                               reason=p.reason, timings=p.timings)
-            for p in summary.pairs if p.status != "bad"]
+def report_outcomes(summary: RunSummary) -> list[report.PairResult]:
+    """Every planned pair, as the engine has it (bad rows are listed as row errors)."""
+    return [p for p in summary.pairs if p.status != "bad"]
 
 
 def finish(summary: RunSummary, started_at: str, flow_run_id: str = "",

@@ -13,24 +13,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-PairStatus = Literal["ok", "skipped", "bad", "failed"]
+from vct.report.summary import PairResult, PairStatus
+
+__all__ = ["PairResult", "PairStatus", "RunStatus", "RunSummary", "StageReport", "counts",
+           "run_status"]
+
 RunStatus = Literal["complete", "partial", "failed"]
 STAGE_KINDS = ("concept", "content", "fusion")
-
-
-@dataclass
-class PairResult:
-    """One manifest row's outcome, with the names of its files (None when it has none)."""
-
-    pair_id: str
-    line: int
-    status: PairStatus
-    source_uri: str
-    reference_uri: str
-    png_name: str | None = None
-    sidecar_name: str | None = None
-    reason: str | None = None
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -55,7 +55,7 @@ from vct.report.prefect_artifacts import markdown_summary, table_rows
 from vct.report.summary import (
     REFERENCES_SHOWN,
     REQUIRED_COUNTS,
-    PairOutcome,
+    PairResult,
     build_run_summary,
     run_json_bytes,
 )
@@ -66,7 +66,7 @@ __all__ = [
     "REFERENCES_SHOWN",
     "REQUIRED_COUNTS",
     "RESERVED_NAMES",
-    "PairOutcome",
+    "PairResult",
     "build_run_summary",
     "is_reserved",
     "markdown_summary",

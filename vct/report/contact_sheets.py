@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from vct.report import thumbnails
 from vct.report.bounds import clip
-from vct.report.summary import PairOutcome
+from vct.report.summary import PairResult
 
 MAX_SHEET_ROWS = 100
 """Pairs per contact-sheet PNG: bounds each sheet to ~100 x 108 px tall, a few megapixels."""
@@ -97,14 +97,14 @@ def _tile(thumb: thumbnails.Thumb, word: str, size: int) -> Image.Image:
     return tile
 
 
-def placeholder_word(outcome: PairOutcome, column: str, thumb: thumbnails.Thumb) -> str:
+def placeholder_word(outcome: PairResult, column: str, thumb: thumbnails.Thumb) -> str:
     """Label for an image we cannot show: why it is absent matters to the reader."""
     if column == "output" and outcome.png_name is None:
         return "failed" if outcome.status == "failed" else "no output"
     return thumb.word or "missing"
 
 
-def contact_sheet(rows: list[tuple[PairOutcome, list[thumbnails.Thumb]]], *, title: str,
+def contact_sheet(rows: list[tuple[PairResult, list[thumbnails.Thumb]]], *, title: str,
                   tile: int = _SHEET_TILE) -> bytes:
     """Render one PNG grid, a row per pair (source | reference | output), for visual QA.
 

@@ -11,13 +11,13 @@ from vct.report.bounds import clip
 from vct.report.contact_sheets import MAX_SHEET_ROWS, contact_sheet
 from vct.report.names import join_uri, page_name, sheet_name
 from vct.report.pages import page_html
-from vct.report.summary import PairOutcome, first_reference, manifest_order
+from vct.report.summary import PairResult, first_reference, manifest_order
 
 MAX_PAGE_SIZE = 1000
 """Largest accepted ``page_size``: beyond this one page could exceed a few MB of HTML."""
 
 
-def _page_sheets(rows: list[tuple[PairOutcome, list[thumbnails.Thumb]]], sheets: list[str], *,
+def _page_sheets(rows: list[tuple[PairResult, list[thumbnails.Thumb]]], sheets: list[str], *,
                  first: int, total: int, run_id: str) -> Iterator[tuple[str, bytes, str]]:
     """The contact sheets of one page, :data:`MAX_SHEET_ROWS` rows each.
 
@@ -34,7 +34,7 @@ def _page_sheets(rows: list[tuple[PairOutcome, list[thumbnails.Thumb]]], sheets:
 
 def report_files(
     summary: dict,
-    outcomes: list[PairOutcome],
+    outcomes: list[PairResult],
     read: Callable[[str], bytes | None],
     *,
     page_size: int = 100,
@@ -58,7 +58,7 @@ def report_files(
     return _report_files(summary, outcomes, read, page_size=page_size, thumb=thumb)
 
 
-def _report_files(summary: dict, outcomes: list[PairOutcome],
+def _report_files(summary: dict, outcomes: list[PairResult],
                   read: Callable[[str], bytes | None], *, page_size: int,
                   thumb: int) -> Iterator[tuple[str, bytes, str]]:
     """The generator behind :func:`report_files` (arguments already checked)."""
@@ -66,7 +66,7 @@ def _report_files(summary: dict, outcomes: list[PairOutcome],
     ordered = manifest_order(outcomes)
     pages = [ordered[i:i + page_size] for i in range(0, len(ordered), page_size)] or [[]]
 
-    def uris_of(o: PairOutcome) -> tuple[str, str, str]:
+    def uris_of(o: PairResult) -> tuple[str, str, str]:
         out = join_uri(output_uri, o.png_name) if o.png_name else ""
         return (o.source_uri, first_reference(o.reference_uri), out)
 
@@ -87,7 +87,7 @@ def _report_files(summary: dict, outcomes: list[PairOutcome],
     sheet_number = 1
 
     for number, page in enumerate(pages):
-        rows: list[tuple[PairOutcome, list[thumbnails.Thumb]]] = []
+        rows: list[tuple[PairResult, list[thumbnails.Thumb]]] = []
         for o in page:
             thumbs = []
             for uri in uris_of(o):

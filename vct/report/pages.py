@@ -12,7 +12,7 @@ from vct.report import thumbnails
 from vct.report.bounds import CLIP_ID, CLIP_META, CLIP_REASON, CLIP_URI, MAX_FAILURES_SHOWN, clip
 from vct.report.contact_sheets import COLUMNS, STATUS_COLOURS, placeholder_word
 from vct.report.names import page_name
-from vct.report.summary import PairOutcome
+from vct.report.summary import PairResult
 
 # Bounds of one page: timings shown per pair, page links listed on the index.
 _MAX_TIMINGS = 12
@@ -129,7 +129,7 @@ def _nav(current: int, total: int) -> str:
     return f'<nav aria-label="pages">{" ".join(parts)}</nav>'
 
 
-def _pair_row(o: PairOutcome, thumbs: list[thumbnails.Thumb], thumb: int) -> str:
+def _pair_row(o: PairResult, thumbs: list[thumbnails.Thumb], thumb: int) -> str:
     """One ``<tr>`` of the pairs table: ids, three thumbnails, file links, reason, timings."""
     status_cls = o.status if o.status in STATUS_COLOURS else "other"
     cells = [
@@ -162,7 +162,7 @@ def _pair_row(o: PairOutcome, thumbs: list[thumbnails.Thumb], thumb: int) -> str
     return "<tr>" + "".join(cells) + "</tr>"
 
 
-def _pairs_table(rows: list[tuple[PairOutcome, list[thumbnails.Thumb]]], thumb: int) -> list[str]:
+def _pairs_table(rows: list[tuple[PairResult, list[thumbnails.Thumb]]], thumb: int) -> list[str]:
     """The pairs table of one page."""
     out = ['<table class="pairs"><thead><tr>']
     for title in ("pair", "line", "status", *COLUMNS, "files", "timings"):
@@ -173,7 +173,7 @@ def _pairs_table(rows: list[tuple[PairOutcome, list[thumbnails.Thumb]]], thumb: 
     return out
 
 
-def _index_sections(summary: dict, pages: list[list[PairOutcome]]) -> list[str]:
+def _index_sections(summary: dict, pages: list[list[PairResult]]) -> list[str]:
     """What only the index shows: run metadata, counts, bounded failures and the page list."""
     out = ['<div class="meta">']
     for label, key in (
@@ -229,8 +229,8 @@ def _index_sections(summary: dict, pages: list[list[PairOutcome]]) -> list[str]:
     return out
 
 
-def page_html(summary: dict, *, number: int, pages: list[list[PairOutcome]], first: int,
-              total_pairs: int, rows: list[tuple[PairOutcome, list[thumbnails.Thumb]]],
+def page_html(summary: dict, *, number: int, pages: list[list[PairResult]], first: int,
+              total_pairs: int, rows: list[tuple[PairResult, list[thumbnails.Thumb]]],
               sheets: list[str], thumb: int) -> str:
     """One HTML page: the index (``number == 1``) or a further page of pairs."""
     run_id = summary.get("run_id", "")

@@ -7,7 +7,7 @@ import html
 from typing import Any
 
 from vct.report.bounds import CLIP_ID, CLIP_META, CLIP_REASON, MAX_FAILURES_SHOWN, clip
-from vct.report.summary import PairOutcome, manifest_order
+from vct.report.summary import PairResult, manifest_order
 
 _MD_SPECIAL = str.maketrans({ch: "\\" + ch for ch in "\\`*_[]|<>#!"})
 
@@ -43,7 +43,7 @@ def markdown_summary(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def table_rows(outcomes: list[PairOutcome], limit: int = 200) -> list[dict]:
+def table_rows(outcomes: list[PairResult], limit: int = 200) -> list[dict]:
     """Rows for a Prefect table artifact, at most ``limit``, in manifest order.
 
     When there are more pairs than ``limit``, failed pairs are kept first (they are what the

@@ -1,12 +1,12 @@
-"""``run.json``: what one pair's outcome is (:class:`PairOutcome`), the summary built from the
+"""``run.json``: what one pair's outcome is (:class:`PairResult`), the summary built from the
 outcomes (:func:`build_run_summary`) and its bytes (:func:`run_json_bytes`)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from vct.report.names import join_uri
 
@@ -24,27 +24,31 @@ REQUIRED_COUNTS: tuple[str, ...] = (
 SUMMARY_SCHEMA_VERSION = 2
 
 
-@dataclass
-class PairOutcome:
-    """What happened to one accepted manifest pair; the engine builds one per pair.
+PairStatus = Literal["ok", "skipped", "bad", "failed"]
 
-    ``status`` is ``"ok"``, ``"skipped"`` (the output already existed for the same inputs and
-    settings, so nothing was recomputed) or ``"failed"``; rejected manifest rows are not pairs,
-    they come as ``row_errors``. ``png_name`` / ``sidecar_name`` are relative to the run folder
-    and come from the engine's one naming function (the manifest's ``output_name``, not the
-    pair id), ``None`` when the pair has no output. ``timings`` maps a stage name to seconds.
+
+@dataclass
+class PairResult:
+    """One manifest row's outcome: the one type the engine returns and the report, the flow's
+    artifacts and the CLI read.
+
+    ``status``: ``ok`` (written now), ``skipped`` (already done: same output key, PNG
+    verified), ``bad`` (a manifest row refused, listed with the row errors) or ``failed`` (a
+    computation failed). ``png_name`` / ``sidecar_name`` are relative to the run folder and
+    come from the engine's one naming function (the manifest's ``output_name``, not the pair
+    id), ``None`` when the pair has no output. ``timings`` maps a stage name to seconds.
     """
 
     pair_id: str
     line: int
-    status: str
+    status: PairStatus
     source_uri: str
     reference_uri: str
     """One URI, or every reference image of a concept joined by REFERENCES_SHOWN."""
-    png_name: str | None
-    sidecar_name: str | None
+    png_name: str | None = None
+    sidecar_name: str | None = None
     reason: str | None = None
-    timings: dict | None = None
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 REFERENCES_SHOWN = "; "
@@ -66,12 +70,12 @@ def _duration_s(started_at: str, finished_at: str) -> float | None:
         return None
 
 
-def manifest_order(outcomes: list[PairOutcome]) -> list[PairOutcome]:
+def manifest_order(outcomes: list[PairResult]) -> list[PairResult]:
     """Manifest order: the order whoever wrote the CSV reads it in."""
     return sorted(outcomes, key=lambda o: (o.line, o.pair_id))
 
 
-def _pair_entry(outcome: PairOutcome, output_uri: str) -> dict[str, Any]:
+def _pair_entry(outcome: PairResult, output_uri: str) -> dict[str, Any]:
     """One ``pairs`` entry: the outcome plus the names (and full URI) of its written files."""
     return {
         "pair_id": outcome.pair_id,
@@ -95,7 +99,7 @@ def build_run_summary(
     output_uri: str,
     status: str,
     counts: dict[str, int],
-    outcomes: list[PairOutcome],
+    outcomes: list[PairResult],
     row_errors: list[dict],
     started_at: str,
     finished_at: str,
