@@ -19,8 +19,8 @@ import torch
 from benchmarks.common import Section, crossed, dir_bytes, tiny_model
 from vct.artifacts import FusedImages, Stored, result_bytes
 from vct.batch import engine
-from vct.batch.exec import ExecutorSettings
 from vct.batch.jobs import Job, JobOutcome
+from vct.batch.workers import ExecutorSettings
 from vct.cache import StageCache
 from vct.concept import ConceptResult, ConceptStats
 from vct.config import ConceptConfig, ContentConfig

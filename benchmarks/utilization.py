@@ -21,7 +21,7 @@ from pathlib import Path
 
 from benchmarks.common import QUICK, Section, crossed, tiny_model
 from vct.batch import engine
-from vct.batch.exec import run_jobs
+from vct.batch.workers import run_jobs
 
 # Jobs of seconds each on a 1-thread CPU rank (the tiny model), so that each launch's model
 # load does not dominate; the same settings both ways.

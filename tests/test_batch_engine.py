@@ -19,10 +19,10 @@ from tests.conftest import make_image
 from vct import storage
 from vct.artifacts import FusedImages, Stored, result_bytes
 from vct.batch import engine, outputs
-from vct.batch.exec import ExecutorSettings
 from vct.batch.jobs import Job, JobOutcome
 from vct.batch.plan import hash_inputs, plan_run
 from vct.batch.settings import RunSettings
+from vct.batch.workers import ExecutorSettings
 from vct.cache import StageCache
 from vct.concept import ConceptResult, ConceptStats
 from vct.config import ConceptConfig, ConfigError, ContentConfig

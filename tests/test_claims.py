@@ -19,8 +19,8 @@ import pytest
 from vct import storage
 from vct.batch.claims import Claims, Owner, run_claimed
 from vct.batch.engine import run_stage
-from vct.batch.exec import ExecutorSettings
 from vct.batch.jobs import Job, JobOutcome
+from vct.batch.workers import ExecutorSettings
 from vct.cache import StageCache, cache_key
 
 

@@ -14,8 +14,8 @@ from prefect.client.schemas.objects import StateType
 
 from tests.test_shards import _job
 from vct.batch import shards
-from vct.batch.exec import ExecutorSettings
 from vct.batch.summary import StageReport
+from vct.batch.workers import ExecutorSettings
 
 
 class _Run(SimpleNamespace):

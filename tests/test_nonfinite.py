@@ -21,10 +21,10 @@ import torch
 
 from tests.golden import oracle
 from vct.batch import engine
-from vct.batch.exec import ExecutorSettings
 from vct.batch.jobs import load, nonfinite, run_content_batch, run_in_order
 from vct.batch.plan import fusion_job, hash_inputs, plan_run
 from vct.batch.settings import RunSettings
+from vct.batch.workers import ExecutorSettings
 from vct.cache import StageCache
 from vct.manifest import parse_manifest
 

@@ -16,11 +16,11 @@ from tests.test_batch_engine import FakeRunner, Overlapping, _manifest, _plan, _
 from tests.test_batch_engine import inputs as inputs  # the fixture
 from vct.batch import engine
 from vct.batch.claims import Claims, Owner
-from vct.batch.exec.local import LocalBackend
 from vct.batch.jobs import Job
 from vct.batch.pool import rank_usage, run_pool
 from vct.batch.queue import JobQueue
 from vct.batch.settings import RunSettings
+from vct.batch.workers.local import LocalBackend
 
 
 def _job(kind: str, n: int, cost: float, config: dict | None = None) -> Job:

@@ -12,9 +12,9 @@ import pytest
 from vct import storage
 from vct.batch import shards
 from vct.batch.claims import Owner
-from vct.batch.exec import ExecutorSettings
 from vct.batch.jobs import Job
 from vct.batch.summary import StageReport
+from vct.batch.workers import ExecutorSettings
 from vct.cache import cache_key
 
 

@@ -34,8 +34,8 @@ def test_a_flag_beats_the_environment_which_beats_the_share(monkeypatch):
 
 
 def test_applying_sets_torch_and_the_executor_applies_it(monkeypatch, tiny_model_dir, tmp_path):
-    from vct.batch.exec import ExecutorSettings, run_jobs
     from vct.batch.jobs import Job
+    from vct.batch.workers import ExecutorSettings, run_jobs
 
     before = torch.get_num_threads()
     try:

@@ -33,7 +33,6 @@ from pathlib import Path
 from vct import report, storage
 from vct.batch import library, outputs, pairs, pool, preflight
 from vct.batch.claims import Claims, chunk_for, run_claimed
-from vct.batch.exec import ExecutorSettings, run_jobs
 from vct.batch.jobs import Job, JobOutcome, ProgressFactory, load
 from vct.batch.plan import (
     PairPlan,
@@ -47,6 +46,7 @@ from vct.batch.plan import (
 )
 from vct.batch.settings import MINI_MODEL, TINY_MODEL, RunSettings, require_model
 from vct.batch.summary import PairResult, RunSummary, StageReport, counts, run_status
+from vct.batch.workers import ExecutorSettings, run_jobs
 from vct.cache import StageCache
 from vct.config import ConfigError
 from vct.faults import checkpoint
@@ -320,11 +320,11 @@ def write_library(the_plan: Plan, results: dict[str, PairResult], cache_uri: str
 def _backend(the_plan: Plan, executor: ExecutorSettings, runner: Runner | None,
              progress: ProgressFactory | None):
     if executor.mode == "accelerate" and runner is None:
-        from vct.batch.exec.accelerate import AccelerateBackend
+        from vct.batch.workers.accelerate import AccelerateBackend
 
         units = len(the_plan.concept_jobs) + len(the_plan.content_jobs) + len(the_plan.pairs)
         return AccelerateBackend(executor, world=units)
-    from vct.batch.exec.local import LocalBackend
+    from vct.batch.workers.local import LocalBackend
 
     return LocalBackend(executor, runner, progress)
 

@@ -2,7 +2,7 @@
 
 Kept apart from the pool (:mod:`vct.batch.pool`), which decides *when* a job is runnable; this
 decides *which* runnable job a free worker gets, and is also what orders the independent jobs
-of one stage on the stage-by-stage path (:func:`vct.batch.exec.accelerate.run`).
+of one stage on the stage-by-stage path (:func:`vct.batch.workers.accelerate.run`).
 """
 
 from __future__ import annotations

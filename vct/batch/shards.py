@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass, field
 
 from vct import storage
 from vct.batch.claims import Claims, Owner
-from vct.batch.exec import ExecutorSettings
 from vct.batch.jobs import Job, from_fields
 from vct.batch.summary import StageReport
+from vct.batch.workers import ExecutorSettings
 from vct.cache import cache_key
 
 PLAN_DIR = "_plan"

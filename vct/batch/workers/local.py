@@ -6,7 +6,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from vct.batch.exec import ExecutorSettings, ProgressCallback, notify
 from vct.batch.jobs import (
     Job,
     JobOutcome,
@@ -16,6 +15,7 @@ from vct.batch.jobs import (
     failed,
     run_in_order,
 )
+from vct.batch.workers import ExecutorSettings, ProgressCallback, notify
 from vct.cache import StageCache
 from vct.models import VCTModels
 from vct.threads import apply_thread_budget
@@ -78,11 +78,11 @@ class LocalBackend:
     """The pool's in-process worker: one unit at a time, run when the pool polls (rank 0).
 
     ``runner`` runs one unit into the cache; by default this module's :func:`run` through
-    :func:`vct.batch.exec.run_jobs` (the models memoised per process), or a fake in tests."""
+    :func:`vct.batch.workers.run_jobs` (the models memoised per process), or a fake in tests."""
 
     def __init__(self, settings: ExecutorSettings, runner=None,
                  progress: ProgressFactory | None = None):
-        from vct.batch.exec import run_jobs
+        from vct.batch.workers import run_jobs
 
         self.settings = settings
         self.runner = runner or run_jobs

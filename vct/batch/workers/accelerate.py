@@ -1,6 +1,6 @@
 """Accelerate execution: one ``accelerate launch`` per batch, one rank per GPU of the node.
 
-The parent writes the jobs to a work folder, launches the ranks (:mod:`vct.batch.exec.rank`),
+The parent writes the jobs to a work folder, launches the ranks (:mod:`vct.batch.workers.rank`),
 reads the outcome lines they append as jobs finish, and turns a rank that died into failed
 outcomes for exactly the jobs it had not reported. Results land in the stage cache only; an ok
 that left no cache entry is a failure (trust the cache, not a claim).
@@ -20,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from vct.batch.exec import ExecutorSettings, ProgressCallback, notify
 from vct.batch.jobs import ROLE, Job, JobOutcome, failed
+from vct.batch.workers import ExecutorSettings, ProgressCallback, notify
 from vct.cache import StageCache
 
 log = logging.getLogger("vct.batch")
@@ -80,7 +80,7 @@ def launcher_argv(config_file: str, world: int, workdir: Path) -> list[str]:
             "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no"]
     if world > 1:
         argv.append("--multi_gpu")
-    return argv + ["-m", "vct.batch.exec.rank", str(workdir)]
+    return argv + ["-m", "vct.batch.workers.rank", str(workdir)]
 
 
 def _child_env(cpu: bool) -> dict[str, str]:
@@ -169,7 +169,7 @@ class AccelerateBackend:
     """The pool's workers: one ``accelerate launch`` for the whole run, one rank per GPU.
 
     Each rank loads the model once, then serves the units the parent appends to its inbox
-    (:mod:`vct.batch.exec.rank`), :data:`SLOTS_PER_RANK` outstanding per rank: one, so no unit
+    (:mod:`vct.batch.workers.rank`), :data:`SLOTS_PER_RANK` outstanding per rank: one, so no unit
     ever waits behind another on a busy rank while a rank that finished sits idle (a rank only
     waits for the parent's next poll, :data:`POLL_SECONDS`, between two units); units go to the
     rank with the fewest outstanding. If the launcher dies (torchrun takes every rank down with one), the units

@@ -1,6 +1,6 @@
-"""One accelerate rank: ``accelerate launch ... -m vct.batch.exec.rank WORKDIR``.
+"""One accelerate rank: ``accelerate launch ... -m vct.batch.workers.rank WORKDIR``.
 
-The parent (:class:`vct.batch.exec.accelerate.AccelerateBackend`) wrote ``WORKDIR/jobs.json``
+The parent (:class:`vct.batch.workers.accelerate.AccelerateBackend`) wrote ``WORKDIR/jobs.json``
 with the settings, the world size it launched and its pid. Each rank loads the model once onto
 its own device, says so (``{"event": "ready", "load_s"}``), then serves the units the parent
 appends to ``WORKDIR/inbox-<r>.jsonl`` until ``{"stop": true}`` (or until the parent is gone):
@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from vct.batch.exec import ExecutorSettings
-from vct.batch.exec.accelerate import CPU_ENV, JOBS_FILE, rank_file
 from vct.batch.jobs import Job, JobOutcome, error_line, run_in_order
+from vct.batch.workers import ExecutorSettings
+from vct.batch.workers.accelerate import CPU_ENV, JOBS_FILE, rank_file
 
 EXIT_BAD_WORLD = 3
 
@@ -60,7 +60,7 @@ def serve(models, load_error: BaseException | None, settings: ExecutorSettings, 
           rank: int, parent_pid: int, out: TextIO) -> None:
     """Run the units of this rank's inbox until told to stop or the parent is gone. Without
     models (their load failed) every job fails with the model's own message."""
-    from vct.batch.exec.accelerate import LineTail, inbox_file
+    from vct.batch.workers.accelerate import LineTail, inbox_file
     from vct.cache import StageCache
 
     cache = StageCache(settings.cache_uri)
@@ -91,7 +91,7 @@ def serve(models, load_error: BaseException | None, settings: ExecutorSettings, 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: accelerate launch ... -m vct.batch.exec.rank WORKDIR", file=sys.stderr)
+        print("usage: accelerate launch ... -m vct.batch.workers.rank WORKDIR", file=sys.stderr)
         return 2
     workdir = Path(args[0])
     spec = json.loads((workdir / JOBS_FILE).read_text())

@@ -81,7 +81,7 @@ def run_jobs(jobs: Iterable[Job], settings: ExecutorSettings,
     caller bugs (bad settings) and cancellation; job failures are outcomes. ``progress`` draws
     per-step bars (in process only).
     """
-    from vct.batch.exec import accelerate, local
+    from vct.batch.workers import accelerate, local
 
     jobs = list(jobs)
     unique, index = _unique(jobs)

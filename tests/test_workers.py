@@ -17,9 +17,9 @@ import torch
 
 from vct.artifacts import load_result
 from vct.batch import engine
-from vct.batch.exec import ExecutorSettings, accelerate, local, run_jobs
 from vct.batch.jobs import Job, JobOutcome
 from vct.batch.keys import concept_key, content_key
+from vct.batch.workers import ExecutorSettings, accelerate, local, run_jobs
 from vct.cache import StageCache
 from vct.config import ConceptConfig, ContentConfig, to_dict
 
