@@ -61,8 +61,7 @@ from vct.models import local_model_folder, model_geometry, model_identity, preci
 
 log = logging.getLogger("vct.batch")
 
-Fraction = Callable[[float], None]
-"""Progress of one step as a fraction in [0, 1] (the flow moves its progress artifact)."""
+Fraction = pool.Fraction
 Runner = Callable[..., list[JobOutcome]]
 """Runs jobs into the cache, one outcome per job: the executor, or a fake in unit tests."""
 
