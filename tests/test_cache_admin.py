@@ -120,11 +120,12 @@ def test_ls_and_du(root, capsys):
     StageCache(root).record_model("fusion", keys["fusion_a"], "ab12" * 16 + "+fp16")
     assert main(["cache", "ls", root]) == 0
     header, *lines = capsys.readouterr().out.splitlines()
-    assert header.split() == ["kind", "size", "unused", "model", "key"]
+    assert header.split() == ["kind", "size", "age", "unused", "model", "key"]
     assert len(lines) == 4 and {line.split()[-1] for line in lines} == set(keys.values())
     fields = lines[0].split()
-    assert fields[:3] == ["concept", "1.0", "KiB"] and fields[3].endswith("s") and fields[4] == "?"
-    assert [line.split()[4] for line in lines if keys["fusion_a"] in line] == ["ab12" * 4]
+    assert fields[:3] == ["concept", "1.0", "KiB"] and fields[3].endswith("s")
+    assert fields[4].endswith("s") and fields[5] == "?"
+    assert [line.split()[5] for line in lines if keys["fusion_a"] in line] == ["ab12" * 4]
     assert main(["cache", "du", root, "--kind", "fusion"]) == 0
     assert capsys.readouterr().out.split() == [
         "kind", "fusion", "2", "entries", "4.0", "KiB",
@@ -198,6 +199,9 @@ def test_age_is_the_last_use_and_a_prune_takes_its_records_along(tmp_path, capsy
         os.utime(cache.uri(name, keys[name]), (time.time() - 40 * DAY,) * 2)
     cache.record_use("content", keys["content"])  # ... and the content read just now
     cache.record_model("concept", keys["concept"], "feed" * 16)
+    assert main(["cache", "ls", root, "--kind", "content"]) == 0
+    ages = capsys.readouterr().out.splitlines()[1].split()[3:5]
+    assert ages[0].endswith("d") and ages[1].endswith("s")  # written 40 days ago, used now
     assert main(["cache", "prune", root, "--older-than", "30d", "--yes"]) == 0
     assert "deleted 1 entries" in capsys.readouterr().out
     assert not cache.contains("concept", keys["concept"])

@@ -143,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "pruning it")
     what = cache.add_subparsers(dest="cache_command", required=True)
     cache_help = "the stage cache: a folder or s3:// prefix (a run's default: OUTPUT/_cache)"
-    ls = what.add_parser("ls", help="every entry: kind, size, time unused (since its last read "
-                         "or write), model, key")
+    ls = what.add_parser("ls", help="every entry: kind, size, age (since written), time "
+                         "unused (since its last read or write), model, key")
     du = what.add_parser("du", help="entries and bytes by kind and by model, and the total")
     prune = what.add_parser("prune", help="delete entries by age and/or to fit a size; prints "
                             "what would go unless --yes (never an entry under a live claim)")
@@ -215,9 +215,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
     entries = [e for e in entries_all if (not args.kind or e.kind in args.kind)
                and (models is None or (e.model or "").startswith(models))]
     if args.cache_command == "ls":
-        print(f"{'kind':11} {'size':>10} {'unused':>7}  {'model':16} key")
+        print(f"{'kind':11} {'size':>10} {'age':>7} {'unused':>7}  {'model':16} key")
         for e in entries:
-            print(f"{e.kind:11} {A.human_size(e.size):>10} {A.human_age(e.age(now)):>7}  "
+            print(f"{e.kind:11} {A.human_size(e.size):>10} "
+                  f"{A.human_age(max(0.0, now - e.modified)):>7} {A.human_age(e.age(now)):>7}  "
                   f"{(e.model or '?')[:16]:16} {e.key}")
         return 0
     if args.cache_command == "du":
