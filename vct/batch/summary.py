@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from vct.report.summary import PairResult, PairStatus
+from vct.report.run_record import PairResult, PairStatus
 
 __all__ = ["PairResult", "PairStatus", "RunStatus", "RunSummary", "StageReport", "counts",
            "run_status"]

@@ -38,7 +38,7 @@ hostile text: HTML-escaped (and length-clipped) in pages, percent-quoted in link
 markdown-escaped in the Prefect artifact, and only drawn, never interpreted, in contact sheets.
 
 The package, by responsibility: :mod:`~vct.report.names` (the files' names, reserved names),
-:mod:`~vct.report.summary` (``run.json``), :mod:`~vct.report.thumbnails`,
+:mod:`~vct.report.run_record` (``run.json``), :mod:`~vct.report.thumbnails`,
 :mod:`~vct.report.contact_sheets`, :mod:`~vct.report.pages` (HTML),
 :mod:`~vct.report.files` (:func:`report_files`, which drives the three before it),
 :mod:`~vct.report.prefect_artifacts` (markdown and table payloads) and
@@ -52,7 +52,7 @@ from vct.report.contact_sheets import MAX_SHEET_ROWS
 from vct.report.files import report_files
 from vct.report.names import RESERVED_NAMES, is_reserved
 from vct.report.prefect_artifacts import markdown_summary, table_rows
-from vct.report.summary import (
+from vct.report.run_record import (
     REFERENCES_SHOWN,
     REQUIRED_COUNTS,
     PairResult,

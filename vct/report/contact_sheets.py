@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from vct.report import thumbnails
 from vct.report.bounds import clip
-from vct.report.summary import PairResult
+from vct.report.run_record import PairResult
 
 MAX_SHEET_ROWS = 100
 """Pairs per contact-sheet PNG: bounds each sheet to ~100 x 108 px tall, a few megapixels."""

@@ -11,7 +11,7 @@ from vct.report.bounds import clip
 from vct.report.contact_sheets import MAX_SHEET_ROWS, contact_sheet
 from vct.report.names import join_uri, page_name, sheet_name
 from vct.report.pages import page_html
-from vct.report.summary import PairResult, first_reference, manifest_order
+from vct.report.run_record import PairResult, first_reference, manifest_order
 
 MAX_PAGE_SIZE = 1000
 """Largest accepted ``page_size``: beyond this one page could exceed a few MB of HTML."""

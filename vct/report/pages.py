@@ -12,7 +12,7 @@ from vct.report import thumbnails
 from vct.report.bounds import CLIP_ID, CLIP_META, CLIP_REASON, CLIP_URI, MAX_FAILURES_SHOWN, clip
 from vct.report.contact_sheets import COLUMNS, STATUS_COLOURS, placeholder_word
 from vct.report.names import page_name
-from vct.report.summary import PairResult
+from vct.report.run_record import PairResult
 
 # Bounds of one page: timings shown per pair, page links listed on the index.
 _MAX_TIMINGS = 12

@@ -7,7 +7,7 @@ import html
 from typing import Any
 
 from vct.report.bounds import CLIP_ID, CLIP_META, CLIP_REASON, MAX_FAILURES_SHOWN, clip
-from vct.report.summary import PairResult, manifest_order
+from vct.report.run_record import PairResult, manifest_order
 
 _MD_SPECIAL = str.maketrans({ch: "\\" + ch for ch in "\\`*_[]|<>#!"})
 
