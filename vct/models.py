@@ -167,8 +167,9 @@ def model_geometry(folder: Path) -> Geometry:
 def check_layout(folder: Path) -> None:
     """Refuse, in one line, anything that is not an SD 1.x diffusers folder."""
     if not folder.is_dir():
-        raise ModelError(f"model {folder}: no such folder (give a diffusers SD 1.x folder or an "
-                         "s3:// prefix holding one; `vct tiny-model DIR` builds a test model)")
+        raise ModelError(f"model {folder}: no such folder (give a diffusers SD 1.x folder, a "
+                         ".safetensors/.ckpt checkpoint, or an s3:// URI of either; "
+                         "`vct tiny-model DIR` builds a test model)")
     missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
     if not (folder / "tokenizer").is_dir():
         missing.append("tokenizer/")
