@@ -18,6 +18,7 @@ from vct.images import source_pixels
 from vct.models import VCTModels
 
 Progress = Callable[[int, int], None]
+"""(step, total): told after each step of a long stage (a progress bar's update)."""
 
 
 @dataclass

@@ -25,14 +25,13 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from vct import report, storage
 from vct.batch import library, outputs, pairs, pool, preflight
-from vct.batch.claims import Claims, chunk_for, run_claimed
+from vct.batch.claims import Claims, Runner, chunk_for, run_claimed
 from vct.batch.jobs import Job, JobOutcome, ProgressFactory, load
 from vct.batch.plan import (
     PairPlan,
@@ -62,7 +61,6 @@ from vct.models import local_model_folder, model_geometry, model_identity, preci
 log = logging.getLogger("vct.batch")
 
 Fraction = pool.Fraction
-Runner = Callable[..., list[JobOutcome]]
 """Runs jobs into the cache, one outcome per job: the executor, or a fake in unit tests."""
 
 

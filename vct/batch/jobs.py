@@ -30,6 +30,7 @@ from vct.cache import StageCache
 from vct.config import ConceptConfig, ContentConfig, FusionConfig, from_dict
 from vct.errors import UserError
 from vct.faults import checkpoint
+from vct.inversion import Progress
 from vct.models import VCTModels, precision_identity
 from vct.sidecar import model_info
 
@@ -48,7 +49,6 @@ FINITE = {"concept": ("vectors",),
           "content": ("x_T", "embeddings", "reconstruction", "inversion_latents"),
           "fusion": ("latents",)}
 
-Progress = Callable[[int, int], None]
 ProgressFactory = Callable[[str, int], Progress | None]
 """(description, total) -> a per-step callback for one job, or None: progress bars of the CLI."""
 
