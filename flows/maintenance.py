@@ -27,8 +27,6 @@ def cache_prune(cache_uri: str = "", model_cache: bool = False, older_than: str 
         kinds, models: only entries of these kinds, or of models whose identity starts so.
         dry_run: only report what would go (the default: set false once the report looks right).
     """
-    if bool(cache_uri) == model_cache:
-        raise ValueError("give cache_uri or model_cache=true, not both")
     older = A.parse_age(older_than) if older_than else None
     size = A.parse_size(max_size) if max_size else None
     now = time.time()

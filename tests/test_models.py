@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,22 @@ def test_identity_changes_with_any_weight_byte(tmp_path, tiny_model_dir):
 def test_native_resolution_follows_the_model(models):
     assert models.native_resolution == 64  # 8x8 latents x VAE factor 8 (SD 1.5: 64 x 8 = 512)
     assert models.latent_scale == pytest.approx(0.18215)
+
+
+def test_each_file_version_is_hashed_once(tmp_path, tiny_model_dir, monkeypatch):
+    """The memo is what keeps a 4 GB model from being rehashed by every process."""
+    import shutil
+
+    from vct import file_hashes
+
+    copy = Path(shutil.copytree(tiny_model_dir, tmp_path / "copy"))
+    (copy / ".vct-file-hashes.json").unlink(missing_ok=True)  # copied with the same mtimes
+    hashed: list[str] = []
+    real = file_hashes.sha256_file
+    monkeypatch.setattr(file_hashes, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+    first = model_identity(copy)
+    count = len(hashed)
+    assert count > 0 and model_identity(copy) == first and len(hashed) == count
+    (copy / "unet" / "config.json").touch()  # a new mtime: that file is hashed again, alone
+    os.utime(copy / "unet" / "config.json", (1.0, 1.0))
+    assert model_identity(copy) == first and hashed[count:] == ["config.json"]

@@ -201,9 +201,6 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from vct import storage
     from vct.batch import cache_admin as A
 
-    if bool(args.cache) == bool(args.model_cache):
-        raise UserError(f"vct cache {args.cache_command}: give a stage cache (a folder or s3:// "
-                        "prefix) or --model-cache, not both")
     root = args.cache
     if root and not storage.is_s3(root) and not Path(root.removeprefix("file://")).expanduser(
             ).is_dir():
@@ -211,9 +208,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     now = time.time()
     listing = A.list_cache(root, args.model_cache, now)
     entries_all, live = listing.entries, listing.protected
-    models = tuple(args.model) if args.model else None
-    entries = [e for e in entries_all if (not args.kind or e.kind in args.kind)
-               and (models is None or (e.model or "").startswith(models))]
+    entries = A.in_scope(entries_all, args.kind, args.model)
     if args.cache_command == "ls":
         print(f"{'kind':11} {'size':>10} {'age':>7} {'unused':>7}  {'model':16} key")
         for e in entries:
@@ -231,7 +226,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if args.older_than is None and args.max_size is None:
         raise UserError("vct cache prune: say what to delete: --older-than, --max-size or both")
     chosen = A.select(entries_all, now, older_than_s=args.older_than, max_bytes=args.max_size,
-                      kinds=args.kind, models=models, protected=live)
+                      kinds=args.kind, models=args.model, protected=live)
     held = [e for e in entries if (e.kind, e.key) in live]
     why = "in use" if args.model_cache else "under a live claim"
     if not args.yes:

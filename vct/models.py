@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from vct.errors import UserError
+from vct.file_hashes import HashMemo
 
 REQUIRED_FILES = (
     "model_index.json",
@@ -206,13 +207,8 @@ def model_identity(folder: Path) -> str:
     converted = single_file_identity(folder)
     if converted:  # a converted single file: its own bytes (and config), not the conversion's
         return converted
-    memo_path = folder / ".vct-file-hashes.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        memo = {}
+    memo = HashMemo(folder / ".vct-file-hashes.json")
     digest = hashlib.sha256()
-    changed = False
     parts = ["model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"]
     files: list[Path] = []
     for part in parts:
@@ -220,25 +216,8 @@ def model_identity(folder: Path) -> str:
         files.extend(sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p])
     for f in files:
         rel = f.relative_to(folder).as_posix()
-        st = f.stat()
-        stamp = f"{st.st_size}:{st.st_mtime_ns}"
-        entry = memo.get(rel)
-        if not entry or entry[0] != stamp:
-            h = hashlib.sha256()
-            with f.open("rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-            entry = [stamp, h.hexdigest()]
-            memo[rel] = entry
-            changed = True
-        digest.update(f"{rel}\0{entry[1]}\n".encode())
-    if changed:
-        try:
-            tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(memo))
-            os.replace(tmp, memo_path)
-        except OSError:
-            pass  # a read-only model folder only loses the memo
+        digest.update(f"{rel}\0{memo.sha256(f, rel)}\n".encode())
+    memo.save()
     return digest.hexdigest()
 
 

@@ -25,6 +25,7 @@ import struct
 from pathlib import Path
 
 from vct.errors import UserError
+from vct.file_hashes import HashMemo, sha256_file
 
 SUFFIXES = (".safetensors", ".ckpt")
 DEFAULT_CONFIG = Path(__file__).parent / "model_configs" / "sd15"
@@ -40,37 +41,6 @@ class CheckpointError(UserError, ValueError):
 def is_single_file(spec: str) -> bool:
     """Whether `--model` names one checkpoint file (local or s3://) rather than a folder."""
     return str(spec).lower().endswith(SUFFIXES)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_digest(path: Path, memo_path: Path) -> str:
-    """sha256 of a checkpoint, memoised by (path, size, mtime) in `memo_path`: a 4 GB file is
-    hashed once, not by the CLI, the planner and every worker process in turn."""
-    st = path.stat()
-    key, stamp = str(path.resolve()), f"{st.st_size}:{st.st_mtime_ns}"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    if memo.get(key, [None])[0] == stamp:
-        return str(memo[key][1])
-    digest = sha256_file(path)
-    memo[key] = [stamp, digest]
-    try:
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_path.with_name(f".{memo_path.name}.{secrets.token_hex(4)}.tmp")
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, memo_path)
-    except OSError:
-        pass  # a read-only cache only loses the memo
-    return digest
 
 
 def folder_digest(folder: Path) -> str:
@@ -205,6 +175,7 @@ def converted_folder(spec: str, config: str | None, cache_root: Path) -> Path:
     ETag); `config` the config folder (None: the shipped SD 1.5 one).
     """
     from vct import storage
+    from vct.storage.sync import publish_folder
 
     if storage.is_s3(spec):
         try:
@@ -221,7 +192,9 @@ def converted_folder(spec: str, config: str | None, cache_root: Path) -> Path:
                               "checkpoint, a diffusers folder, or an s3:// URI of either)")
     config_dir = Path(config).expanduser() if config else DEFAULT_CONFIG
     check_config(config_dir)
-    sha = file_digest(path, cache_root / "file-hashes.json")
+    memo = HashMemo(cache_root / "file-hashes.json")  # the CLI, planner and workers: once
+    sha = memo.sha256(path, str(path.resolve()))
+    memo.save()
     config_sha = None if config is None else folder_digest(config_dir)
     name = f"single-{sha[:24]}" + (f"-{config_sha[:12]}" if config_sha else "")
     final = cache_root / name
@@ -239,12 +212,7 @@ def converted_folder(spec: str, config: str | None, cache_root: Path) -> Path:
             f"{sha}\0{config_sha}".encode()).hexdigest()
         (tmp / MARKER).write_text(json.dumps({"sha256": sha, "config_sha256": config_sha,
                                               "identity": identity, "source": spec}, indent=1))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / MARKER).is_file():  # a leftover without its marker: replace it
-                shutil.rmtree(final, ignore_errors=True)
-                os.rename(tmp, final)
+        publish_folder(tmp, final, MARKER)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final

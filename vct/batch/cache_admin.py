@@ -115,6 +115,16 @@ def totals(entries: Iterable[Entry], by: str = "kind") -> dict[str, tuple[int, i
     return dict(sorted(out.items()))
 
 
+def in_scope(entries: Iterable[Entry], kinds: Iterable[str] | None = None,
+             models: Iterable[str] | None = None) -> list[Entry]:
+    """The entries of `kinds` (all when None) computed with a model whose identity starts
+    with one of `models` (all when None)."""
+    wanted = set(kinds) if kinds is not None else None
+    prefixes = tuple(models) if models is not None else None
+    return [e for e in entries if (wanted is None or e.kind in wanted)
+            and (prefixes is None or (e.model or "").startswith(prefixes))]
+
+
 def select(entries: Iterable[Entry], now: float, *, older_than_s: float | None = None,
            max_bytes: int | None = None, kinds: Iterable[str] | None = None,
            models: Iterable[str] | None = None,
@@ -129,12 +139,8 @@ def select(entries: Iterable[Entry], now: float, *, older_than_s: float | None =
     """
     if older_than_s is None and max_bytes is None:
         raise ValueError("say what to prune: an age (older_than_s), a size (max_bytes) or both")
-    wanted = set(kinds) if kinds is not None else None
-    prefixes = tuple(models) if models is not None else None
     keep = set(protected)
-    scope = sorted((e for e in entries if (wanted is None or e.kind in wanted)
-                    and (prefixes is None or (e.model or "").startswith(prefixes))),
-                   key=lambda e: (e.last_use, e.kind, e.key))
+    scope = sorted(in_scope(entries, kinds, models), key=lambda e: (e.last_use, e.kind, e.key))
     chosen: list[Entry] = []
     rest: list[Entry] = []
     for e in scope:
@@ -310,8 +316,12 @@ class Listing:
 def list_cache(cache: str | None, model_cache: bool = False,
                now: float | None = None) -> Listing:
     """`cache` (a stage cache: folder or s3:// prefix), or with `model_cache` the model cache."""
+    from vct.config import ConfigError
     from vct.models import model_cache_root
 
+    if bool(cache) == bool(model_cache):
+        raise ConfigError("cache", "give a stage cache (a folder or s3:// prefix) or the model "
+                          "cache, not both")
     now = time.time() if now is None else now
     if model_cache:
         root = str(model_cache_root())

@@ -65,7 +65,7 @@ def sync_prefix(prefix_uri: str, cache_root: Path) -> Path:
         if _listing_digest(bucket, prefix, again) != digest:
             raise StorageChanged(f"{prefix_uri} changed during download; retry the sync")
         (tmp / COMPLETE_MARKER).write_text(json.dumps({"uri": prefix_uri, "digest": digest}))
-        _publish_folder(tmp, final)
+        publish_folder(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
@@ -101,7 +101,7 @@ def sync_object(uri: str, cache_root: Path) -> Path:
         if again["ETag"] != head["ETag"]:
             raise StorageChanged(f"{uri} changed during download; retry")
         (tmp / COMPLETE_MARKER).write_text(json.dumps({"uri": uri, "digest": digest}))
-        _publish_folder(tmp, final)
+        publish_folder(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final / name
@@ -118,16 +118,16 @@ def _download_objects(bucket: str, prefix: str, objects: list[dict[str, Any]],
             bucket, key, str(target), Config=_TRANSFER_CONFIG), uri=uri, action="download")
 
 
-def _publish_folder(tmp: Path, final: Path) -> None:
+def publish_folder(tmp: Path, final: Path, marker: str = COMPLETE_MARKER) -> None:
     """Rename the finished temp folder into place; if another process won the race with a
-    complete copy keep theirs, and replace a leftover folder that lacks the marker."""
+    complete copy (one holding `marker`) keep theirs, and replace a leftover folder without."""
     try:
         os.rename(tmp, final)
         return
     except OSError as exc:
         if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
             raise
-    if (final / COMPLETE_MARKER).is_file():
+    if (final / marker).is_file():
         return
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
