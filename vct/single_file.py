@@ -147,25 +147,21 @@ def _dtype(keys: dict[str, str]):
 def _convert(path: Path, config: Path, keys: dict[str, str], target: Path) -> None:
     """diffusers' single-file loader with a local config only (never the hub), saved as a
     diffusers folder into a temp folder renamed into place, its marker written last."""
+    from unittest import mock
+
     from diffusers import StableDiffusionPipeline
 
-    previous = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=str(config), local_files_only=True, safety_checker=None,
-            requires_safety_checker=False, torch_dtype=_dtype(keys))
-        pipe.save_pretrained(target, safe_serialization=True)
+        with mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1"}):  # restored after, whatever
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(path), config=str(config), local_files_only=True, safety_checker=None,
+                requires_safety_checker=False, torch_dtype=_dtype(keys))
+            pipe.save_pretrained(target, safe_serialization=True)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"model {path}: could not convert with the config {config} "
                               f"({first}); an SD 1.x variant of another size needs "
                               "--model-config") from None
-    finally:
-        if previous is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = previous
 
 
 def converted_folder(spec: str, config: str | None, cache_root: Path) -> Path:
