@@ -91,7 +91,7 @@ def measure(sources: int = 200, references: int = 20, size: int = 16) -> tuple[S
         outcome = engine.run_pool(the_plan, request.executor(), runner=runner)
         times["pool_s"] = time.perf_counter() - t
         summary = engine.summarize(the_plan, outcome.pairs, outcome.stages,
-                                   details=engine.pool_details(outcome))
+                                   details=outcome.details())
         run = Path(the_plan.run_uri)
         before = {p for p in run.rglob("*") if p.is_file()}
         t = time.perf_counter()

@@ -10,7 +10,7 @@ Sections (each a module of benchmarks/):
   cold / warm, counted by the hook; the amortization-limit formula;
 - overhead + report: 4 000 pairs with the model cost removed: seconds per pair, report bytes;
 - planning: engine.plan on 10 000 distinct inputs, local disk and moto S3;
-- utilization: 2 accelerate CPU ranks, stage-by-stage vs the job pool;
+- utilization: 2 accelerate CPU ranks in the job pool;
 - threads: a stage idle vs with one busy process, budgeted threads vs torch's default.
 
 Default: the tiny model on CPU (a 2-core box: under 15 minutes). `--quick` is a smoke run of

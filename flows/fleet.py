@@ -28,6 +28,7 @@ import logging
 import os
 import time
 import uuid
+from dataclasses import replace
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
@@ -40,11 +41,9 @@ from prefect.states import Crashed, State
 from vct.batch import shards
 from vct.batch.claims import env_seconds
 from vct.batch.engine import RunRequest
-from vct.batch.jobs import Job, JobOutcome
 from vct.batch.judge import FINAL, gives_up, judge
 from vct.batch.plan import Plan
 from vct.batch.settings import RunSettings
-from vct.batch.summary import StageReport
 
 log = logging.getLogger("vct.flows")
 
@@ -154,7 +153,6 @@ class Fleet:
         self.labelled = not parent_flow_run_id  # no flow run of ours to label
         self.parent = parent_flow_run_id or uuid.uuid4().hex
         self.run_count = parent_run_count
-        self.rows: list[dict] = []  # run.json's details.shards, one per shard flow run
         self.deployment = os.environ.get(ENV_SHARD_DEPLOYMENT, SHARD_DEPLOYMENT)
         self.clock = time.monotonic
 
@@ -205,25 +203,18 @@ class Fleet:
                         "settings": self._settings(), "model": self.request.model,
                         "attempt": attempt})
 
-    def run_phase(self, phase: str, jobs: list[Job]) -> list[shards.ShardResult]:
-        """Split ``jobs`` into shards (``settings.shards``, or ``shard_jobs`` per shard), run
-        them all on the pool, wait for every one (retrying a crashed one once, cancelling one
-        no worker takes); every attempt's result."""
-        s: RunSettings = self.request.settings
-        count = shards.shard_count(len({(j.kind, j.key) for j in jobs}), s.shards,
-                                   s.shard_jobs)
-        parts = shards.split(jobs, count) if count else []
-        if not parts:
-            return []
-        uri = shards.write_phase(self.plan.run_uri, self.plan.run_id, self.request.cache_uri,
-                                 phase, parts)
+    def run_phase(self, phase: str, uri: str, slices: list[shards.Slice]
+                  ) -> list[shards.ShardResult]:
+        """Dispatch one flow run per slice of the stored plan at ``uri``, wait for every one
+        (re-dispatching a crashed one once, cancelling one no worker takes); the result of
+        every attempt, each with the state it ended in (:func:`vct.batch.shards.Dispatch`)."""
         timeout = start_timeout_s()
         results: list[shards.ShardResult] = []
         with self._client() as client:
             self._label_parent(client)
             # shard -> (attempt, flow run id, when dispatched, last state seen)
             live = {i: (0, self._start(uri, phase, i, 0), self.clock(), "SCHEDULED")
-                    for i in range(len(parts))}
+                    for i in range(len(slices))}
             moved = self.clock()  # last time a shard of this phase started, moved or ended
             while live:
                 time.sleep(_poll_s())
@@ -248,14 +239,11 @@ class Fleet:
                             message="its shard lease expired: the worker or machine died"),
                             force=True)
                     moved = self.clock()
-                    row = (result.to_dict() if result else shards.ShardResult(
-                        phase=phase, shard=i, attempt=attempt, flow_run_id=str(run_id)).to_dict())
-                    row.update({"flow_run_id": str(run_id), "state": verdict.state,
-                                "worker": run.labels.get("prefect.worker.name")
-                                or row.get("worker", "")})
-                    self.rows.append(row)
-                    if result is not None:
-                        results.append(result)
+                    results.append(replace(
+                        result or shards.ShardResult(phase=phase, shard=i, attempt=attempt),
+                        flow_run_id=str(run_id), state=verdict.state,
+                        worker=(run.labels.get("prefect.worker.name")
+                                or (result.worker if result else ""))))
                     del live[i]
                     if verdict.action == "retry":
                         log.warning("%s shard %d ended %s; re-dispatching its unfinished jobs",
@@ -268,13 +256,14 @@ class Fleet:
                     attempt, _run_id, since, _ = live[i]
                     if gives_up(waiting, now - since, now - moved, timeout):
                         results.append(self._not_started(client, run, phase, i, attempt,
-                                                         parts[i], timeout))
+                                                         slices[i], timeout))
                         del live[i]
         return results
 
-    def _not_started(self, client, run, phase: str, shard: int, attempt: int, jobs: list[Job],
-                     timeout: float) -> shards.ShardResult:
-        """Cancel a shard flow run no worker took; its jobs fail with the reason, in one line."""
+    def _not_started(self, client, run, phase: str, shard: int, attempt: int,
+                     part: shards.Slice, timeout: float) -> shards.ShardResult:
+        """Cancel a shard flow run no worker took; its jobs and pairs fail with the reason, in
+        one line."""
         pool = run.work_pool_name or "?"
         queue = f" (queue {run.work_queue_name!r})" if run.work_queue_name else ""
         stayed = run.state.name if run.state else "Pending"
@@ -287,38 +276,4 @@ class Fleet:
         except Exception as exc:  # noqa: BLE001 - its jobs fail either way
             log.warning("could not cancel flow run %s: %s", run.id, exc)
             state = _state_type(run)
-        result = shards.ShardResult(phase=phase, shard=shard, attempt=attempt,
-                                    flow_run_id=str(run.id), state=state,
-                                    failed={j.key: message for j in jobs})
-        self.rows.append({**result.to_dict(), "error": message})
-        return result
-
-    # ---------------------------------------------------------------- the two phases
-    def stages(self) -> dict[str, StageReport]:
-        """Concepts and contents of the whole plan, sharded; one report per kind."""
-        jobs = self.plan.concept_jobs + self.plan.content_jobs
-        results = self.run_phase("stage", jobs)
-        return shards.stage_reports(("concept", "content"),
-                                    {"concept": self.plan.concept_jobs,
-                                     "content": self.plan.content_jobs}, results)
-
-    def fusion_runner(self):
-        """A runner for the engine's fusion stage that runs its jobs as fusion shards. It
-        claims nothing itself (``claims_its_own_keys``): each shard claims the keys it runs,
-        and a parent holding them would make its own children wait for it."""
-        fleet = self
-
-        class _Runner:
-            claims_its_own_keys = True
-            report: StageReport | None = None
-
-            def __call__(self, jobs: list[Job], executor, on_progress=None,
-                         progress=None) -> list[JobOutcome]:
-                results = fleet.run_phase("fusion", jobs)
-                self.report = shards.stage_reports(("fusion",), {"fusion": jobs},
-                                                   results)["fusion"]
-                failed = self.report.failed
-                return [JobOutcome("fusion", j.key, ok=j.key not in failed, rank=0,
-                                   seconds=0.0, error=failed.get(j.key)) for j in jobs]
-
-        return _Runner()
+        return shards.not_started(phase, shard, attempt, str(run.id), state, part, message)

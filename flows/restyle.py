@@ -53,21 +53,20 @@ TASK = {"retries": 3, "retry_delay_seconds": [1, 4, 10], "retry_condition_fn": _
         "cache_policy": NO_CACHE}
 
 
-def _mover(progress_id, spans: dict, kind: str):
-    """Moves the run's progress artifact as a stage's jobs finish, and logs each one."""
-    start, span = spans[kind]
+def _mover(progress_id):
+    """Moves the run's progress artifact (to 99 %: the report is the last step) as the run's
+    jobs finish, and logs each move."""
     logger = get_run_logger()
 
     def moved(fraction: float) -> None:
         if fraction > 0:
-            logger.info("%s: %.0f%% done", kind, 100 * fraction)
-        update_progress_artifact(progress_id, progress=min(100.0, start + span * fraction))
+            logger.info("jobs: %.0f%% done", 100 * fraction)
+        update_progress_artifact(progress_id, progress=min(99.0, 99.0 * fraction))
 
     return moved
 
 
 plan_task = task(name="plan", **TASK)(engine.plan)
-fusion_task = task(name="fusion-and-outputs", **TASK)(engine.fuse_and_write)
 pool_task = task(name="jobs", **TASK)(engine.run_pool)
 report_task = task(name="report", **TASK)(engine.finish)
 
@@ -141,24 +140,17 @@ def restyle(manifest_uri: str, output_uri: str, model: str,
                 len(plan.content_jobs), plan.run_uri)
     progress = create_progress_artifact(progress=0.0, key="restyle-progress",
                                         description=f"run {plan.run_id}")
-    spans, executor = engine.stage_weights(plan), request.executor()
     run_info = {"flow_run_id": str(flow_run.get_id() or ""), "run_id": plan.run_id}
     details: dict = {"model": request.model, "executor": request.settings.executor}
-    if request.settings.shards > 1:  # the shards run the jobs, on any workers of the pool
+    mover = _mover(progress)
+    if request.settings.shards > 1:  # the same pool in each shard, on any workers of the pool
         fleet = Fleet(plan, request, run_info["flow_run_id"], flow_run.get_run_count())
-        stages = fleet.stages()
-        runner = fleet.fusion_runner()
-        fused = fusion_task(plan, stages, executor, run_info, _mover(progress, spans, "fusion"),
-                            runner=runner)
-        if runner.report is not None:  # who computed, awaited or failed each fusion
-            fused.stage = runner.report
-        details["shards"] = fleet.rows
-        results, stages = fused.pairs, {**stages, "fusion": fused.stage}
+        outcome = shards.run_sharded(plan, request.cache_uri, request.settings, run_info,
+                                     fleet.run_phase, mover)
     else:  # one job pool: every job on this machine's workers, outputs as fusions finish
-        outcome = pool_task(plan, executor, run_info,
-                            _mover(progress, {"jobs": (0.0, 99.0)}, "jobs"))
-        results, stages = outcome.pairs, outcome.stages
-        details.update(engine.pool_details(outcome))
+        outcome = pool_task(plan, request.executor(), run_info, mover)
+    results, stages = outcome.pairs, outcome.stages
+    details.update(outcome.details())
     summary: RunSummary = engine.summarize(plan, results, stages, details)
     data = report_task(summary, started, run_info["flow_run_id"])
     update_progress_artifact(progress, progress=100.0)
@@ -197,9 +189,11 @@ def restyle_shard(plan_uri: str, shard: int, phase: str, model: str,
     result = shards.run_shard(plan_uri, shard, phase, executor, attempt,
                               worker=os.environ.get("PREFECT__WORKER_NAME", ""),
                               flow_run_id=str(flow_run.get_id() or ""))
-    get_run_logger().info("%s shard %d: %d computed, %d awaited, %d cached, %d failed in "
-                          "%.1f s", phase, shard, len(result.computed), len(result.awaited),
-                          len(result.cached), len(result.failed), result.busy_s)
+    get_run_logger().info("%s shard %d: %d computed, %d awaited, %d cached, %d failed, "
+                          "%d pairs written in %.1f s", phase, shard,
+                          *(len(result.keys(s)) for s in ("computed", "awaited", "cached",
+                                                          "failed")),
+                          sum(p["status"] == "ok" for p in result.pairs), result.busy_s)
     return result.to_dict()
 
 

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from tests.conftest import make_image
+from tests.test_shards import in_process
 from vct import storage
 from vct.artifacts import FusedImages, Stored, result_bytes
-from vct.batch import engine, outputs
+from vct.batch import engine, outputs, shards
 from vct.batch.jobs import Job, JobOutcome
 from vct.batch.plan import hash_inputs, plan_run
 from vct.batch.settings import RunSettings
@@ -129,24 +130,22 @@ def _plan(tmp_path: Path, manifest: Path, **settings):
     return plan, ExecutorSettings(model="unused", cache_uri=str(tmp_path / "cache"))
 
 
-@pytest.fixture(params=["pool", "stages"])
+@pytest.fixture(params=["pool", "shards"])
 def path(request) -> str:
-    """The rules hold on both paths: the job pool of a run, the phases of a sharded one."""
+    """The rules hold for a run in one pool and for a sharded one (the pool in each shard)."""
     return request.param
 
 
 def _run(tmp_path: Path, manifest: Path, runner: FakeRunner, path: str = "pool", **settings):
-    """One engine run with the fake runner: plan (fake model identity), jobs, outputs."""
+    """One engine run with the fake runner: plan (fake model identity), jobs, outputs; with
+    ``path="shards"`` two shards a phase, run in this process one after the other."""
     plan, executor = _plan(tmp_path, manifest, **settings)
     if path == "pool":
         outcome = engine.run_pool(plan, executor, runner=runner)
-        results, stages = outcome.pairs, outcome.stages
     else:
-        stages = {kind: engine.run_stage(kind, plan.jobs(kind), executor, runner=runner)
-                  for kind in ("concept", "content")}
-        fused = engine.fuse_and_write(plan, stages, executor, runner=runner)
-        results, stages = fused.pairs, {**stages, "fusion": fused.stage}
-    summary = engine.summarize(plan, results, stages)
+        outcome = shards.run_sharded(plan, executor.cache_uri, RunSettings(shards=2), {},
+                                     in_process(executor, runner))
+    summary = engine.summarize(plan, outcome.pairs, outcome.stages)
     data = engine.finish(summary, "2026-01-01T00:00:00+00:00", write_report=False)
     return summary, data
 

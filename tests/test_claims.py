@@ -17,10 +17,13 @@ from pathlib import Path
 import pytest
 
 from vct import storage
-from vct.batch.claims import Claims, Owner, run_claimed
-from vct.batch.engine import run_stage
+from vct.batch.claims import Claims, Owner
 from vct.batch.jobs import Job, JobOutcome
+from vct.batch.plan import Plan
+from vct.batch.pool import run_pool
+from vct.batch.summary import StageReport
 from vct.batch.workers import ExecutorSettings
+from vct.batch.workers.local import LocalBackend
 from vct.cache import StageCache, cache_key
 
 
@@ -31,10 +34,17 @@ class FakeClaims(Claims):
         return self.cache.contains(kind, key)
 
 
-@pytest.fixture(autouse=True)
-def _fake_entries(monkeypatch):
-    """The engine builds its own Claims: make it accept the Recorder's entries too."""
-    monkeypatch.setattr("vct.batch.engine.Claims", FakeClaims)
+def run_claimed(root: str, jobs: list[Job], runner, claims: Claims | None = None
+                ) -> StageReport:
+    """``jobs`` through the job pool, as a stage shard runs them: in process, ``runner``
+    computing, every key under a claim (``claims``; FakeClaims by default)."""
+    the_plan = Plan(run_id="t", run_uri=storage.join(root, "run"), manifest_uri="",
+                    model_identity="m" * 64, pairs=[], errors=[],
+                    concept_jobs=[j for j in jobs if j.kind == "concept"],
+                    content_jobs=[j for j in jobs if j.kind == "content"])
+    backend = LocalBackend(ExecutorSettings(model="unused", cache_uri=root), runner)
+    outcome = run_pool(the_plan, backend, root, claims=claims or FakeClaims(root))
+    return outcome.stages[jobs[0].kind]
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -148,14 +158,13 @@ def test_an_unreadable_claim_never_blocks_its_key(root: str) -> None:
 def test_two_threads_racing_compute_each_key_once(root: str) -> None:
     jobs = _jobs(6)
     runner = Recorder(root, pause_s=0.05)
-    executor = ExecutorSettings(model="unused", cache_uri=root)
-    results: dict[str, object] = {}
+    results: dict[str, StageReport] = {}
     start = threading.Barrier(2)
 
     def contender(name: str) -> None:
         claims = FakeClaims(root, Owner(worker=name), lease_s=30, poll_s=0.02)
         start.wait()
-        results[name] = run_claimed("concept", jobs, executor, runner, claims, chunk=1)
+        results[name] = run_claimed(root, jobs, runner, claims)
 
     threads = [threading.Thread(target=contender, args=(n,)) for n in ("a", "b")]
     for t in threads:
@@ -165,8 +174,8 @@ def test_two_threads_racing_compute_each_key_once(root: str) -> None:
     assert sorted(runner.computed) == sorted(j.key for j in jobs)  # each once, fleet-wide
     for name in ("a", "b"):
         run = results[name]
-        mine = {o.key for o in run.outcomes}
-        assert all(o.ok for o in run.outcomes)
+        mine = set(run.computed)
+        assert not run.failed
         assert mine.isdisjoint(run.awaited)
         assert mine | set(run.awaited) == {j.key for j in jobs}  # every job answered
     assert Claims(root).read("concept", jobs[0].key) is None  # nothing left claimed
@@ -177,8 +186,7 @@ def _process_contender(root: str, name: str, out: str, start) -> None:
     runner = Recorder(root, pause_s=0.05)
     claims = FakeClaims(root, Owner(worker=name), lease_s=30, poll_s=0.02)
     start.wait()
-    run = run_claimed("concept", jobs, ExecutorSettings(model="unused", cache_uri=root),
-                      runner, claims, chunk=1)
+    run = run_claimed(root, jobs, runner, claims)
     Path(out).write_text(json.dumps({"computed": runner.computed, "awaited": run.awaited}))
 
 
@@ -208,8 +216,8 @@ def test_a_dead_owners_job_is_redone_by_the_next_one(root: str) -> None:
     dead = FakeClaims(root, Owner(worker="dead"), lease_s=0.5, poll_s=0.02)
     assert dead.acquire("concept", jobs[0].key) is not None  # claimed, then never renewed
     runner = Recorder(root, pause_s=0.0)
-    run = run_claimed("concept", jobs, ExecutorSettings(model="unused", cache_uri=root), runner,
-                      FakeClaims(root, Owner(worker="next"), lease_s=30, poll_s=0.05), chunk=1)
+    run = run_claimed(root, jobs, runner,
+                      FakeClaims(root, Owner(worker="next"), lease_s=30, poll_s=0.05))
     assert sorted(runner.computed) == sorted(j.key for j in jobs)
     assert run.took_over == [jobs[0].key] and run.awaited == []
 
@@ -227,27 +235,27 @@ def test_a_waiter_uses_the_result_when_it_lands(root: str) -> None:
     t = threading.Thread(target=finish_later)
     t.start()
     runner = Recorder(root)
-    run = run_claimed("concept", jobs, ExecutorSettings(model="unused", cache_uri=root), runner,
+    run = run_claimed(root, jobs, runner,
                       FakeClaims(root, Owner(worker="waiter"), lease_s=60, poll_s=0.02))
     t.join()
-    assert runner.computed == [] and run.awaited == [jobs[0].key] and run.outcomes == []
+    assert runner.computed == [] and run.awaited == [jobs[0].key]
+    assert run.computed == [] and run.failed == {}
 
 
 def test_a_failed_job_releases_its_claim_and_the_next_one_tries(root: str) -> None:
     jobs = _jobs(1)
-    executor = ExecutorSettings(model="unused", cache_uri=root)
     failing = Recorder(root, fail={jobs[0].key})
-    run = run_claimed("concept", jobs, executor, failing, FakeClaims(root, poll_s=0.02))
-    assert [o.ok for o in run.outcomes] == [False]
+    run = run_claimed(root, jobs, failing, FakeClaims(root, poll_s=0.02))
+    assert list(run.failed) == [jobs[0].key] and run.computed == []
     assert Claims(root).read("concept", jobs[0].key) is None  # released on failure
     good = Recorder(root)
-    run = run_claimed("concept", jobs, executor, good, FakeClaims(root, poll_s=0.02))
-    assert good.computed == [jobs[0].key] and run.outcomes[0].ok
+    run = run_claimed(root, jobs, good, FakeClaims(root, poll_s=0.02))
+    assert good.computed == [jobs[0].key] and run.computed == [jobs[0].key]
 
 
-def test_run_stage_claims_for_every_runner_and_reports_awaited(root: str, monkeypatch) -> None:
-    """The engine's stage goes through claims whatever the runner: a key another owner holds
-    is awaited, not computed, and the report says so."""
+def test_the_pool_claims_for_every_runner_and_reports_awaited(root: str, monkeypatch) -> None:
+    """The job pool goes through claims whatever the runner: a key another owner holds is
+    awaited, not computed, and the report says so."""
     monkeypatch.setenv("VCT_CLAIM_POLL_S", "0.05")
     jobs = _jobs(3)
     owner = FakeClaims(root, Owner(worker="elsewhere"), lease_s=60, poll_s=0.02)
@@ -262,8 +270,7 @@ def test_run_stage_claims_for_every_runner_and_reports_awaited(root: str, monkey
 
     t = threading.Thread(target=finish_when_the_others_are_done)
     t.start()
-    report = run_stage("concept", jobs, ExecutorSettings(model="unused", cache_uri=root),
-                       runner=runner)
+    report = run_claimed(root, jobs, runner)
     t.join()
     assert sorted(report.computed) == sorted([jobs[0].key, jobs[2].key])
     assert report.awaited == [jobs[1].key] and not report.failed
@@ -276,6 +283,5 @@ def test_a_bad_entry_is_recomputed_not_awaited(root: str) -> None:
     jobs = _jobs(1)
     StageCache(root).put("concept", jobs[0].key, b"truncated garbage")
     runner = Recorder(root)
-    run = run_claimed("concept", jobs, ExecutorSettings(model="unused", cache_uri=root), runner,
-                      Claims(root, poll_s=0.02))
+    run = run_claimed(root, jobs, runner, Claims(root, poll_s=0.02))
     assert runner.computed == [jobs[0].key] and run.awaited == []

@@ -224,8 +224,13 @@ def _claims_left(env, cache: str) -> list[str]:
         Bucket=bucket, Prefix=f"{prefix}/_claims/").get("Contents", [])]
 
 
+def _keys(row: dict, status: str) -> list[str]:
+    """A shard's keys of one status (computed, awaited, cached, took_over), every kind."""
+    return [k for stage in row["stages"].values() for k in stage[status]]
+
+
 def _computed(rows: list[dict], phase: str) -> Counter[str]:
-    return Counter(k for r in rows if r["phase"] == phase for k in r["computed"])
+    return Counter(k for r in rows if r["phase"] == phase for k in _keys(r, "computed"))
 
 
 # ------------------------------------------------------------------------------ the tests
@@ -254,6 +259,11 @@ def test_a_sharded_run_spreads_over_both_workers_and_matches_an_unsharded_one(
         "prefect.worker.name") for r in rows}
     assert server_workers == {"worker-a", "worker-b"}
     assert all(r["busy_s"] > 0 for r in rows)
+    # Each shard is the run's job pool: its record has the pool's per-rank utilization, and
+    # the fusion shards wrote the pairs (each pair once).
+    assert all(r["ranks"] and r["pool"]["min_utilization"] is not None for r in rows)
+    written = Counter(p["pair_id"] for r in rows if r["phase"] == "fusion" for p in r["pairs"])
+    assert len(written) == 8 and set(written.values()) == {1}
     # Every concept and content computed exactly once, fleet-wide; nothing left claimed.
     stage = _computed(rows, "stage")
     assert len(stage) == 2 + 4 and set(stage.values()) == {1}
@@ -301,8 +311,8 @@ def test_two_overlapping_runs_compute_each_shared_key_once(pool, busy_workers, t
     for name in ("first", "second"):
         run = _run_json(env, f"{bucket}/{name}")
         assert run["status"] == "complete"
-        mine = {k for r in run["details"]["shards"] for k in
-                r["computed"] + r["awaited"] + r["cached"] if r["phase"] == "stage"}
+        mine = {k for r in run["details"]["shards"] if r["phase"] == "stage"
+                for s in ("computed", "awaited", "cached") for k in _keys(r, s)}
         assert len(mine) == 4  # its 2 concepts and 2 contents, computed here or elsewhere
     assert _claims_left(env, cache) == []
 
@@ -352,10 +362,10 @@ def test_a_worker_killed_mid_shard_costs_only_its_running_job(pool, workers, tmp
     assert retry[0]["worker"] == "worker-b"  # the only worker left
     # Only the killed job was started twice: its claim is the one taken over; every concept
     # was computed to the end exactly once (the dead shard's finished ones were cached).
-    took_over = [k for r in rows for k in r["took_over"] if r["phase"] == "stage"]
+    took_over = [k for r in rows if r["phase"] == "stage" for k in _keys(r, "took_over")]
     assert took_over == [killed_key]
-    assert killed_key in retry[0]["computed"]
-    finished = _computed(rows, "stage") + Counter(retry[0]["cached"])
+    assert killed_key in _keys(retry[0], "computed")
+    finished = _computed(rows, "stage") + Counter(_keys(retry[0], "cached"))
     assert set(finished.values()) == {1} and len(finished) == 4 + 1
 
 
@@ -452,7 +462,7 @@ def test_shards_no_worker_takes_are_cancelled_and_the_run_fails_saying_why(
     for r in rows:
         assert r["error"].startswith(f"no worker took stage shard {r['shard']} of "
                                      "restyle-shard/shard within 5 s")
-        assert "pool 'vct-process'" in r["error"] and not r["computed"]
+        assert "pool 'vct-process'" in r["error"] and not _keys(r, "computed")
         assert _api(env, f"flow_runs/{r['flow_run_id']}")["state"]["type"] == "CANCELLED"
     parent = run["flow_run_id"]
     assert _api(env, f"flow_runs/{parent}")["labels"]["vct.run_uri"] == run["output_uri"]

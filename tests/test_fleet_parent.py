@@ -14,7 +14,8 @@ from prefect.client.schemas.objects import StateType
 
 from tests.test_shards import _job
 from vct.batch import shards
-from vct.batch.summary import StageReport
+from vct.batch.jobs import JobOutcome
+from vct.batch.plan import Plan
 from vct.batch.workers import ExecutorSettings
 
 
@@ -78,7 +79,8 @@ def _fleet(tmp_path: Path, client: FakeClient, settings: dict, run_count: int = 
     from flows.fleet import Fleet
     from vct.batch.settings import RunSettings
 
-    plan = SimpleNamespace(run_uri=str(tmp_path / "run"), run_id="r1")
+    plan = Plan(run_id="r1", run_uri=str(tmp_path / "run"), manifest_uri="m.csv",
+                model_identity="m" * 64, pairs=[], errors=[])
     request = SimpleNamespace(settings=RunSettings.build(settings), model="tiny",
                               cache_uri=str(tmp_path / "cache"))
     parent = parent or str(client.add("RUNNING").id)
@@ -108,6 +110,8 @@ def test_a_shard_no_worker_takes_is_cancelled_and_its_jobs_fail_naming_the_pool(
     client = FakeClient(tick=50.0)
     fleet = _fleet(tmp_path, client, {"shards": 2})
     jobs = [_job("concept", 0, 5), _job("content", 1, 1)]
+    slices = [shards.Slice(jobs=part) for part in shards.split(jobs, 2)]
+    uri = shards.write_phase(fleet.plan, str(tmp_path / "cache"), {}, "stage", slices)
     reads: dict[int, int] = {}
     done_at: list[float] = []
 
@@ -118,17 +122,18 @@ def test_a_shard_no_worker_takes_is_cancelled_and_its_jobs_fail_naming_the_pool(
         if reads[0] == 1:
             run.set("RUNNING")
         elif reads[0] == 40:
-            shards.run_shard(shards.plan_uri(fleet.plan.run_uri), 0, "stage",
-                             ExecutorSettings(model="unused", cache_uri="c"),
-                             flow_run_id=str(run.id), run_stage=lambda kind, js, ex:
-                             StageReport(kind, computed=[j.key for j in js]))
+            shards.run_shard(uri, 0, "stage", ExecutorSettings(
+                model="unused", cache_uri=str(tmp_path / "cache")), flow_run_id=str(run.id),
+                runner=lambda unit, settings, **_: [JobOutcome(j.kind, j.key, True, 0, 0.01)
+                                                    for j in unit])
             run.set("COMPLETED")
             done_at.append(client.now)
 
     client.on_read = script
-    results = fleet.run_phase("stage", jobs)
-    first, lost = sorted(fleet.rows, key=lambda r: r["shard"])
-    assert first["state"] == "COMPLETED" and first["computed"] == [jobs[0].key]
+    results = fleet.run_phase("stage", uri, slices)
+    first, lost = sorted((r.to_dict() for r in results), key=lambda r: r["shard"])
+    assert first["state"] == "COMPLETED"
+    assert first["stages"]["concept"]["computed"] == [jobs[0].key]
     assert lost["state"] == "CANCELLED"
     message = lost["error"]
     assert message.startswith("no worker took stage shard 1 of restyle-shard/shard within "
@@ -138,8 +143,8 @@ def test_a_shard_no_worker_takes_is_cancelled_and_its_jobs_fail_naming_the_pool(
     assert client.runs[lost["flow_run_id"]].state.type.value == "CANCELLED"
     # given up 900 s after shard 0 finished (it ran 4000 s), not 900 s after its dispatch
     assert done_at[0] > 3900 and done_at[0] + 900 <= client.now <= done_at[0] + 900 + 100
-    reports = shards.stage_reports(("concept", "content"),
-                                   {"concept": [jobs[0]], "content": [jobs[1]]}, results)
+    reports = shards.stage_reports({"concept": [jobs[0].key], "content": [jobs[1].key]},
+                                   results)
     assert reports["concept"].computed == [jobs[0].key]
     assert reports["content"].failed == {jobs[1].key: message}
     assert len(fleet.keys) == 2  # not re-dispatched: no worker would take it either
@@ -152,25 +157,16 @@ def test_the_start_timeout_comes_from_the_environment(tmp_path: Path, monkeypatc
     monkeypatch.setenv("VCT_SHARD_START_TIMEOUT_S", "120")
     client = FakeClient(tick=10.0)
     fleet = _fleet(tmp_path, client, {"shards": 3})
-    results = fleet.run_phase("stage", [_job("concept", i, 1) for i in range(3)])
-    assert {r["state"] for r in fleet.rows} == {"CANCELLED"} and len(results) == 3
-    assert all("within 120 s" in r["error"] for r in fleet.rows)
+    slices = [shards.Slice(jobs=[_job("concept", i, 1)]) for i in range(3)]
+    uri = shards.write_phase(fleet.plan, str(tmp_path / "cache"), {}, "stage", slices)
+    results = fleet.run_phase("stage", uri, slices)
+    assert {r.state for r in results} == {"CANCELLED"} and len(results) == 3
+    assert all("within 120 s" in r.error for r in results)
     assert 120 <= client.now <= 120 + 3 * 10 + 30
     for bad in ("0", "soon"):
         monkeypatch.setenv("VCT_SHARD_START_TIMEOUT_S", bad)
         with pytest.raises(ValueError, match="VCT_SHARD_START_TIMEOUT_S"):
             start_timeout_s()
-
-
-def test_shard_jobs_sets_how_many_shard_flow_runs_a_phase_starts(tmp_path: Path,
-                                                                 monkeypatch) -> None:
-    monkeypatch.setenv("VCT_SHARD_POLL_S", "0")
-    monkeypatch.setenv("VCT_SHARD_START_TIMEOUT_S", "1")
-    client = FakeClient(tick=1.0)
-    fleet = _fleet(tmp_path, client, {"shards": 8, "shard_jobs": 4})
-    fleet.run_phase("stage", [_job("concept", i, 1) for i in range(10)])
-    plan = shards.read_plan(shards.plan_uri(fleet.plan.run_uri))
-    assert [len(s) for s in plan["phases"]["stage"]["shards"]] == [4, 3, 3]  # ceil(10 / 4)
 
 
 def test_each_parent_attempt_dispatches_its_own_shard_runs(tmp_path: Path) -> None:

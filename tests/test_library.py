@@ -13,10 +13,12 @@ from safetensors.torch import load_file, save_file
 
 from tests.conftest import make_image
 from tests.test_batch_engine import FakeRunner, _stored
+from tests.test_shards import in_process
 from vct import storage
 from vct.artifacts import Stored, read_textual_inversion
-from vct.batch import engine, library
+from vct.batch import engine, library, shards
 from vct.batch.jobs import Job, store
+from vct.batch.settings import RunSettings
 from vct.cache import StageCache
 from vct.concept import ConceptResult, ConceptStats
 from vct.config import ConceptConfig
@@ -154,11 +156,11 @@ def test_a_concept_a_rerun_already_wrote_is_not_written_again(pictures, s3_bucke
     assert storage.read_bytes(f"{run}/{name}") == b"kept"
 
 
-@pytest.mark.parametrize("path", ["pool", "stages"])
+@pytest.mark.parametrize("path", ["pool", "shards"])
 def test_both_paths_fuse_a_concept_files_concept_from_the_cache(tmp_path, pictures,
                                                                 tiny_model_dir, path):
-    """The pool of a run and the phases of a sharded one: no concept job runs, the pair is
-    fused and its sidecar says its concept came from the cache."""
+    """A run in one pool and a sharded one: no concept job runs, the pair is fused and its
+    sidecar says its concept came from the cache."""
     ours = model_identity(tiny_model_dir)
     file = _concept_file(tmp_path / "look.safetensors", ours)
     manifest = tmp_path / "m.csv"
@@ -169,9 +171,8 @@ def test_both_paths_fuse_a_concept_files_concept_from_the_cache(tmp_path, pictur
     if path == "pool":
         results = engine.run_pool(plan, executor, runner=runner).pairs
     else:
-        stages = {kind: engine.run_stage(kind, plan.jobs(kind), executor, runner=runner)
-                  for kind in ("concept", "content")}
-        results = engine.fuse_and_write(plan, stages, executor, runner=runner).pairs
+        results = shards.run_sharded(plan, executor.cache_uri, RunSettings(shards=2), {},
+                                     in_process(executor, runner)).pairs
     assert results["p"].status == "ok" and runner.ran == {"content": 1, "fusion": 1}
     sidecar = json.loads((tmp_path / "out" / "r" / "p.json").read_text())
     assert sidecar["cache"]["concept"] == {"key": plan.pairs[0].concept_key, "hit": True}

@@ -1,6 +1,6 @@
 """The job pool: one queue for concepts, contents and fusions, biggest first; a fusion runs as
-soon as its inputs exist; claims of other processes are awaited; the outputs are bit-identical
-to the stage-by-stage path; utilization is recorded. On 2 accelerate CPU ranks, through the
+soon as its inputs exist; claims of other processes are awaited; a sharded run (the pool in
+each shard) writes the same bytes; utilization is recorded. On 2 accelerate CPU ranks, through the
 flow: tests/test_flow.py::test_accelerate_fan_out_gives_the_same_outputs_as_in_process."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import pytest
 from tests.conftest import make_image
 from tests.test_batch_engine import FakeRunner, Overlapping, _manifest, _plan, _run
 from tests.test_batch_engine import inputs as inputs  # the fixture
-from vct.batch import engine
+from tests.test_shards import in_process
+from vct.batch import engine, shards
 from vct.batch.claims import Claims, Owner
 from vct.batch.jobs import Job
 from vct.batch.pool import rank_usage, run_pool
@@ -138,7 +139,7 @@ def test_utilization_is_recorded_per_rank(tmp_path, inputs) -> None:
     [rank] = outcome.ranks
     assert rank["rank"] == 0 and rank["jobs"] == 3
     assert 0 < rank["busy_s"] <= rank["ready_s"] and 0 < rank["utilization"] <= 1
-    assert engine.pool_details(outcome)["pool"]["min_utilization"] == rank["utilization"]
+    assert outcome.details()["pool"]["min_utilization"] == rank["utilization"]
 
 
 def test_utilization_is_busy_over_the_time_from_ready_to_the_last_outcome() -> None:
@@ -255,17 +256,20 @@ def _settings(tmp: Path, **extra) -> RunSettings:
     return RunSettings.build({**FAST, "cache_uri": str(tmp / "cache"), "threads": 1, **extra})
 
 
-def test_the_pool_gives_the_stage_by_stage_bytes(crossed, tiny_model_dir, tmp_path) -> None:
+def test_a_sharded_run_gives_the_pools_bytes(crossed, tiny_model_dir, tmp_path) -> None:
+    """Two shards a phase (the pool in each, run here one after the other) against one pool,
+    each with its own cache: every job computed twice, the same PNG bytes."""
     pooled = engine.run(engine.prepare(str(crossed / "m.csv"), str(tmp_path / "pool"),
                                        str(tiny_model_dir), _settings(tmp_path / "p")))
     assert pooled.status == "complete"
-    request = engine.prepare(str(crossed / "m.csv"), str(tmp_path / "stages"),
-                             str(tiny_model_dir), _settings(tmp_path / "s"))
+    request = engine.prepare(str(crossed / "m.csv"), str(tmp_path / "shards"),
+                             str(tiny_model_dir), _settings(tmp_path / "s", shards=2))
     plan = engine.plan(request)
-    executor = request.executor()
-    stages = {kind: engine.run_stage(kind, plan.jobs(kind), executor)
-              for kind in ("concept", "content")}
-    fused = engine.fuse_and_write(plan, stages, executor)
-    assert {p.status for p in fused.pairs.values()} == {"ok"}
+    sharded = shards.run_sharded(plan, request.cache_uri, request.settings, {},
+                                 in_process(request.executor()))
+    assert {p.status for p in sharded.pairs.values()} == {"ok"}
+    assert [(r.phase, r.shard) for r in sharded.shards] == [
+        ("stage", 0), ("stage", 1), ("fusion", 0), ("fusion", 1)]
+    assert sharded.stages["concept"].computed and sharded.stages["content"].computed
     got, want = _pngs(pooled.run_uri), _pngs(plan.run_uri)
     assert len(want) == 6 and got == want

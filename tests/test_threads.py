@@ -35,7 +35,7 @@ def test_a_flag_beats_the_environment_which_beats_the_share(monkeypatch):
 
 def test_applying_sets_torch_and_the_executor_applies_it(monkeypatch, tiny_model_dir, tmp_path):
     from vct.batch.jobs import Job
-    from vct.batch.workers import ExecutorSettings, run_jobs
+    from vct.batch.workers import ExecutorSettings, local
 
     before = torch.get_num_threads()
     try:
@@ -43,8 +43,8 @@ def test_applying_sets_torch_and_the_executor_applies_it(monkeypatch, tiny_model
         assert threads.apply_thread_budget(override=1) == 1 == torch.get_num_threads()
         torch.set_num_threads(2)
         missing = Job("content", "ab" * 32, str(tmp_path / "missing.png"), {})
-        run_jobs([missing], ExecutorSettings(model=str(tiny_model_dir),
-                                             cache_uri=str(tmp_path), threads=1))
+        local.run([missing], ExecutorSettings(model=str(tiny_model_dir),
+                                              cache_uri=str(tmp_path), threads=1))
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

@@ -1,4 +1,5 @@
-"""vct.executor: local and accelerate (2 CPU ranks) execution of stage jobs into the cache.
+"""The job pool's workers (vct.batch.workers): in process and accelerate (2 CPU ranks), each
+running units of stage jobs into the cache.
 
 The jobs are real (tiny model, 64 px, a few steps), so the tests also pin that both modes store
 bit-identical results: the mode decides where a job runs, never what it computes.
@@ -19,7 +20,10 @@ from vct.artifacts import load_result
 from vct.batch import engine
 from vct.batch.jobs import Job, JobOutcome
 from vct.batch.keys import concept_key, content_key
-from vct.batch.workers import ExecutorSettings, accelerate, local, run_jobs
+from vct.batch.plan import Plan
+from vct.batch.workers import ExecutorSettings, accelerate, local
+from vct.batch.workers.accelerate import AccelerateBackend
+from vct.batch.workers.local import LocalBackend
 from vct.cache import StageCache
 from vct.config import ConceptConfig, ContentConfig, to_dict
 
@@ -63,19 +67,42 @@ def _settings(model_dir: Path, cache: Path, **kw) -> ExecutorSettings:
     return ExecutorSettings(model=str(model_dir), cache_uri=str(cache), device="cpu", **kw)
 
 
+def run_units(jobs: list[Job], settings: ExecutorSettings) -> list[JobOutcome]:
+    """Each job as one unit on the settings' backend, biggest first, a unit whenever a slot is
+    free (as the pool submits them); the outcomes in input order."""
+    backend = (LocalBackend(settings) if settings.mode == "local"
+               else AccelerateBackend(settings, world=len(jobs)))
+    todo = sorted(jobs, key=lambda j: -j.cost)
+    got: dict[str, JobOutcome] = {}
+    try:
+        while todo or backend.outstanding():
+            while todo and backend.free_slots() > 0:
+                backend.submit([todo.pop(0)])
+            for outcome in backend.poll(timeout=0.05):
+                got[outcome.key] = outcome
+    finally:
+        backend.close()
+    return [got[j.key] for j in jobs]
+
+
+def _plan(jobs: list[Job], run_uri: Path) -> Plan:
+    """A plan of stage jobs and no pairs: what a stage shard's pool runs."""
+    return Plan(run_id="w", run_uri=str(run_uri), manifest_uri="", model_identity="m" * 64,
+                pairs=[], errors=[], concept_jobs=[j for j in jobs if j.kind == "concept"],
+                content_jobs=[j for j in jobs if j.kind == "content"])
+
+
 @pytest.fixture(scope="module")
 def local_run(tiny_model_dir, good_jobs, tmp_path_factory):
-    """The three good jobs in local mode: (outcomes, cache dir, progress events).
+    """The three good jobs in local mode: (outcomes, cache dir).
 
     They run with the thread count each of 2 accelerate CPU ranks uses (the thread budget):
     concept inversion's backward pass sums in a thread-count-dependent order, so CPU results
     are bit-identical across processes only at equal thread counts.
     """
     cache = tmp_path_factory.mktemp("local_cache")
-    events: list[dict] = []
-    outcomes = run_jobs(good_jobs, _settings(tiny_model_dir, cache, threads=RANK_THREADS),
-                        on_progress=events.append)
-    return outcomes, cache, events
+    outcomes = run_units(good_jobs, _settings(tiny_model_dir, cache, threads=RANK_THREADS))
+    return outcomes, cache
 
 
 def _entry(cache_dir: Path, job: Job) -> bytes:
@@ -93,31 +120,38 @@ def _tensors(job: Job, data: bytes) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------- local mode
 def test_local_runs_every_job_into_the_cache(local_run, good_jobs) -> None:
-    outcomes, cache, events = local_run
-    assert [o.key for o in outcomes] == [j.key for j in good_jobs]  # input order
+    outcomes, cache = local_run
+    assert [o.key for o in outcomes] == [j.key for j in good_jobs]
     for job, outcome in zip(good_jobs, outcomes):
         assert outcome.ok and outcome.error is None and outcome.rank == 0, outcome
         assert outcome.seconds > 0 and sum(outcome.unet_evals.values())
         result = _tensors(job, _entry(cache, job))
         assert result  # parsed and verified against its key
     assert outcomes[0].unet_evals == {"concept_grad": 3 * CONCEPT.gradient_accumulation_steps}
-    # Biggest first: src_b (25), src_a (20), then the concept (12).
-    assert [e["key"] for e in events] == [good_jobs[i].key for i in (2, 1, 0)]
-    assert [(e["rank"], e["done"], e["total"], e["ok"]) for e in events] == [
-        (0, 1, 3, True), (0, 2, 3, True), (0, 3, 3, True)]
+
+
+def test_one_unit_runs_biggest_first(good_jobs, tiny_model_dir, tmp_path) -> None:
+    """A unit of several jobs (a content batch's shape) runs its biggest job first."""
+    settings = _settings(tiny_model_dir, tmp_path / "cache", threads=RANK_THREADS)
+    cache = StageCache(settings.cache_uri)
+    local.run(good_jobs, settings)
+    written = [Path(cache.uri(j.kind, j.key)).stat().st_mtime_ns for j in good_jobs]
+    # src_b (25), src_a (20), then the concept (12)
+    assert written[2] <= written[1] <= written[0]
 
 
 def test_a_stage_answers_cached_jobs_without_running_them(local_run, good_jobs,
                                                          tiny_model_dir) -> None:
-    """The engine verifies each entry once and sends only misses to the executor: a rerun of a
-    finished stage computes nothing, reloads no model and rewrites no entry."""
-    _, cache, _ = local_run
+    """The pool verifies each entry once and sends only misses to the workers: a rerun of
+    finished jobs computes nothing, reloads no model and rewrites no entry."""
+    _, cache = local_run
     settings = _settings(tiny_model_dir, cache)
     models = local.models_for(settings)  # the memoised ones: no reload per call
     before = dict(models.unet_evals)
     entries = [_entry(cache, j) for j in good_jobs]
-    report = engine.run_stage("content", good_jobs[1:], settings,
-                              runner=lambda *a, **k: pytest.fail("nothing to run"))
+    report = engine.run_pool(_plan(good_jobs[1:], cache / "run"), settings,
+                             runner=lambda *a, **k: pytest.fail("nothing to run")
+                             ).stages["content"]
     assert sorted(report.cached) == sorted(j.key for j in good_jobs[1:])
     assert not report.computed and not report.failed
     assert dict(models.unet_evals) == before
@@ -130,7 +164,7 @@ def test_local_bad_input_fails_alone(models, images, bad_image, tiny_model_dir,
     missing = tmp_path / "missing.png"
     jobs = [content_job(models, images["src_a"]), concept_job(models, bad_image, cost=100),
             Job("content", "ab" * 32, str(missing), to_dict(CONTENT))]
-    outcomes = run_jobs(jobs, _settings(tiny_model_dir, tmp_path / "cache"))
+    outcomes = run_units(jobs, _settings(tiny_model_dir, tmp_path / "cache"))
     assert [o.ok for o in outcomes] == [True, False, False]
     assert outcomes[1].error == f"reference {bad_image}: not a readable image " \
                                 "(UnidentifiedImageError)"
@@ -141,21 +175,8 @@ def test_local_bad_input_fails_alone(models, images, bad_image, tiny_model_dir,
     assert not cache.contains("concept", jobs[1].key)
 
 
-def test_duplicate_jobs_run_once(local_run, good_jobs, tiny_model_dir, tmp_path) -> None:
-    job = good_jobs[1]
-    twin = Job(job.kind, job.key, job.input_uri + "-renamed-copy", job.config, job.cost)
-    events: list[dict] = []
-    # the fixture's thread count, set on this side too: bits agree only at equal counts
-    outcomes = run_jobs([job, twin], _settings(tiny_model_dir, tmp_path, threads=RANK_THREADS),
-                        on_progress=events.append)
-    assert len(outcomes) == 2 and all(o.ok for o in outcomes) and len(events) == 1
-    assert outcomes[0] is not outcomes[1] and outcomes[0] == outcomes[1]
-    got, want = _tensors(job, _entry(tmp_path, job)), _tensors(job, _entry(local_run[1], job))
-    assert all(torch.equal(got[name], want[name]) for name in want)
-
-
 def test_model_error_fails_every_job(good_jobs, tmp_path) -> None:
-    outcomes = run_jobs(good_jobs, _settings(tmp_path / "no-model", tmp_path / "cache"))
+    outcomes = run_units(good_jobs, _settings(tmp_path / "no-model", tmp_path / "cache"))
     assert [o.ok for o in outcomes] == [False] * 3
     assert all("no such folder" in o.error for o in outcomes)
 
@@ -180,17 +201,15 @@ def accelerate_run(tiny_model_dir, good_jobs, models, bad_image, tmp_path_factor
     """The good jobs plus a bad one on 2 CPU ranks (one launch for all accelerate checks)."""
     cache = tmp_path_factory.mktemp("acc_cache")
     jobs = [*good_jobs, content_job(models, bad_image, cost=1.0)]
-    events: list[dict] = []
     # each rank at the local fixture's count, set here too: VCT_THREADS would change a rank's
     settings = _settings(tiny_model_dir, cache, mode="accelerate", cpu=True, num_processes=2,
                          threads=RANK_THREADS)
-    outcomes = run_jobs(jobs, settings, on_progress=events.append)
-    return jobs, outcomes, cache, events
+    return jobs, run_units(jobs, settings), cache
 
 
 @pytest.mark.slow  # make test-slow (in make check): see pyproject.toml
 def test_accelerate_matches_local_bit_for_bit(accelerate_run, local_run) -> None:
-    jobs, outcomes, cache, _ = accelerate_run
+    jobs, outcomes, cache = accelerate_run
     assert [o.ok for o in outcomes] == [True, True, True, False], outcomes
     for job in jobs[:3]:
         got, want = _tensors(job, _entry(cache, job)), _tensors(job, _entry(local_run[1], job))
@@ -201,15 +220,13 @@ def test_accelerate_matches_local_bit_for_bit(accelerate_run, local_run) -> None
 
 @pytest.mark.slow  # make test-slow (in make check): see pyproject.toml
 def test_accelerate_uses_both_ranks_and_isolates_failures(accelerate_run, bad_image) -> None:
-    jobs, outcomes, cache, events = accelerate_run
+    jobs, outcomes, cache = accelerate_run
     assert [o.key for o in outcomes] == [j.key for j in jobs]
     assert {o.rank for o in outcomes} == {0, 1}
     assert outcomes[3].error == f"source {bad_image}: not a readable image " \
                                 "(UnidentifiedImageError)"
     assert not StageCache(str(cache)).contains("content", jobs[3].key)
     assert all(o.seconds > 0 and o.unet_evals for o in outcomes[:3])
-    assert sorted(e["done"] for e in events) == [1, 2, 3, 4]
-    assert {e["rank"] for e in events} == {0, 1}
 
 
 # A stand-in for `accelerate launch`: rank 0 finishes its first unit, then the launcher dies.
@@ -240,7 +257,7 @@ def test_dead_rank_fails_only_unfinished_jobs(tiny_model_dir, tmp_path, monkeypa
     jobs = [Job("content", f"{i:064x}", f"/img/{i}.png", {}, cost=c)
             for i, c in enumerate((1.0, 2.0, 3.0))]
     settings = _settings(tiny_model_dir, tmp_path, mode="accelerate", cpu=True, num_processes=2)
-    outcomes = run_jobs(jobs, settings)
+    outcomes = run_units(jobs, settings)
     assert len(outcomes) == 3 and [o.ok for o in outcomes] == [False, False, True]
     # Units biggest first, each to the rank with the fewest outstanding: 2 and 0 on rank 0,
     # 1 on rank 1.
@@ -256,7 +273,7 @@ def test_fusion_job_fuses_from_the_cache_and_fails_alone_without_inputs(
     from vct.batch.keys import fusion_key
     from vct.config import FusionConfig
 
-    _, cache, _ = local_run
+    _, cache = local_run
     concept, content = good_jobs[0], good_jobs[1]
     fusion = to_dict(FusionConfig())
     key = fusion_key(content.key, [concept.key], FusionConfig())
@@ -267,7 +284,7 @@ def test_fusion_job_fuses_from_the_cache_and_fails_alone_without_inputs(
     bad = Job("fusion", fusion_key(missing_key, [concept.key], FusionConfig()),
               content.input_uri,
               {"content_key": missing_key, "concept_keys": [concept.key], "fusion": fusion})
-    ok, failed = run_jobs([good, bad], _settings(tiny_model_dir, cache))
+    ok, failed = local.run([good, bad], _settings(tiny_model_dir, cache))
     # counted by the UNet wrapper; expected from spec §8: B's 2 passes + B*'s conditional one
     # (B* replays the fit) per step
     assert ok.ok and ok.unet_evals == {"fusion": 3 * CONTENT.num_inference_steps}
@@ -279,13 +296,13 @@ def test_fusion_job_fuses_from_the_cache_and_fails_alone_without_inputs(
 def test_content_jobs_batch_and_bad_inputs_still_fail_alone(local_run, models, images,
                                                              bad_image, tiny_model_dir,
                                                              tmp_path) -> None:
-    _, single_cache, _ = local_run
+    _, single_cache = local_run
     jobs = [content_job(models, images["src_a"]), content_job(models, bad_image),
             content_job(models, images["src_b"], cost=25.0)]
     settings = _settings(tiny_model_dir, tmp_path / "cache", content_batch=3)
     used = local.models_for(settings)
     before = used.unet_evals["content_grad"]
-    outcomes = run_jobs(jobs, settings)
+    outcomes = local.run(jobs, settings)  # one unit: a content batch
     assert [o.ok for o in outcomes] == [True, False, True]
     assert "not a readable image" in outcomes[1].error
     fitted = used.unet_evals["content_grad"] - before

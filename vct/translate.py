@@ -3,7 +3,8 @@
 One reference and several sources become one in-memory manifest (one row per source, the
 output named after the source's file stem); the engine learns the concept once, inverts each
 source once and fuses every pair, exactly as `vct run` does, so both write bit-identical PNGs
-for the same inputs and seed. With `--cache` stage results are kept and reused; without it they
+for the same inputs, seed and thread count (`vct run` leaves a core to its embedded Prefect
+server by default: give both the same ``--threads`` to compare them). With `--cache` stage results are kept and reused; without it they
 live in a temporary folder for the duration of the call.
 """
 

@@ -46,7 +46,6 @@ from datetime import UTC, datetime
 
 from vct import storage
 from vct.batch import lease
-from vct.batch.jobs import Job, JobOutcome
 from vct.cache import StageCache
 
 log = logging.getLogger("vct.batch")
@@ -56,8 +55,6 @@ ENV_LEASE = "VCT_CLAIM_LEASE_S"
 ENV_POLL = "VCT_CLAIM_POLL_S"
 DEFAULT_LEASE_S = 60.0
 DEFAULT_POLL_S = 2.0
-
-Runner = Callable[..., list[JobOutcome]]
 
 
 def env_seconds(name: str, default: float) -> float:
@@ -197,82 +194,3 @@ class Claims:
         three ticks long, so one failed renewal does not lose it."""
         with lease.renewing(claims, self.renew, self.lease_s / 3, "vct-claim-renewer"):
             yield
-
-
-@dataclass
-class ClaimedRun:
-    """The outcomes of the jobs this process computed, and the keys another claim owned
-    whose results it awaited (they landed in the cache; nothing was computed here)."""
-
-    outcomes: list[JobOutcome]
-    awaited: list[str]
-    took_over: list[str]
-
-
-def run_claimed(kind: str, jobs: list[Job], executor, runner: Runner, claims: Claims,
-                on_progress: Callable[[dict], None] | None = None, progress=None,
-                chunk: int | None = None) -> ClaimedRun:
-    """Run ``jobs`` (none of them in the cache yet) through ``runner``, each only under a claim.
-
-    Jobs are claimed ``chunk`` at a time (None: all at once), each chunk handed to the runner
-    in one call and its claims renewed meanwhile, then released. A claim held by someone else
-    leaves the job waiting; waiting jobs are polled every ``poll_s`` until their entry lands
-    (awaited), or they can be claimed (owner failed or died), which puts them back in line.
-    A key is re-checked in the cache after it is claimed: its owner may have stored it and
-    released its claim between our look at the cache and our claim.
-    """
-    pending = list(jobs)
-    outcomes: list[JobOutcome] = []
-    awaited: list[str] = []
-    stats = ClaimStats()
-    size = chunk or max(1, len(jobs))
-
-    def landed(job: Job) -> bool:
-        return claims.landed(kind, job.key)
-
-    def await_done(job: Job) -> None:
-        awaited.append(job.key)
-        if on_progress:
-            on_progress({"rank": -1, "key": job.key, "kind": kind, "ok": True, "awaited": True})
-
-    while pending:
-        mine: list[tuple[Job, Claim]] = []
-        waiting: list[Job] = []
-        for job in pending:
-            if len(mine) >= size:
-                waiting.append(job)
-                continue
-            if landed(job):
-                await_done(job)
-                continue
-            claim = claims.acquire(kind, job.key, stats)
-            if claim is None:
-                waiting.append(job)
-            elif landed(job):
-                claims.release(claim)
-                await_done(job)
-            else:
-                mine.append((job, claim))
-        if mine:
-            held = [c for _, c in mine]
-            try:
-                with claims.renewing(held):
-                    outcomes += runner([j for j, _ in mine], executor, on_progress=on_progress,
-                                       progress=progress)
-            finally:
-                for claim in held:
-                    claims.release(claim)
-        elif waiting:
-            time.sleep(claims.poll_s)
-        pending = waiting
-    return ClaimedRun(outcomes=outcomes, awaited=awaited, took_over=stats.took_over)
-
-
-def chunk_for(executor) -> int | None:
-    """How many jobs to claim per runner call: one at a time in process (a call costs nothing,
-    and a claim is then held only while its job runs, so a crash strands one job; a content batch
-    is claimed whole), all at once
-    for accelerate (a launch loads the model on every rank; its claims are renewed meanwhile)."""
-    if getattr(executor, "mode", "local") != "local":
-        return None
-    return max(1, int(getattr(executor, "content_batch", 1)))  # content batches stay whole

@@ -13,10 +13,9 @@ the UI) and ``vct translate`` (one reference, an in-memory manifest). The steps:
 3. :func:`run_pool`: every concept, content and fusion job of the run in one job pool
    (:mod:`vct.batch.pool`) on the executor's workers, launched once; each pair's PNG and
    sidecar are written as soon as its fusion is done, and a pair whose verified output exists
-   is skipped (the resume rule). A failed job fails only the pairs that need it.
-   Sharded runs (:mod:`vct.batch.shards`) run the same jobs phase by phase instead:
-   :func:`run_stage` for concepts and contents, then :func:`fuse_and_write`. Both end by
-   writing the run's concept library, ``concepts/`` (:func:`write_library`).
+   is skipped (the resume rule). A failed job fails only the pairs that need it. It ends by
+   writing the run's concept library, ``concepts/`` (:func:`write_library`). A sharded run
+   (:mod:`vct.batch.shards`) runs this same step in each shard, over the shard's slice.
 4. :func:`finish`: run.json, the report, and ``_SUCCESS`` only when the run is complete.
 """
 
@@ -24,29 +23,17 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from vct import report, storage
-from vct.batch import library, outputs, pairs, pool, preflight
-from vct.batch.claims import Claims, Runner, chunk_for, run_claimed
-from vct.batch.jobs import Job, JobOutcome, ProgressFactory, load
-from vct.batch.plan import (
-    PairPlan,
-    Plan,
-    default_run_id,
-    expand_references,
-    fusion_groups,
-    fusion_job,
-    hash_inputs,
-    plan_run,
-)
+from vct.batch import library, outputs, pool, preflight
+from vct.batch.jobs import ProgressFactory
+from vct.batch.plan import Plan, default_run_id, expand_references, hash_inputs, plan_run
 from vct.batch.settings import MINI_MODEL, TINY_MODEL, RunSettings, require_model
 from vct.batch.summary import PairResult, RunSummary, StageReport, counts, run_status
-from vct.batch.workers import ExecutorSettings, run_jobs
-from vct.cache import StageCache
+from vct.batch.workers import ExecutorSettings, Runner
 from vct.config import ConfigError
 from vct.faults import checkpoint
 from vct.manifest import (
@@ -61,7 +48,6 @@ from vct.models import local_model_folder, model_geometry, model_identity, preci
 log = logging.getLogger("vct.batch")
 
 Fraction = pool.Fraction
-"""Runs jobs into the cache, one outcome per job: the executor, or a fake in unit tests."""
 
 
 @dataclass(frozen=True)
@@ -177,134 +163,7 @@ def plan(request: RunRequest, manifest: Manifest | None = None,
     return the_plan
 
 
-def stage_weights(the_plan: Plan) -> dict[str, tuple[float, float]]:
-    """Each stage's share of a progress bar, (start, span) in percent, by UNet cost."""
-    costs = {"concept": sum(j.cost for j in the_plan.concept_jobs),
-             "content": sum(j.cost for j in the_plan.content_jobs),
-             "fusion": sum(4.0 * p.content.num_inference_steps for p in the_plan.pairs)}
-    total = sum(costs.values()) or 1.0
-    spans, start = {}, 0.0
-    for kind, cost in costs.items():
-        spans[kind] = (start, 99.0 * cost / total)
-        start += spans[kind][1]
-    return spans
-
-
-# ---------------------------------------------------------------- stages
-def run_stage(kind: str, jobs: list[Job], executor: ExecutorSettings,
-              on_fraction: Fraction | None = None, progress: ProgressFactory | None = None,
-              runner: Runner = run_jobs) -> StageReport:
-    """Answer what the cache can (each entry verified once), run the rest on the executor,
-    each job under a claim so that no other process computes it meanwhile (its result is
-    awaited instead: ``report.awaited``)."""
-    cache = StageCache(executor.cache_uri)
-    report_ = StageReport(kind)
-    todo = []
-    for job in jobs:
-        if load(cache, kind, job.key) is not None:
-            report_.cached.append(job.key)
-        else:
-            todo.append(job)
-    log.info("%s: %d cached, %d to compute", kind, len(report_.cached), len(todo))
-    done = [len(report_.cached)]
-
-    def moved(event: dict) -> None:
-        done[0] += 1
-        if on_fraction:
-            on_fraction(done[0] / max(1, len(jobs)))
-
-    if on_fraction:
-        on_fraction(done[0] / max(1, len(jobs)))
-    evals: Counter[str] = Counter()
-    ranks = set()
-    # Every key is computed under a claim, whatever the executor (vct.batch.claims), unless
-    # the runner hands the jobs to processes that claim them (shard flow runs).
-    outcomes: list[JobOutcome] = []
-    if todo and getattr(runner, "claims_its_own_keys", False):
-        outcomes = runner(todo, executor, on_progress=moved, progress=progress)
-    elif todo:
-        claimed = run_claimed(kind, todo, executor, runner, Claims(executor.cache_uri), moved,
-                              progress, chunk_for(executor))
-        report_.awaited, report_.took_over = claimed.awaited, claimed.took_over
-        outcomes = claimed.outcomes
-    for outcome in outcomes:
-        ranks.add(outcome.rank)
-        if outcome.ok:
-            report_.computed.append(outcome.key)
-            evals.update(outcome.unet_evals)
-        else:
-            report_.failed[outcome.key] = outcome.error or "failed"
-            if outcome.bad_input:
-                report_.bad.append(outcome.key)
-            log.error("%s job %s failed: %s", kind, outcome.key[:12], outcome.error)
-    report_.ranks = sorted(ranks)
-    report_.unet_evals = dict(evals)
-    return report_
-
-
-@dataclass
-class FusionOutcome:
-    """What :func:`fuse_and_write` returns: every planned pair's result and the fusion stage."""
-
-    pairs: dict[str, PairResult]
-    stage: StageReport
-    seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
-
-
-def hit_test(stages: dict[str, StageReport]) -> pairs.Hit:
-    """Whether a stage result came from the cache, or from another process's claim (awaited)."""
-    hits = {kind: set(r.cached) | set(r.awaited) for kind, r in stages.items()}
-    return lambda kind, key: key in hits.get(kind, ())
-
-
-def fuse_and_write(the_plan: Plan, stages: dict[str, StageReport], executor: ExecutorSettings,
-                   run_info: dict | None = None, on_fraction: Fraction | None = None,
-                   progress: ProgressFactory | None = None,
-                   runner: Runner = run_jobs) -> FusionOutcome:
-    """Resume rule, fusion of what is left, then each pair's PNG and sidecar (the stage-by-stage
-    path of shard phases; a run in one place uses :mod:`vct.batch.pool`).
-
-    A pair fails when its concept or content failed, when its fusion failed, or when writing
-    its files failed; the others are unaffected. ``_SUCCESS`` is removed before the first file
-    is rewritten, so a folder killed mid-rewrite never claims success.
-    """
-    results: dict[str, PairResult] = {}
-    fusable: list[PairPlan] = []
-    for pair in the_plan.pairs:
-        unusable = pairs.input_failure(pair, lambda kind, key: stages[kind].failed.get(key),
-                                       lambda kind, key: key in stages[kind].bad)
-        if unusable:
-            results[pair.row.pair_id] = unusable
-        else:
-            fusable.append(pair)
-    finished = pairs.finished_outputs(fusable, the_plan.run_uri, the_plan.plan_threads)
-    kept, todo = pairs.resume_state(fusable, finished)
-    results.update(kept)
-    if todo:
-        storage.delete(storage.join(the_plan.run_uri, outputs.SUCCESS))
-    # Groups are formed over every pair that can be fused, finished or not, so a resumed run
-    # fuses a pair in the same batch (and gets the same bytes, or the cached result) as an
-    # uninterrupted one; only the groups with an unfinished pair run, and only those pairs
-    # are written.
-    groups = [group for group in fusion_groups(fusable)
-              if any(p.row.pair_id in todo for p in group)]
-    jobs = [fusion_job(group) for group in groups]
-    fusion = run_stage("fusion", jobs, executor, on_fraction, progress, runner)
-    cache = StageCache(executor.cache_uri)
-    stage_hit, given = hit_test({**stages, "fusion": fusion}), set(the_plan.given_concepts)
-
-    def hit(kind: str, key: str) -> bool:  # a concept file's concept: from the cache
-        return (kind == "concept" and key in given) or stage_hit(kind, key)
-
-    for group, job in zip(groups, jobs):
-        error = fusion.failed.get(job.key)
-        fused = None if error else load(cache, "fusion", job.key)
-        pairs.write_fused(group, fused, error, hit, job.key, run_info or {}, todo, results)
-    write_library(the_plan, results, executor.cache_uri)
-    return FusionOutcome(pairs=results, stage=fusion)
-
-
+# ---------------------------------------------------------------- the jobs
 def write_library(the_plan: Plan, results: dict[str, PairResult], cache_uri: str
                   ) -> dict[str, str]:
     """The jobs step's last act: the run's ``concepts/`` (:mod:`vct.batch.library`), a file
@@ -338,13 +197,6 @@ def run_pool(the_plan: Plan, executor: ExecutorSettings, run_info: dict | None =
                             run_info=run_info, on_fraction=on_fraction)
     write_library(the_plan, outcome.pairs, executor.cache_uri)
     return outcome
-
-
-def pool_details(outcome: pool.PoolOutcome) -> dict:
-    """What run.json says of the pool: per rank jobs, busy and ready seconds, utilization."""
-    utils = [r["utilization"] for r in outcome.ranks if r.get("utilization") is not None]
-    return {"ranks": outcome.ranks, "pool": {"wall_s": round(outcome.wall_s, 4),
-                                             "min_utilization": min(utils) if utils else None}}
 
 
 # ---------------------------------------------------------------- the end of a run
@@ -413,6 +265,6 @@ def run(request: RunRequest, *, manifest: Manifest | None = None, run_uri: str |
     the_plan = plan(request, manifest, run_uri)
     outcome = run_pool(the_plan, request.executor(), run_info, progress=progress, runner=runner)
     summary = summarize(the_plan, outcome.pairs, outcome.stages,
-                        details={"model": request.model, **pool_details(outcome)})
+                        details={"model": request.model, **outcome.details()})
     finish(summary, started, write_report=write_report)
     return summary

@@ -1,8 +1,9 @@
-"""A pair's outcome and its files: what both the job pool and the stage-by-stage path write.
+"""A pair's outcome and its files: its result, its sidecar, a fused group's files, and which
+outputs a run folder already holds (the resume rule's listing).
 
-One place builds a pair's result and its sidecar and writes a fused group's files, so a pair
-gets the same bytes and the same sidecar whichever path fused it (the pool of one run, or the
-shard phases of a fleet run).
+The job pool writes every pair through here, in an unsharded run and in each fusion shard; the
+parent of a sharded run builds the results of the pairs it never hands to a shard (their input
+failed, or they are all finished) with the same functions.
 """
 
 from __future__ import annotations

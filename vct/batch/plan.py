@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from vct.batch.library import ConceptFile
 from vct.batch.outputs import concept_file, is_reserved, output_names
 from vct.batch.settings import RunSettings
 from vct.config import ConceptConfig, ConfigError, ContentConfig, FusionConfig, to_dict
+from vct.config import from_dict as config_from_dict
 from vct.config import with_overrides as override
 from vct.errors import UserError
 from vct.images import ImageError, ImageTooLarge, probe_image
@@ -51,6 +52,22 @@ class PairPlan:
     reference_images: tuple[tuple[str, str], ...] = ()
     """(URI, sha256) of every image the concept learns from, by hash: one for a single image,
     each distinct image of a list, folder or prefix, or those a concept file records."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON, so a shard on another machine gets its pairs from the stored plan."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out.update(row=self.row.to_dict(), concept=to_dict(self.concept),
+                   content=to_dict(self.content), fusion=to_dict(self.fusion),
+                   reference_images=[list(ref) for ref in self.reference_images])
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PairPlan:
+        return cls(**{**d, "row": PairRow(**d["row"]),
+                      "concept": config_from_dict(ConceptConfig, d["concept"]),
+                      "content": config_from_dict(ContentConfig, d["content"]),
+                      "fusion": config_from_dict(FusionConfig, d["fusion"]),
+                      "reference_images": tuple(tuple(r) for r in d["reference_images"])})
 
 
 DEFAULT_PLAN_THREADS = 8

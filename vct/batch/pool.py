@@ -4,18 +4,20 @@ Why: run as stages (every concept, then every content, then every fusion) each s
 barrier, and with accelerate a fresh launch that loads the model on every rank again; with 3
 references on 8 GPUs, 5 idle through the concept stage although concepts and contents do not
 depend on each other. The pool launches the workers once per run, keeps each of them fed with
-the runnable job on the longest path of work (its cost plus the fusions it unblocks), and makes a source's fusions runnable as soon as what they need is
-resolved, so fusion overlaps with the stage jobs still running elsewhere and outputs appear
-early (a killed run keeps them).
+the runnable job on the longest path of work (its cost plus the fusions it unblocks), and
+makes a source's fusions runnable as soon as what they need is resolved, so fusion overlaps
+with the stage jobs still running elsewhere and outputs appear early (a killed run keeps them).
 
-Determinism (outputs bit-identical to the stage-by-stage path): a *family* is the pairs that
-share a content key and fusion settings. Its fusion groups are formed only when its content and
-every concept it names are resolved (done or failed), exactly as
+Determinism (a pair's bytes do not depend on where or with what else it ran): a *family* is
+the pairs that share a content key and fusion settings. Its fusion groups are formed only when
+its content and every concept it names are resolved (done or failed), exactly as
 :func:`vct.batch.plan.fusion_groups` forms them over the family's fusable pairs, finished or
 not; content batches take runnable contents of the same config in queue order, as
 :func:`vct.batch.jobs.run_in_order` does (and with content batches off, a content's bytes never
 depend on the order). Every job runs under a fleet claim (:mod:`vct.batch.claims`): a key
-another process holds is awaited, not recomputed.
+another process holds is awaited, not recomputed. A sharded run is this same pool in each
+shard, over the shard's slice of the plan (:mod:`vct.batch.shards`): whole families, so the
+same groups.
 
 The start costs what the run needs, not what the manifest names: one listing of the run
 folder says which pairs are finished (:func:`vct.batch.pairs.finished_outputs`); only the
@@ -85,6 +87,12 @@ class PoolOutcome:
     stages: dict[str, StageReport]
     ranks: list[dict] = field(default_factory=list)
     wall_s: float = 0.0
+
+    def details(self) -> dict:
+        """What run.json says of the pool: per rank jobs, busy and ready seconds, utilization."""
+        utils = [r["utilization"] for r in self.ranks if r.get("utilization") is not None]
+        return {"ranks": self.ranks, "pool": {"wall_s": round(self.wall_s, 4),
+                                              "min_utilization": min(utils) if utils else None}}
 
 
 # ---------------------------------------------------------------- families
@@ -292,11 +300,16 @@ class JobPool:
         """The concepts and contents an unfinished pair needs: every one a family with an
         unfinished pair waits on (its groups are formed over the whole family, finished
         pairs included, so they fuse as before). A family whose pairs are all finished needs
-        none: a complete rerun reads no stage entry."""
+        none: a complete rerun reads no stage entry. A job no pair of this plan uses is
+        needed too: a stage shard computes it for the fusion shards (:mod:`vct.batch.shards`)."""
         out: set[tuple[str, str]] = set()
         for fam in self.families:
             if any(p.row.pair_id not in self._kept for p in fam.pairs):
                 out |= fam.waiting_on
+        used = {(p_kind, key) for p in self.plan.pairs
+                for p_kind, key in (("concept", p.concept_key), ("content", p.content_key))}
+        out |= {(j.kind, j.key) for j in (*self.plan.concept_jobs, *self.plan.content_jobs)
+                if (j.kind, j.key) not in used}
         return out
 
     def _look_up(self, jobs: list[Job], needed: set[tuple[str, str]]) -> list[bool]:

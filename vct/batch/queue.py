@@ -1,8 +1,7 @@
 """The pool's queue of runnable jobs: the critical path first, content batches of one config.
 
 Kept apart from the pool (:mod:`vct.batch.pool`), which decides *when* a job is runnable; this
-decides *which* runnable job a free worker gets, and is also what orders the independent jobs
-of one stage on the stage-by-stage path (:func:`vct.batch.workers.accelerate.run`).
+decides *which* runnable job a free worker gets.
 """
 
 from __future__ import annotations

@@ -1,12 +1,26 @@
-"""Sharded runs: one manifest's jobs split over several flow runs, on any workers of a pool.
+"""Sharded runs: one manifest over several flow runs, each the run's job pool over a slice.
 
-Why here and not in the flow: what a shard is (which jobs, read from where, what it reports) is
-the library's business; the flow only dispatches shard flow runs (Prefect's ``run_deployment``)
-and gathers their states. A shard needs nothing but the URI of the stored plan:
+Why here and not in the flow: what a shard is (which jobs and pairs, read from where, what it
+reports) and how the parent turns the shards' results into the run's result are the library's
+business; the flow only dispatches shard flow runs (Prefect's ``run_deployment``) and watches
+their states (``dispatch`` below). A shard needs nothing but the URI of the stored plan.
 
-    <run>/_plan/plan.json      {"run_id", "run_uri", "cache_uri", "phases": {
-                                  "stage":  {"shards": [[job dict, ...], ...]},   concept+content
-                                  "fusion": {"shards": [[job dict, ...], ...]}}}  added later
+A sharded run has two phases, because a fusion needs its concepts and contents and a family's
+concepts may come from any reference of the manifest:
+
+1. ``stage``: the concepts and contents the unfinished pairs need, split by cost;
+2. ``fusion``: the families (pairs sharing a source and fusion settings) whose inputs did not
+   fail, split by cost, each family whole (so its fusion groups, and bytes, are the
+   unsharded run's); a fusion shard writes its pairs' PNGs and sidecars.
+
+Each shard runs :func:`vct.batch.engine.run_pool`, the very pool of an unsharded run, over its
+slice: the same claims (a key another shard or run is computing is awaited, not recomputed),
+the same cache reads, the same resume rule, the same per-rank utilization in its record. A
+re-dispatched shard recomputes only what its crashed attempt did not finish.
+
+    <run>/_plan/plan.json      {"run_id", "run_uri", "cache_uri", ..., "phases": {
+                                  "stage":  {"shards": [{"jobs": [...], "pairs": []}, ...]},
+                                  "fusion": {"shards": [{"jobs": [...], "pairs": [...]}, ...]}}}
     <run>/_plan/results/<phase>-<shard>-a<attempt>.json   what one shard flow run did
     <run>/_plan/_claims/shard/<key>.json                  its liveness lease
     <run>/_plan/dispatched/<parent flow run id>.json      every shard flow run one parent
@@ -14,10 +28,7 @@ and gathers their states. A shard needs nothing but the URI of the stored plan:
                                                           parent, in another process, can
                                                           cancel them)
 
-JSON only (jobs as dicts), never pickle: a plan is read by other machines. Every job still runs
-through the engine's :func:`vct.batch.engine.run_stage`, so under a claim (a key another shard,
-or another run, is computing is awaited, not recomputed) and answered from the cache when it
-is there: a re-dispatched shard recomputes only what its crashed attempt did not finish.
+JSON only (jobs and pairs as dicts), never pickle: a plan is read by other machines.
 """
 
 from __future__ import annotations
@@ -25,73 +36,158 @@ from __future__ import annotations
 import json
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 
 from vct import storage
+from vct.batch import engine, pairs
 from vct.batch.claims import Claims, Owner
+from vct.batch.fanout import bounded_map
 from vct.batch.jobs import Job, from_fields
-from vct.batch.summary import StageReport
-from vct.batch.workers import ExecutorSettings
-from vct.cache import cache_key
+from vct.batch.plan import PairPlan, Plan
+from vct.batch.pool import Fraction, families
+from vct.batch.settings import RunSettings, require_model
+from vct.batch.summary import PairResult, StageReport
+from vct.batch.workers import ExecutorSettings, Runner
+from vct.cache import StageCache, cache_key
 
 PLAN_DIR = "_plan"
 PLAN_FILE = "plan.json"
 RESULTS_DIR = "results"
 DISPATCHED_DIR = "dispatched"
-PHASES = {"stage": ("concept", "content"), "fusion": ("fusion",)}
-"""A shard phase and the job kinds it runs, in order: concepts and contents first, then the
-fusions whose inputs exist."""
+PHASES = ("stage", "fusion")
+"""The phases in order: concepts and contents first, then the fusions whose inputs exist."""
+NOT_FINISHED = "its shard did not finish"
 
 
 def plan_uri(run_uri: str) -> str:
     return storage.join(run_uri, PLAN_DIR, PLAN_FILE)
 
 
-def shard_count(n_jobs: int, shards: int, shard_jobs: int | None = None) -> int:
-    """How many shards a phase of ``n_jobs`` (distinct) jobs runs as: ``shards``, or with a
-    target of ``shard_jobs`` jobs per shard ``ceil(n_jobs / shard_jobs)``, at most ``shards``
-    (never more shards than jobs, and at least one for a phase that has any)."""
+def shard_count(n_units: int, shards: int, shard_jobs: int | None = None) -> int:
+    """How many shards a phase of ``n_units`` (distinct jobs, or families) runs as: ``shards``,
+    or with a target of ``shard_jobs`` per shard ``ceil(n_units / shard_jobs)``, at most
+    ``shards`` (never more shards than units, and at least one for a phase that has any)."""
     if shards < 1:
         raise ValueError(f"shards must be >= 1, got {shards}")
     if shard_jobs is not None and shard_jobs < 1:
         raise ValueError(f"shard_jobs must be >= 1, got {shard_jobs}")
-    if n_jobs <= 0:
+    if n_units <= 0:
         return 0
-    wanted = shards if shard_jobs is None else -(-n_jobs // shard_jobs)
-    return max(1, min(wanted, shards, n_jobs))
+    wanted = shards if shard_jobs is None else -(-n_units // shard_jobs)
+    return max(1, min(wanted, shards, n_units))
+
+
+def balance(costs: list[float], shards: int) -> list[list[int]]:
+    """Indices of ``costs`` in at most ``shards`` non-empty shards balanced by cost: biggest
+    first, each to the least loaded shard (LPT; ties to the lowest index, so the split is
+    deterministic). Each shard's indices are in input order."""
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, got {shards}")
+    loads = [0.0] * min(shards, len(costs))
+    out: list[list[int]] = [[] for _ in loads]
+    for i in sorted(range(len(costs)), key=lambda k: (-costs[k], k)):
+        target = min(range(len(loads)), key=lambda k: (loads[k], k))
+        out[target].append(i)
+        loads[target] += costs[i]
+    return [sorted(part) for part in out]
 
 
 def split(jobs: list[Job], shards: int) -> list[list[Job]]:
-    """At most ``shards`` non-empty shards balanced by cost: biggest job first, each to the
-    least loaded shard (LPT; ties to the lowest index, so the split is deterministic)."""
-    if shards < 1:
-        raise ValueError(f"shards must be >= 1, got {shards}")
+    """Distinct jobs in at most ``shards`` shards balanced by cost (:func:`balance`)."""
     unique = list({(j.kind, j.key): j for j in jobs}.values())
-    loads = [0.0] * min(shards, len(unique))
-    out: list[list[Job]] = [[] for _ in loads]
-    for job in sorted(unique, key=lambda j: -j.cost):
-        i = min(range(len(loads)), key=lambda k: (loads[k], k))
-        out[i].append(job)
-        loads[i] += job.cost
-    return out
+    order = sorted(range(len(unique)), key=lambda i: -unique[i].cost)  # biggest first in a shard
+    parts = balance([j.cost for j in unique], shards)
+    return [[unique[i] for i in order if i in set(part)] for part in parts]
 
 
-def write_phase(run_uri: str, run_id: str, cache_uri: str, phase: str,
-                shards: list[list[Job]]) -> str:
-    """Store (or extend) the run's plan with one phase's shards; returns the plan's URI.
+@dataclass
+class Slice:
+    """One shard's share of a phase: the concept and content jobs its pool runs or reads, and
+    the pairs it fuses and writes (none in the stage phase)."""
+
+    jobs: list[Job] = field(default_factory=list)
+    pairs: list[PairPlan] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"jobs": [j.to_dict() for j in self.jobs],
+                "pairs": [p.to_dict() for p in self.pairs]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Slice:
+        return cls(jobs=[Job.from_dict(j) for j in d.get("jobs", [])],
+                   pairs=[PairPlan.from_dict(p) for p in d.get("pairs", [])])
+
+
+def _unfinished_families(the_plan: Plan, finished: dict[str, dict]):
+    return [fam for fam in families(the_plan)
+            if any(p.row.pair_id not in finished for p in fam.pairs)]
+
+
+def stage_slices(the_plan: Plan, finished: dict[str, dict], settings: RunSettings
+                 ) -> list[Slice]:
+    """The stage phase: every concept and content a family with an unfinished pair needs
+    (``finished``: :func:`vct.batch.pairs.finished_outputs`), split by cost."""
+    wanted = {dep for fam in _unfinished_families(the_plan, finished) for dep in fam.waiting_on}
+    jobs = [j for j in (*the_plan.concept_jobs, *the_plan.content_jobs)
+            if (j.kind, j.key) in wanted]
+    count = shard_count(len(jobs), settings.shards, settings.shard_jobs)
+    return [Slice(jobs=part) for part in split(jobs, count)] if count else []
+
+
+def fusion_slices(the_plan: Plan, stages: dict[str, StageReport], finished: dict[str, dict],
+                  settings: RunSettings) -> tuple[list[Slice], dict[str, PairResult]]:
+    """The fusion phase: the families with an unfinished pair, less the pairs whose concept or
+    content failed, split by fusion cost, each family whole; and the results the parent knows
+    already (those failed pairs, and the pairs of families with nothing to write: kept)."""
+    results: dict[str, PairResult] = {}
+    fusable = []
+    for pair in the_plan.pairs:
+        unusable = pairs.input_failure(pair, lambda kind, key: stages[kind].failed.get(key),
+                                       lambda kind, key: key in stages[kind].bad)
+        if unusable:
+            results[pair.row.pair_id] = unusable
+        else:
+            fusable.append(pair)
+    usable = replace(the_plan, pairs=fusable)
+    todo = _unfinished_families(usable, finished)
+    open_ids = {p.row.pair_id for fam in todo for p in fam.pairs}
+    kept, _ = pairs.resume_state([p for p in fusable if p.row.pair_id not in open_ids],
+                                 finished)
+    results.update(kept)
+    count = shard_count(len(todo), settings.shards, settings.shard_jobs)
+    if not count:
+        return [], results
+    jobs = {(j.kind, j.key): j for j in (*the_plan.concept_jobs, *the_plan.content_jobs)}
+    slices = []
+    for part in balance([fam.fusion_cost for fam in todo], count):
+        members = {p.row.pair_id for i in part for p in todo[i].pairs}
+        chosen = [p for p in fusable if p.row.pair_id in members]  # plan order
+        needed = dict.fromkeys(d for i in part for d in sorted(todo[i].waiting_on))
+        slices.append(Slice(jobs=[jobs[d] for d in needed if d in jobs], pairs=chosen))
+    return slices, results
+
+
+def write_phase(the_plan: Plan, cache_uri: str, run_info: dict, phase: str,
+                slices: list[Slice]) -> str:
+    """Store (or extend) the run's plan with one phase's slices; returns the plan's URI.
     Only the parent flow run writes it, atomically, before dispatching that phase."""
     if phase not in PHASES:
         raise ValueError(f"unknown shard phase {phase!r}; use one of {', '.join(PHASES)}")
-    uri = plan_uri(run_uri)
+    uri = plan_uri(the_plan.run_uri)
     try:
         data = json.loads(storage.read_bytes(uri))
     except storage.StorageNotFound:
         data = {}
-    if data.get("run_id") not in (None, run_id):
+    if data.get("run_id") not in (None, the_plan.run_id):
         data = {}  # another run's plan in this folder: replaced, never mixed
-    data.update({"run_id": run_id, "run_uri": run_uri, "cache_uri": cache_uri})
-    data.setdefault("phases", {})[phase] = {
-        "shards": [[job.to_dict() for job in shard] for shard in shards]}
+    data.update({"run_id": the_plan.run_id, "run_uri": the_plan.run_uri,
+                 "manifest_uri": the_plan.manifest_uri,
+                 "model_identity": the_plan.model_identity,
+                 "plan_threads": the_plan.plan_threads,
+                 "given_concepts": the_plan.given_concepts, "cache_uri": cache_uri,
+                 "run_info": run_info})
+    data.setdefault("phases", {})[phase] = {"shards": [s.to_dict() for s in slices]}
     storage.write_bytes(uri, json.dumps(data, indent=1).encode(), "application/json")
     return uri
 
@@ -100,12 +196,24 @@ def read_plan(uri: str) -> dict:
     return json.loads(storage.read_bytes(uri))
 
 
-def shard_jobs(plan: dict, phase: str, shard: int) -> list[Job]:
+def shard_slice(stored: dict, phase: str, shard: int) -> Slice:
     try:
-        dicts = plan["phases"][phase]["shards"][shard]
+        return Slice.from_dict(stored["phases"][phase]["shards"][shard])
     except (KeyError, IndexError):
-        raise ValueError(f"plan {plan.get('run_uri')} has no {phase} shard {shard}") from None
-    return [Job.from_dict(d) for d in dicts]
+        raise ValueError(f"plan {stored.get('run_uri')} has no {phase} shard {shard}") from None
+
+
+def shard_plan(stored: dict, phase: str, shard: int) -> Plan:
+    """The plan one shard's pool runs: its slice's jobs and pairs in the run's folder."""
+    part = shard_slice(stored, phase, shard)
+    used = {p.concept_key for p in part.pairs}
+    return Plan(run_id=stored["run_id"], run_uri=stored["run_uri"],
+                manifest_uri=stored.get("manifest_uri", ""),
+                model_identity=stored.get("model_identity", ""), pairs=part.pairs, errors=[],
+                concept_jobs=[j for j in part.jobs if j.kind == "concept"],
+                content_jobs=[j for j in part.jobs if j.kind == "content"],
+                plan_threads=stored.get("plan_threads", 8),
+                given_concepts=[k for k in stored.get("given_concepts", []) if k in used])
 
 
 def dispatched_uri(run_uri: str, parent: str) -> str:
@@ -148,7 +256,9 @@ def lease_claims(run_uri: str, **kwargs) -> Claims:
 
 @dataclass
 class ShardResult:
-    """What one shard flow run did: the row of ``run.json``'s ``shards`` list."""
+    """What one shard flow run did: the row of ``run.json``'s ``shards`` list. ``stages``,
+    ``pairs``, ``ranks`` and ``pool`` are what its pool returned, in the shape an unsharded
+    run's ``run.json`` gives them; ``error``: why it has none (never started, say)."""
 
     phase: str
     shard: int
@@ -157,14 +267,12 @@ class ShardResult:
     worker: str = ""
     host: str = ""
     state: str = "COMPLETED"
-    computed: list[str] = field(default_factory=list)
-    awaited: list[str] = field(default_factory=list)
-    cached: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-    bad: list[str] = field(default_factory=list)  # failed keys whose input did not decode
-    took_over: list[str] = field(default_factory=list)
-    unet_evals: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> counts
+    stages: dict[str, dict] = field(default_factory=dict)
+    pairs: list[dict] = field(default_factory=list)
+    ranks: list[dict] = field(default_factory=list)
+    pool: dict = field(default_factory=dict)
     busy_s: float = 0.0
+    error: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -173,19 +281,23 @@ class ShardResult:
     def from_dict(cls, d: dict) -> ShardResult:
         return from_fields(cls, d)
 
+    def reports(self) -> dict[str, StageReport]:
+        return {kind: from_fields(StageReport, d) for kind, d in self.stages.items()}
+
+    def keys(self, status: str) -> list[str]:
+        """Every key of this shard with one status (``computed``, ``awaited``, ...)."""
+        return [k for r in self.reports().values() for k in getattr(r, status)]
+
 
 def run_shard(plan_uri_: str, shard: int, phase: str, executor: ExecutorSettings,
               attempt: int = 0, worker: str = "", flow_run_id: str = "",
-              run_stage=None) -> ShardResult:
-    """Run one shard's jobs, kind by kind, through the engine; store and return its result.
-
-    The shard's liveness lease is held (renewed) for the whole shard, so the parent can tell a
-    dead machine from a slow one. ``run_stage`` is the engine's (a seam for tests)."""
-    if run_stage is None:
-        from vct.batch.engine import run_stage
-    plan = read_plan(plan_uri_)
-    jobs = shard_jobs(plan, phase, shard)
-    run_uri, run_id = plan["run_uri"], plan["run_id"]
+              runner: Runner | None = None) -> ShardResult:
+    """Run one shard: the job pool over its slice of the stored plan; store and return its
+    result. The shard's liveness lease is held (renewed) for the whole shard, so the parent
+    can tell a dead machine from a slow one. ``runner``: the pool's in-process worker (tests)."""
+    stored = read_plan(plan_uri_)
+    the_plan = shard_plan(stored, phase, shard)
+    run_uri, run_id = stored["run_uri"], stored["run_id"]
     leases = lease_claims(run_uri, owner=Owner(worker=worker, flow_run_id=flow_run_id))
     key = lease_key(run_id, phase, shard)
     lease = None
@@ -194,24 +306,19 @@ def run_shard(plan_uri_: str, shard: int, phase: str, executor: ExecutorSettings
         if lease is not None:
             break
         time.sleep(leases.lease_s / 2)
-    result = ShardResult(phase=phase, shard=shard, attempt=attempt, flow_run_id=flow_run_id,
-                         worker=worker, host=socket.gethostname())
     start = time.perf_counter()
     try:
         with leases.renewing([lease] if lease else []):
-            for kind in PHASES[phase]:
-                report = run_stage(kind, [j for j in jobs if j.kind == kind], executor)
-                result.computed += report.computed
-                result.awaited += report.awaited
-                result.cached += report.cached
-                result.failed.update(report.failed)
-                result.bad += report.bad
-                result.took_over += report.took_over
-                result.unet_evals[kind] = dict(report.unet_evals)
+            outcome = engine.run_pool(the_plan, executor, stored.get("run_info") or {},
+                                      runner=runner)
     finally:
         if lease is not None:
             leases.release(lease)
-    result.busy_s = round(time.perf_counter() - start, 3)
+    result = ShardResult(phase=phase, shard=shard, attempt=attempt, flow_run_id=flow_run_id,
+                         worker=worker, host=socket.gethostname(),
+                         stages={k: asdict(r) for k, r in outcome.stages.items()},
+                         pairs=[asdict(p) for p in outcome.pairs.values()],
+                         busy_s=round(time.perf_counter() - start, 3), **outcome.details())
     storage.write_bytes(result_uri(run_uri, phase, shard, attempt),
                         json.dumps(result.to_dict()).encode(), "application/json")
     return result
@@ -220,15 +327,13 @@ def run_shard(plan_uri_: str, shard: int, phase: str, executor: ExecutorSettings
 def shard_executor(plan_uri_: str, settings, model: str) -> ExecutorSettings:
     """How a shard runs its jobs: the parent's settings and model, into the plan's cache
     (the tiny and mini models are made on this machine when asked for by name)."""
-    from vct.batch.engine import RunRequest, named_model_folder
-    from vct.batch.settings import RunSettings, require_model
-
-    spec = named_model_folder(require_model(model))
+    spec = engine.named_model_folder(require_model(model))
     if not isinstance(settings, RunSettings):
         settings = RunSettings.build(settings)
     cache = read_plan(plan_uri_)["cache_uri"]
-    return RunRequest(manifest_uri="", output_uri="", model=spec,
-                      settings=settings.model_copy(update={"cache_uri": cache})).executor()
+    return engine.RunRequest(manifest_uri="", output_uri="", model=spec,
+                             settings=settings.model_copy(update={"cache_uri": cache})
+                             ).executor()
 
 
 def read_result(run_uri: str, phase: str, shard: int, attempt: int) -> ShardResult | None:
@@ -251,27 +356,29 @@ def lease_expired(run_uri: str, run_id: str, phase: str, shard: int, flow_run_id
     return float(current[0]["expires_at"]) <= leases.clock()
 
 
-def stage_reports(kinds: tuple[str, ...], planned: dict[str, list[Job]],
-                  results: list[ShardResult]) -> dict[str, StageReport]:
-    """Each kind's report for the whole run from its shards' results. A key a shard computed
-    is computed (even if an earlier attempt also reported it awaited); a key no attempt
-    answered failed with the reason of its last failure, or "its shard did not finish"."""
+# ---------------------------------------------------------------- the parent's side
+def stage_reports(planned: dict[str, list[str]], results: list[ShardResult]
+                  ) -> dict[str, StageReport]:
+    """Each kind's report for the whole run from its shards' reports (``planned``: the keys
+    each kind must answer; for fusion, None of them is known before the shards form them).
+    A key a shard computed is computed (even if an earlier attempt also reported it awaited),
+    then awaited, then cached; a key no attempt answered failed with the reason of its last
+    failure, or "its shard did not finish"."""
     out = {}
-    for kind in kinds:
+    for kind, keys in planned.items():
+        reports = [r.reports().get(kind) or StageReport(kind) for r in results]
         report = StageReport(kind)
-        keys = [j.key for j in planned.get(kind, [])]
-        wanted = set(keys)
         computed, awaited, cached, failed, bad = set(), set(), set(), {}, set()
-        evals: dict[str, int] = {}
-        for r in results:
-            computed |= wanted & set(r.computed)
-            awaited |= wanted & set(r.awaited)
-            cached |= wanted & set(r.cached)
-            failed.update({k: v for k, v in r.failed.items() if k in wanted})
-            bad |= wanted & set(r.bad)
-            report.took_over += [k for k in r.took_over if k in wanted]
-            for name, n in r.unet_evals.get(kind, {}).items():
-                evals[name] = evals.get(name, 0) + n
+        for r in reports:
+            computed |= set(r.computed)
+            awaited |= set(r.awaited)
+            cached |= set(r.cached)
+            failed.update(r.failed)
+            bad |= set(r.bad)
+            report.took_over += [k for k in r.took_over if k not in report.took_over]
+            report.ranks = sorted(set(report.ranks) | set(r.ranks))
+            for name, n in r.unet_evals.items():
+                report.unet_evals[name] = report.unet_evals.get(name, 0) + n
         for key in dict.fromkeys(keys):
             if key in computed:
                 report.computed.append(key)
@@ -280,9 +387,94 @@ def stage_reports(kinds: tuple[str, ...], planned: dict[str, list[Job]],
             elif key in cached:
                 report.cached.append(key)
             else:
-                report.failed[key] = failed.get(key, "its shard did not finish")
+                report.failed[key] = failed.get(key, NOT_FINISHED)
                 if key in bad:
                     report.bad.append(key)
-        report.unet_evals = evals
         out[kind] = report
     return out
+
+
+def not_started(phase: str, shard: int, attempt: int, flow_run_id: str, state: str,
+                part: Slice, message: str) -> ShardResult:
+    """The result of a shard that never ran: its jobs and pairs fail with ``message``."""
+    stages = {kind: asdict(StageReport(kind, failed={j.key: message for j in part.jobs
+                                                     if j.kind == kind}))
+              for kind in ("concept", "content")}
+    return ShardResult(phase=phase, shard=shard, attempt=attempt, flow_run_id=flow_run_id,
+                       state=state, stages=stages, error=message,
+                       pairs=[asdict(pairs.pair_result(p, "failed", message))
+                              for p in part.pairs])
+
+
+Dispatch = Callable[[str, str, list[Slice]], list[ShardResult]]
+"""(phase, stored plan URI, the phase's slices) -> the result of every attempt of every shard
+(the fleet: each a flow run on the work pool; tests: :func:`run_shard` in process)."""
+
+
+@dataclass
+class ShardedRun:
+    """What a sharded run returns: every planned pair's result, the three stage reports, and
+    each shard attempt's record (``run.json``'s ``details.shards``)."""
+
+    pairs: dict[str, PairResult]
+    stages: dict[str, StageReport]
+    shards: list[ShardResult]
+
+    def details(self) -> dict:
+        return {"shards": [r.to_dict() for r in self.shards]}
+
+
+def _pair_results(slices: list[Slice], results: list[ShardResult]) -> dict[str, PairResult]:
+    """Each fusion shard's pairs as its last attempt with a result says; a pair of a shard
+    that never finished fails with the shard's error."""
+    out: dict[str, PairResult] = {}
+    for shard, part in enumerate(slices):
+        tries = sorted((r for r in results if r.shard == shard), key=lambda r: r.attempt)
+        got = {d["pair_id"]: from_fields(PairResult, d) for r in tries for d in r.pairs}
+        reason = next((r.error for r in reversed(tries) if r.error), NOT_FINISHED)
+        for pair in part.pairs:
+            out[pair.row.pair_id] = got.get(pair.row.pair_id) or pairs.pair_result(
+                pair, "failed", reason)
+    return out
+
+
+def run_sharded(the_plan: Plan, cache_uri: str, settings: RunSettings, run_info: dict,
+                dispatch: Dispatch, on_fraction: Fraction | None = None) -> ShardedRun:
+    """The parent's part: the stage phase, then the fusion phase of what it left fusable,
+    each shard dispatched with ``dispatch``; the run's pairs and stage reports from what the
+    shards returned, as an unsharded run's pool gives them."""
+    finished = pairs.finished_outputs(the_plan.pairs, the_plan.run_uri, the_plan.plan_threads)
+    stage = stage_slices(the_plan, finished, settings)
+    done = (dispatch("stage", write_phase(the_plan, cache_uri, run_info, "stage", stage), stage)
+            if stage else [])
+    planned = {kind: [j.key for s in stage for j in s.jobs if j.kind == kind]
+               for kind in ("concept", "content")}
+    if on_fraction is not None:  # by cost: the stage jobs against the fusions they unblock
+        stage_cost = sum(j.cost for s in stage for j in s.jobs)
+        fusion_cost = sum(f.fusion_cost for f in _unfinished_families(the_plan, finished))
+        on_fraction(stage_cost / max(1e-9, stage_cost + fusion_cost))
+    fusion, results = fusion_slices(the_plan, stage_reports(planned, done), finished, settings)
+    fused = (dispatch("fusion", write_phase(the_plan, cache_uri, run_info, "fusion", fusion),
+                      fusion) if fusion else [])
+    planned["fusion"] = list(dict.fromkeys(
+        k for r in fused for rep in [r.reports().get("fusion")] if rep is not None
+        for k in (*rep.computed, *rep.awaited, *rep.cached, *rep.failed)))
+    results.update(_pair_results(fusion, fused))
+    if on_fraction is not None:
+        on_fraction(1.0)
+    reports = stage_reports(planned, done + fused)
+    for kind, key in _looked_up(the_plan, cache_uri, planned):
+        reports[kind].cached.append(key)
+    return ShardedRun(pairs=results, stages=reports, shards=done + fused)
+
+
+def _looked_up(the_plan: Plan, cache_uri: str, planned: dict[str, list[str]]
+               ) -> list[tuple[str, str]]:
+    """The concepts and contents only finished pairs use, found in the cache: only looked up,
+    ``plan_threads`` at a time, as the pool of an unsharded rerun does (nothing reads them)."""
+    sharded = {k for keys in planned.values() for k in keys}
+    idle = [j for j in (*the_plan.concept_jobs, *the_plan.content_jobs) if j.key not in sharded]
+    cache = StageCache(cache_uri)
+    found = bounded_map(lambda j: cache.contains(j.kind, j.key), idle, the_plan.plan_threads,
+                        "vct-lookup")
+    return [(j.kind, j.key) for j, hit in zip(idle, found) if hit]

@@ -1,22 +1,22 @@
-"""Where stage jobs run: in this process (``local``) or across every GPU of the node
-(``accelerate``, one rank per GPU). Both run each job through :func:`vct.batch.jobs.run_in_order`,
-so a result does not depend on the mode.
-
-:func:`run_jobs` returns exactly one outcome per input job, in input order; a failing job fails
-only itself, and a dying rank fails only the jobs it had not finished. The library never imports
-Prefect; the flow wraps the engine's stage calls in tasks.
+"""Where the job pool's units run: in this process (``local.LocalBackend``) or across every
+GPU of the node (``accelerate.AccelerateBackend``, one rank per GPU). Both run each job through
+:func:`vct.batch.jobs.run_in_order`, so a result does not depend on the mode, and both are the
+pool's one executor interface (:class:`vct.batch.pool.Backend`). A failing job fails only
+itself, and a dying rank fails only the jobs it had not finished.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from vct.batch.jobs import Job, JobOutcome, ProgressFactory, from_fields
+from vct.batch.jobs import JobOutcome, from_fields
 
 MODES = ("local", "accelerate")
-ProgressCallback = Callable[[dict], None]
-"""Gets ``{"rank", "done", "total", "key", "kind", "ok"}`` after each job."""
+Runner = Callable[..., list[JobOutcome]]
+"""Runs one unit of jobs into the cache in this process, one outcome per job, in order:
+``runner(jobs, settings, progress=None)``; :func:`vct.batch.workers.local.run`, or a fake in
+unit tests."""
 
 
 @dataclass(frozen=True)
@@ -55,54 +55,3 @@ class ExecutorSettings:
     @classmethod
     def from_dict(cls, d: dict) -> ExecutorSettings:
         return from_fields(cls, d)
-
-
-def _unique(jobs: list[Job]) -> tuple[list[Job], list[int]]:
-    """Jobs with distinct (kind, key), and for each input job the index of its representative:
-    the same image under two names is computed once (and never by two ranks at a time)."""
-    seen: dict[tuple[str, str], int] = {}
-    unique: list[Job] = []
-    index: list[int] = []
-    for job in jobs:
-        ident = (job.kind, job.key)
-        if ident not in seen:
-            seen[ident] = len(unique)
-            unique.append(job)
-        index.append(seen[ident])
-    return unique, index
-
-
-def run_jobs(jobs: Iterable[Job], settings: ExecutorSettings,
-             on_progress: ProgressCallback | None = None,
-             progress: ProgressFactory | None = None) -> list[JobOutcome]:
-    """Run every job into ``settings.cache_uri``; one outcome per input job, in input order.
-
-    Duplicate (kind, key) jobs run once and share the outcome. Exceptions are raised only for
-    caller bugs (bad settings) and cancellation; job failures are outcomes. ``progress`` draws
-    per-step bars (in process only).
-    """
-    from vct.batch.workers import accelerate, local
-
-    jobs = list(jobs)
-    unique, index = _unique(jobs)
-    if not unique:
-        return []
-    if settings.mode == "local":
-        results = local.run(unique, settings, on_progress, progress)
-    else:
-        results = accelerate.run(unique, settings, on_progress)
-    if len(results) != len(unique):  # the invariant every caller builds on
-        raise AssertionError(f"executor lost jobs: {len(results)} outcomes for {len(unique)}")
-    return [JobOutcome.from_dict(results[i].to_dict()) for i in index]
-
-
-def notify(on_progress: ProgressCallback | None, event: dict) -> None:
-    """A broken progress callback must not fail the batch whose progress it reports."""
-    if on_progress is None:
-        return
-    try:
-        on_progress(event)
-    except Exception:
-        import logging
-
-        logging.getLogger("vct.batch").exception("on_progress callback failed (ignored)")

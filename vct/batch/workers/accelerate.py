@@ -1,4 +1,4 @@
-"""Accelerate execution: one ``accelerate launch`` per batch, one rank per GPU of the node.
+"""Accelerate execution: one ``accelerate launch`` per pool, one rank per GPU of the node.
 
 The parent writes the jobs to a work folder, launches the ranks (:mod:`vct.batch.workers.rank`),
 reads the outcome lines they append as jobs finish, and turns a rank that died into failed
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from vct.batch.jobs import ROLE, Job, JobOutcome, failed
-from vct.batch.workers import ExecutorSettings, ProgressCallback, notify
+from vct.batch.workers import ExecutorSettings
 from vct.cache import StageCache
 
 log = logging.getLogger("vct.batch")
@@ -179,11 +179,9 @@ class AccelerateBackend:
 
     SLOTS_PER_RANK = 1
 
-    def __init__(self, settings: ExecutorSettings, world: int | None = None,
-                 on_progress: ProgressCallback | None = None):
+    def __init__(self, settings: ExecutorSettings, world: int | None = None):
         self.settings = settings
         self.cache = StageCache(settings.cache_uri)
-        self.on_progress = on_progress
         cpu = _use_cpu(settings)
         self.world = max(1, min(_num_processes(settings), world or 1 << 30))
         self.workdir = Path(tempfile.mkdtemp(prefix="vct-exec-"))
@@ -193,7 +191,6 @@ class AccelerateBackend:
         self.usage_ = [{"rank": r, "jobs": 0, "busy_s": 0.0, "load_s": 0.0, "ready_at": None}
                        for r in range(self.world)]
         self.ready: list[JobOutcome] = []
-        self.done = 0
         self.next_unit = 0
         self.exit_error: str | None = None
         self.cpu = cpu
@@ -310,9 +307,6 @@ class AccelerateBackend:
         rank, unit = self.units[uid]
         self.pending[uid][index] = outcome
         self.ready.append(outcome)
-        self.done += 1
-        notify(self.on_progress, {"rank": outcome.rank, "done": self.done, "key": outcome.key,
-                                  "kind": outcome.kind, "ok": outcome.ok})
         if len(self.pending[uid]) == len(unit):
             del self.units[uid], self.pending[uid]
             self.per_rank[rank] -= 1
@@ -334,29 +328,3 @@ class AccelerateBackend:
                     self._deliver(uid, index, failed(
                         job, rank, f"{ROLE[job.kind]} {job.input_uri}: worker rank {rank} "
                                    f"{self.exit_error}"))
-
-
-def run(jobs: list[Job], settings: ExecutorSettings,
-        on_progress: ProgressCallback | None) -> list[JobOutcome]:
-    """Independent jobs on one launch (a stage of the stage-by-stage path): biggest first,
-    content batches as :func:`vct.batch.jobs.run_in_order` forms them. One outcome per job,
-    in input order."""
-    from vct.batch.queue import JobQueue
-
-    queue = JobQueue(settings.content_batch)
-    for job in jobs:
-        queue.push(job)
-    backend = AccelerateBackend(settings, len(jobs), on_progress)
-    got: dict[str, JobOutcome] = {}
-    try:
-        while len(queue) or backend.outstanding():
-            while backend.free_slots() > 0 and len(queue):
-                backend.submit(queue.pop_unit())
-            for outcome in backend.poll(timeout=POLL_SECONDS):
-                got[outcome.key] = outcome
-    except BaseException:
-        backend.cancel()
-        raise
-    finally:
-        backend.close()
-    return [got[job.key] for job in jobs]

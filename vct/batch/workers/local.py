@@ -15,7 +15,7 @@ from vct.batch.jobs import (
     failed,
     run_in_order,
 )
-from vct.batch.workers import ExecutorSettings, ProgressCallback, notify
+from vct.batch.workers import ExecutorSettings, Runner
 from vct.cache import StageCache
 from vct.models import VCTModels
 from vct.threads import apply_thread_budget
@@ -55,8 +55,9 @@ def models_for(settings: ExecutorSettings) -> VCTModels:
     return _loaded(settings).models
 
 
-def run(jobs: list[Job], settings: ExecutorSettings, on_progress: ProgressCallback | None,
+def run(jobs: list[Job], settings: ExecutorSettings,
         progress: ProgressFactory | None = None) -> list[JobOutcome]:
+    """One unit of distinct jobs on this process's models: one outcome per job, in order."""
     cache = StageCache(settings.cache_uri)
     try:
         loaded = _loaded(settings)
@@ -65,27 +66,22 @@ def run(jobs: list[Job], settings: ExecutorSettings, on_progress: ProgressCallba
     outcomes: list[JobOutcome | None] = [None] * len(jobs)
     with loaded.lock:  # flow tasks in threads share the models; stages are not re-entrant
         apply_thread_budget(1, settings.threads)
-        for done, (i, outcome) in enumerate(run_in_order(
-                loaded.models, jobs, biggest_first(jobs), cache, 0, settings.content_batch,
-                progress), start=1):
+        for i, outcome in run_in_order(loaded.models, jobs, biggest_first(jobs), cache, 0,
+                                       settings.content_batch, progress):
             outcomes[i] = outcome
-            notify(on_progress, {"rank": 0, "done": done, "total": len(jobs),
-                                 "key": outcome.key, "kind": outcome.kind, "ok": outcome.ok})
     return [o for o in outcomes if o is not None]
 
 
 class LocalBackend:
     """The pool's in-process worker: one unit at a time, run when the pool polls (rank 0).
 
-    ``runner`` runs one unit into the cache; by default this module's :func:`run` through
-    :func:`vct.batch.workers.run_jobs` (the models memoised per process), or a fake in tests."""
+    ``runner`` runs one unit into the cache: this module's :func:`run` (the models memoised
+    per process), or a fake in tests."""
 
-    def __init__(self, settings: ExecutorSettings, runner=None,
+    def __init__(self, settings: ExecutorSettings, runner: Runner | None = None,
                  progress: ProgressFactory | None = None):
-        from vct.batch.workers import run_jobs
-
         self.settings = settings
-        self.runner = runner or run_jobs
+        self.runner = runner or run
         self.progress = progress
         self._queue: list[list[Job]] = []
         self._jobs = 0
