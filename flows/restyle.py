@@ -33,11 +33,14 @@ from vct.report.names import page_name
 
 
 class RunFailed(RuntimeError):
-    """A run that did not complete; `summary` is its run.json content."""
+    """A run that did not complete: `summary` is the engine's summary of a `restyle` run;
+    `manifests`, what each manifest of a `restyle-incoming` run came to."""
 
-    def __init__(self, message: str, summary: dict):
+    def __init__(self, message: str, summary: RunSummary | None = None,
+                 manifests: list[dict] | None = None):
         super().__init__(message)
         self.summary = summary
+        self.manifests = manifests or []
 
 
 def _transient(task, task_run, state) -> bool:
@@ -114,7 +117,7 @@ def _cancel_shards(flow, flow_run, state) -> None:
 @flow(name="restyle", log_prints=True, on_cancellation=[_cancel_shards],
       on_crashed=[_cancel_shards], on_failure=[_cancel_shards])
 def restyle(manifest_uri: str, output_uri: str, model: str,
-            settings: RunSettings = RunSettings(), run_id: str | None = None) -> dict:
+            settings: RunSettings = RunSettings(), run_id: str | None = None) -> RunSummary:
     """Restyle every (source, reference) pair of a CSV manifest.
 
     Args:
@@ -151,13 +154,12 @@ def restyle(manifest_uri: str, output_uri: str, model: str,
         outcome = pool_task(plan, request.executor(), run_info, mover)
     results, stages = outcome.pairs, outcome.stages
     details.update(outcome.details())
-    summary: RunSummary = engine.summarize(plan, results, stages, details)
-    data = report_task(summary, started, run_info["flow_run_id"])
+    summary: RunSummary = report_task(engine.summarize(plan, results, stages, details), started,
+                                      run_info["flow_run_id"])
     update_progress_artifact(progress, progress=100.0)
-    create_markdown_artifact(key="restyle-report", markdown=report.markdown_summary(data),
+    create_markdown_artifact(key="restyle-report", markdown=report.markdown_summary(summary),
                              description=f"summary of {plan.run_id}")
-    create_table_artifact(key="restyle-pairs",
-                          table=report.table_rows(engine.report_outcomes(summary)) or [{}],
+    create_table_artifact(key="restyle-pairs", table=report.table_rows(summary.planned) or [{}],
                           description=f"pairs of {plan.run_id}")
     index = storage.join(plan.run_uri, page_name(1))
     create_link_artifact(key="restyle-report-link", link_text=f"report of {plan.run_id}",
@@ -166,8 +168,8 @@ def restyle(manifest_uri: str, output_uri: str, model: str,
                          f"{request.settings.report_link_expiry_s} s")
     logger.info("%s: %s", summary.message, json.dumps(summary.counts))
     if summary.status != "complete":
-        return Failed(message=summary.message, data=RunFailed(summary.message, data))
-    return data
+        return Failed(message=summary.message, data=RunFailed(summary.message, summary))
+    return summary
 
 
 @flow(name="restyle-shard", log_prints=True)
@@ -248,8 +250,8 @@ def restyle_incoming(incoming_uri: str, output_uri: str, model: str,
         outcome = state.result(raise_on_failure=False)
         summary = outcome.summary if isinstance(outcome, RunFailed) else outcome
         status = incoming.outcome_status(summary)
-        if isinstance(summary, dict):
-            fields = {"run_uri": summary.get("output_uri"), "counts": summary.get("counts")}
+        if isinstance(summary, RunSummary):
+            fields = {"run_uri": summary.run_uri, "counts": summary.counts}
         else:  # the child failed before it had a summary (a bad manifest, say)
             fields = {"error": state.message or "failed"}
         lease.finish(status, **fields)
@@ -260,5 +262,5 @@ def restyle_incoming(incoming_uri: str, output_uri: str, model: str,
     failed = [r for r in results if r["status"] != "done"]
     if failed:
         message = f"{len(failed)} of {len(results)} manifest(s) did not complete"
-        return Failed(message=message, data=RunFailed(message, {"manifests": results}))
+        return Failed(message=message, data=RunFailed(message, manifests=results))
     return results

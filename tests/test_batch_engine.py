@@ -146,8 +146,8 @@ def _run(tmp_path: Path, manifest: Path, runner: FakeRunner, path: str = "pool",
         outcome = shards.run_sharded(plan, executor.cache_uri, RunSettings(shards=2), {},
                                      in_process(executor, runner))
     summary = engine.summarize(plan, outcome.pairs, outcome.stages)
-    data = engine.finish(summary, "2026-01-01T00:00:00+00:00", write_report=False)
-    return summary, data
+    engine.finish(summary, "2026-01-01T00:00:00+00:00", write_report=False)
+    return summary, json.loads((Path(plan.run_uri) / "run.json").read_text())
 
 
 def _status(summary) -> dict[str, str]:

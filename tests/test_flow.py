@@ -64,9 +64,9 @@ def s3_run(prefect_harness, tiny_model_dir, bucket):
     kwargs = {"manifest_uri": f"{bucket}/manifests/m1.csv", "output_uri": out,
               "model": str(tiny_model_dir), "settings": FAST}
     first = restyle(**kwargs)
-    before = _objects(first["output_uri"])
+    before = _objects(first.run_uri)
     second = restyle(**kwargs)
-    after = _objects(first["output_uri"])
+    after = _objects(first.run_uri)
     return {"first": first, "second": second, "before": before, "after": after, "out": out,
             "kwargs": kwargs}
 
@@ -75,7 +75,7 @@ GOOD = ("a1", "b1", "acopy2", "a1-again")
 
 
 def test_every_output_lands_with_its_sidecar(s3_run):
-    run = s3_run["first"]["output_uri"]
+    run = s3_run["first"].run_uri
     assert run.startswith(s3_run["out"] + "/")
     for pair_id in GOOD:
         img = Image.open(io.BytesIO(storage.read_bytes(f"{run}/{pair_id}.png")))
@@ -98,11 +98,11 @@ def test_every_output_lands_with_its_sidecar(s3_run):
 
 def test_run_json_counts_and_failures(s3_run):
     summary = s3_run["first"]
-    on_disk = json.loads(storage.read_bytes(f"{summary['output_uri']}/run.json"))
-    assert on_disk["counts"] == s3_run["second"]["counts"]  # the latest run of this folder
-    counts = summary["counts"]
+    on_disk = json.loads(storage.read_bytes(f"{summary.run_uri}/run.json"))
+    assert on_disk["counts"] == s3_run["second"].all_counts()  # the latest run of this folder
+    counts = summary.counts
     assert counts["pairs_ok"] == 4 and counts["pairs_bad"] == 3 and counts["pairs_failed"] == 0
-    assert summary["status"] == on_disk["status"] == "complete"  # bad rows do not fail a run
+    assert summary.status == on_disk["status"] == "complete"  # bad rows do not fail a run
     assert counts["pairs_skipped"] == 0
     # ref1 and ref2 learned once each although ref1 serves three rows
     assert counts["concepts_computed"] == 2 and counts["concepts_cached"] == 0
@@ -110,7 +110,7 @@ def test_run_json_counts_and_failures(s3_run):
     assert counts["contents_computed"] == 2 and counts["contents_cached"] == 0
     # a.png: {a1, a1-again} share one B* and one B branch; acopy2 has other fusion settings
     assert counts["fusions_computed"] == 3
-    failures = {f["line"]: f["reason"] for f in summary["failures"]}
+    failures = {f.line: f.reason for f in summary.failures}
     assert set(failures) == {6, 7, 8}
     assert "missing.png" in failures[6]
     assert "notes.png" in failures[7] and "not a readable image" in failures[7]
@@ -118,17 +118,17 @@ def test_run_json_counts_and_failures(s3_run):
 
 
 def test_identical_rows_each_get_identical_outputs(s3_run):
-    run = s3_run["first"]["output_uri"]
+    run = s3_run["first"].run_uri
     assert storage.read_bytes(f"{run}/a1.png") == storage.read_bytes(f"{run}/a1-again.png")
 
 
 def test_second_run_recomputes_and_rewrites_nothing(s3_run):
-    counts = s3_run["second"]["counts"]
+    counts = s3_run["second"].counts
     assert counts["concepts_computed"] == 0 and counts["contents_computed"] == 0
     assert counts["concepts_cached"] == 2 and counts["contents_cached"] == 2
     assert counts["pairs_skipped"] == 4 and counts["pairs_ok"] == 0
     # a kept output still reports how it was made
-    assert all(p["timings"].get("fusion", 0) > 0 for p in s3_run["second"]["pairs"])
+    assert all(p.timings.get("fusion", 0) > 0 for p in s3_run["second"].planned)
     before, after = s3_run["before"], s3_run["after"]
     for uri, etag in before.items():
         if uri.endswith((".png", ".json")) and "/contact_sheet" not in uri \
@@ -144,10 +144,10 @@ def test_a_corrupt_cache_entry_is_recomputed_not_trusted(s3_run, prefect_harness
     good = storage.read_bytes(entry)
     storage.write_bytes(entry, good[:-10] + b"0123456789")
     # outputs gone: every content is needed again (a complete rerun reads no stage entry)
-    for uri in storage.list_uris(s3_run["first"]["output_uri"]):
+    for uri in storage.list_uris(s3_run["first"].run_uri):
         storage.delete(uri)
     result = restyle(**s3_run["kwargs"])
-    assert result["counts"]["contents_computed"] == 1
+    assert result.counts["contents_computed"] == 1
     assert storage.read_bytes(entry) != good[:-10] + b"0123456789"
 
 
@@ -226,19 +226,19 @@ def test_accelerate_fan_out_gives_the_same_outputs_as_in_process(prefect_harness
     local = restyle(output_uri=str(tmp_path / "local"), settings=one, **common)
     fanned = restyle(output_uri=str(tmp_path / "acc"), **common, settings={
         **one, "executor": "accelerate", "num_processes": 2})
-    assert fanned["counts"]["concepts_computed"] == 2 and fanned["counts"]["pairs_ok"] == 3
+    assert fanned.counts["concepts_computed"] == 2 and fanned.counts["pairs_ok"] == 3
     # One pool, one launch: both ranks served it (which rank takes which job depends on who
     # finishes first), and each rank's busy time over its ready time is in run.json.
-    stages = fanned["details"]["stages"]
-    assert set().union(*(stages[k]["ranks"] for k in ("concept", "content", "fusion"))) == {0, 1}
-    ranks = fanned["details"]["ranks"]
+    stages = fanned.stages
+    assert set().union(*(stages[k].ranks for k in ("concept", "content", "fusion"))) == {0, 1}
+    ranks = fanned.details["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1] and sum(r["jobs"] for r in ranks) == 6
     assert all(r["jobs"] > 0 for r in ranks)
     assert all(0 < r["utilization"] <= 1 and r["load_s"] > 0 for r in ranks)
-    for pair in local["pairs"]:
-        name = pair["output_file"]
-        assert (tmp_path / "local" / local["run_id"] / name).read_bytes() == \
-            (tmp_path / "acc" / fanned["run_id"] / name).read_bytes(), name
+    for pair in local.planned:
+        name = pair.png_name
+        assert (tmp_path / "local" / local.run_id / name).read_bytes() == \
+            (tmp_path / "acc" / fanned.run_id / name).read_bytes(), name
 
 
 def test_transient_storage_errors_are_retried_by_the_task(prefect_harness, tiny_model_dir,
@@ -265,14 +265,14 @@ def test_transient_storage_errors_are_retried_by_the_task(prefect_harness, tiny_
         monkeypatch.setattr(module, "read_bytes", flaky_read)
     result = restyle(manifest_uri=str(tmp_path / "m.csv"), output_uri=str(tmp_path / "out"),
                      model=str(tiny_model_dir), settings=FAST)
-    assert result["counts"]["pairs_ok"] == 1 and calls["n"] > 1
+    assert result.counts["pairs_ok"] == 1 and calls["n"] > 1
 
 
 def test_prefect_artifacts_report_progress_table_and_summary(s3_run):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    runs = {s3_run[k]["flow_run_id"] for k in ("first", "second")}
+    runs = {s3_run[k].flow_run_id for k in ("first", "second")}
     with get_client(sync_client=True) as client:
         def of_these_runs(key: str):
             found = [a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
@@ -308,8 +308,8 @@ def test_the_report_link_on_s3_is_presigned_and_opens_the_report(s3_run):
     from urllib.parse import parse_qs, urlparse
 
     first = s3_run["first"]
-    link = _report_link(first["flow_run_id"])
-    report = storage.join(first["output_uri"], "report.html")
+    link = _report_link(first.flow_run_id)
+    report = storage.join(first.run_uri, "report.html")
     key = report.removeprefix("s3://").partition("/")[2]
     query = parse_qs(urlparse(link).query)
     assert urlparse(link).path.endswith("/" + key) and query["X-Amz-Expires"] == ["604800"]
@@ -331,8 +331,8 @@ def test_the_report_link_of_a_local_run_is_its_file_uri(prefect_harness, broken_
     state = restyle(manifest_uri=str(tmp_path / "m.csv"), output_uri=str(tmp_path / "out"),
                     model=str(broken_model_dir), settings=FAST, return_state=True)
     summary = state.result(raise_on_failure=False).summary
-    report = tmp_path / "out" / summary["run_id"] / "report.html"
-    link = _report_link(summary["flow_run_id"])
+    report = tmp_path / "out" / summary.run_id / "report.html"
+    link = _report_link(summary.flow_run_id)
     assert link == report.resolve().as_uri()
     with urllib.request.urlopen(link) as response:
         assert response.read() == report.read_bytes()
@@ -356,7 +356,7 @@ def test_progress_moves_while_the_run_goes(prefect_harness, tiny_model_dir, tmp_
     summary = module.restyle(manifest_uri=str(tmp_path / "m.csv"),
                              output_uri=str(tmp_path / "out"), model=str(tiny_model_dir),
                              settings={**FAST, "content_batch": 2})  # both in one fit
-    assert summary["counts"]["contents_computed"] == 2 and summary["counts"]["pairs_ok"] == 2
+    assert summary.counts["contents_computed"] == 2 and summary.counts["pairs_ok"] == 2
     from vct.artifacts import load_result
 
     entries = sorted((tmp_path / "out" / "_cache" / "content").rglob("*.safetensors"))
@@ -380,11 +380,11 @@ def test_a_run_whose_pairs_all_fail_is_failed_and_leaves_no_success(prefect_harn
                     model=str(broken_model_dir), settings=FAST, return_state=True)
     assert state.is_failed() and "0 ok, 0 skipped, 1 failed" in state.message
     outcome = state.result(raise_on_failure=False)
-    assert isinstance(outcome, RunFailed) and outcome.summary["status"] == "failed"
-    run = tmp_path / "out" / outcome.summary["run_id"]
+    assert isinstance(outcome, RunFailed) and outcome.summary.status == "failed"
+    run = tmp_path / "out" / outcome.summary.run_id
     assert json.loads((run / "run.json").read_text())["status"] == "failed"
     assert not (run / "_SUCCESS").exists()
-    reasons = [p["reason"] for p in outcome.summary["pairs"]]
+    reasons = [p.reason for p in outcome.summary.pairs]
     assert reasons and all("could not load" in r for r in reasons), reasons
     with pytest.raises(RunFailed, match="1 failed"):  # a plain call raises with the counts
         restyle(manifest_uri=str(tmp_path / "m.csv"), output_uri=str(tmp_path / "out"),

@@ -10,14 +10,20 @@ from vct import storage
 from vct.manifest import (
     ALLOWED_COLUMNS,
     OVERRIDE_COLUMNS,
+    Manifest,
     ManifestError,
     PairRow,
     derive_pair_id,
-    load_manifest,
     parse_manifest,
+    read_manifest_bytes,
 )
 
 URI = "/data/runs/manifest.csv"
+
+
+def _load(uri: str) -> Manifest:
+    """A manifest as the engine reads it: its bytes (a missing file refused), then parsed."""
+    return parse_manifest(read_manifest_bytes(uri), uri)
 
 
 def _parse(text: str, uri: str = URI):
@@ -159,18 +165,18 @@ def test_relative_paths_resolve_against_local_manifest(tmp_path: Path) -> None:
     manifest = tmp_path / "jobs" / "m.csv"
     storage.write_bytes(str(manifest), b"source,reference\nimg/a.png,../refs/r.png\n"
                                        b"/abs/a.png,s3://bkt/r.png\n")
-    m = load_manifest(str(manifest))
+    m = _load(str(manifest))
     assert m.rows[0].source == str(tmp_path / "jobs" / "img" / "a.png")
     assert m.rows[0].reference == str(tmp_path / "refs" / "r.png")
     assert (m.rows[1].source, m.rows[1].reference) == ("/abs/a.png", "s3://bkt/r.png")
     with pytest.raises(ManifestError, match="not found"):
-        load_manifest(str(tmp_path / "absent.csv"))
+        _load(str(tmp_path / "absent.csv"))
 
 
 def test_relative_paths_resolve_against_s3_manifest(s3_bucket: str) -> None:
     uri = storage.join(s3_bucket, "jobs", "m.csv")
     storage.write_bytes(uri, b"source,reference\nimg/a.png,../refs/r.png\n")
-    (row,) = load_manifest(uri).rows
+    (row,) = _load(uri).rows
     assert row.source == f"{s3_bucket}/jobs/img/a.png"
     assert row.reference == f"{s3_bucket}/refs/r.png"
 

@@ -97,7 +97,8 @@ def test_a_nonfinite_stage_fails_its_pairs_and_is_never_cached(tmp_path, models,
 
     outcome = engine.run_pool(plan, executor, runner=runner)
     summary = engine.summarize(plan, outcome.pairs, outcome.stages)
-    data = engine.finish(summary, "2026-01-01T00:00:00+00:00")
+    engine.finish(summary, "2026-01-01T00:00:00+00:00")
+    data = json.loads((Path(plan.run_uri) / "run.json").read_text())
 
     pair = summary.pairs[0]
     role = "reference" if kind == "concept" else "source"

@@ -32,7 +32,7 @@ from vct.report import (
     REQUIRED_COUNTS,
     RESERVED_NAMES,
     PairResult,
-    build_run_summary,
+    RunSummary,
     contact_sheets,
     is_reserved,
     markdown_summary,
@@ -100,24 +100,28 @@ def _pair(pair_id: str, line: int, store: Store, *, status: str = "ok",
     )
 
 
+def _bad_rows(row_errors: list[dict]) -> list[PairResult]:
+    """Rows refused by the manifest check, as the engine lists them among the pairs."""
+    return [PairResult(pair_id=e["pair_id"], line=e["line"], status="bad", source_uri="",
+                       reference_uri="", reason=e["reason"]) for e in row_errors]
+
+
 def _summary(outcomes: list[PairResult], *, status: str = "partial",
              row_errors: list[dict] | None = None, run_id: str = "run1",
-             output_uri: str = RUN) -> dict:
-    return build_run_summary(
-        run_id=run_id, flow_run_id="fr-123", manifest_uri="s3://bucket/manifest.csv",
-        output_uri=output_uri, status=status,
+             output_uri: str = RUN) -> RunSummary:
+    return RunSummary(
+        run_id=run_id, run_uri=output_uri, manifest_uri="s3://bucket/manifest.csv",
+        status=status,
         counts={"pairs_ok": 1, "pairs_failed": 1, "pairs_skipped": 1, "concepts_computed": 1},
-        outcomes=outcomes, row_errors=row_errors if row_errors is not None else [],
-        started_at="2024-01-01T00:00:00+00:00", finished_at="2024-01-01T00:01:30+00:00",
-        extra={"device": "cpu"},
-    )
+        pairs=[*outcomes, *_bad_rows(row_errors or [])], details={"device": "cpu"},
+        flow_run_id="fr-123", started_at="2024-01-01T00:00:00+00:00",
+        finished_at="2024-01-01T00:01:30+00:00")
 
 
-def _build(summary: dict, outcomes: list[PairResult], store: Store,
-           **kw: int) -> dict[str, tuple[bytes, str]]:
+def _build(summary: RunSummary, store: Store, **kw: int) -> dict[str, tuple[bytes, str]]:
     """All report files by name; fails if a name is yielded twice (a file written twice)."""
     files: dict[str, tuple[bytes, str]] = {}
-    for name, data, ctype in report_files(summary, outcomes, store, **kw):
+    for name, data, ctype in report_files(summary, store, **kw):
         assert name not in files, f"{name} yielded twice"
         assert isinstance(data, bytes)
         files[name] = (data, ctype)
@@ -177,8 +181,8 @@ def _sheet_rows(data: bytes) -> int:
     store = Store()
     one = [_pair("a", 1, store)]
     two = one + [_pair("b", 2, store)]
-    h1 = _open(_sheets(_build(_summary(one), one, store))["contact_sheet.png"]).height
-    h2 = _open(_sheets(_build(_summary(two), two, store))["contact_sheet.png"]).height
+    h1 = _open(_sheets(_build(_summary(one), store))["contact_sheet.png"]).height
+    h2 = _open(_sheets(_build(_summary(two), store))["contact_sheet.png"]).height
     row_h = h2 - h1
     rows, rest = divmod(_open(data).height - (h1 - row_h), row_h)
     assert rest == 0
@@ -200,7 +204,7 @@ def outcomes(store: Store) -> list[PairResult]:
 
 
 @pytest.fixture
-def summary(outcomes: list[PairResult]) -> dict:
+def summary(outcomes: list[PairResult]) -> RunSummary:
     return _summary(outcomes, row_errors=[{"line": 4, "pair_id": "dup",
                                            "reason": "duplicate pair_id"}])
 
@@ -208,27 +212,29 @@ def summary(outcomes: list[PairResult]) -> dict:
 # ---------------------------------------------------------------- run.json
 
 
-def test_summary_has_required_counts_and_fills_missing(summary: dict) -> None:
+def test_summary_has_required_counts_and_fills_missing(summary: RunSummary) -> None:
+    counts = summary.to_json()["counts"]
     for key in REQUIRED_COUNTS:
-        assert key in summary["counts"]
-    assert summary["counts"]["pairs_ok"] == 1
-    assert summary["counts"]["concepts_cached"] == 0
+        assert key in counts
+    assert counts["pairs_ok"] == 1
+    assert counts["concepts_cached"] == 0
 
 
-def test_summary_lists_every_failure_with_line(summary: dict) -> None:
-    failures = summary["failures"]
+def test_summary_lists_every_failure_with_line(summary: RunSummary) -> None:
+    failures = summary.to_json()["failures"]
     assert [(f["line"], f["pair_id"], f["stage"]) for f in failures] == [
         (4, "dup", "manifest"), (5, "bad", "pair")]
     assert failures[0]["reason"] == "duplicate pair_id"
     assert failures[1]["reason"] == HOSTILE
 
 
-def test_summary_fields_status_and_file_names(summary: dict) -> None:
+def test_summary_fields_status_and_file_names(summary: RunSummary) -> None:
+    typed, summary = summary, summary.to_json()
     assert summary["status"] == "partial"  # the engine's verdict, written as given
     assert summary["run_id"] == "run1" and summary["flow_run_id"] == "fr-123"
     assert summary["output_uri"] == RUN
     assert summary["duration_s"] == 90.0
-    assert summary["details"] == {"device": "cpu"}
+    assert summary["details"] == {"device": "cpu", "stages": {}}
     pairs = {p["pair_id"]: p for p in summary["pairs"]}
     assert list(pairs) == ["p1", "p2", "bad"]
     # Files come from the engine's names (output_name), never derived from the pair id.
@@ -237,17 +243,14 @@ def test_summary_fields_status_and_file_names(summary: dict) -> None:
     assert pairs["p1"]["output_uri"] == "s3://bucket/out/run1/house.png"
     assert pairs["p1"]["timings"] == {"concept_s": 12.345, "fusion_s": 3.0}
     assert pairs["bad"]["output_file"] is None and pairs["bad"]["output_uri"] is None
-    assert json.loads(run_json_bytes(summary)) == summary
+    assert json.loads(run_json_bytes(typed)) == summary
 
 
-def test_summary_is_keyword_only_and_tolerates_unparseable_timestamps() -> None:
-    with pytest.raises(TypeError):
-        build_run_summary("r", None, "m", "out", "complete", {}, [], [], "a", "b")  # type: ignore[misc]
-    s = build_run_summary(run_id="r", flow_run_id=None, manifest_uri="m.csv", output_uri="out",
-                          status="complete", counts={}, outcomes=[], row_errors=[],
-                          started_at="start", finished_at="end")
-    assert s["duration_s"] is None and s["failures"] == [] and s["details"] == {}
-    assert s["status"] == "complete"
+def test_summary_tolerates_unparseable_timestamps() -> None:
+    s = RunSummary(run_id="r", run_uri="out", manifest_uri="m.csv", status="complete",
+                   counts={}, pairs=[], started_at="start", finished_at="end").to_json()
+    assert s["duration_s"] is None and s["failures"] == [] and s["details"] == {"stages": {}}
+    assert s["status"] == "complete" and s["counts"] == dict.fromkeys(REQUIRED_COUNTS, 0)
 
 
 # ---------------------------------------------------------------- reserved names
@@ -267,7 +270,7 @@ def test_reserved_names() -> None:
 
 def test_every_report_file_is_reserved(store: Store) -> None:
     outcomes = [_pair(f"p{i}", i + 2, store) for i in range(101)]
-    files = _build(_summary(outcomes), outcomes, store)
+    files = _build(_summary(outcomes), store)
     assert len(files) > 4 and all(is_reserved(name) for name in files)
     # ...and no output name of the manifest collides with them.
     assert not any(is_reserved(o.png_name or "") for o in outcomes)
@@ -279,7 +282,7 @@ def test_every_report_file_is_reserved(store: Store) -> None:
 @pytest.mark.parametrize("n", [1, 100, 101, 250])
 def test_pagination_every_pair_once(store: Store, n: int) -> None:
     outcomes = [_pair(f"p{i}", i + 2, store) for i in range(n)]
-    files = _build(_summary(outcomes), outcomes, store)
+    files = _build(_summary(outcomes), store)
     pages = _pages(files)
     expected = ["report.html"] + [f"report-{k}.html" for k in range(2, math.ceil(n / 100) + 1)]
     assert sorted(pages) == sorted(expected)
@@ -297,7 +300,7 @@ def test_index_has_counts_status_and_failures(store: Store) -> None:
     outcomes.append(_pair("bad", 500, store, status="failed", reason="CUDA out of memory"))
     s = _summary(outcomes, status="partial",
                  row_errors=[{"line": 1, "pair_id": "dup", "reason": "duplicate pair_id"}])
-    pages = _pages(_build(s, outcomes, store))
+    pages = _pages(_build(s, store))
     index = pages["report.html"]
     for key in REQUIRED_COUNTS:
         assert key in index
@@ -317,7 +320,7 @@ def test_index_has_counts_status_and_failures(store: Store) -> None:
 def test_failures_on_index_are_bounded(store: Store) -> None:
     outcomes = [_pair(f"f{i}", i + 2, store, status="failed", reason=f"boom {i}")
                 for i in range(MAX_FAILURES_SHOWN + 50)]
-    index = _pages(_build(_summary(outcomes), outcomes, store))["report.html"]
+    index = _pages(_build(_summary(outcomes), store))["report.html"]
     assert index.count('<span class="reason">boom') == MAX_FAILURES_SHOWN
     assert f"Failures ({MAX_FAILURES_SHOWN + 50})" in index
     assert "50 more failures" in index and "run.json" in index
@@ -325,7 +328,7 @@ def test_failures_on_index_are_bounded(store: Store) -> None:
 
 def test_page_navigation_links_are_bounded(store: Store) -> None:
     outcomes = [_pair(f"p{i}", i + 2, store, source="s", reference="r") for i in range(60)]
-    pages = _pages(_build(_summary(outcomes), outcomes, store, page_size=1))
+    pages = _pages(_build(_summary(outcomes), store, page_size=1))
     assert len(pages) == 60
     middle = _parse(pages["report-30.html"])
     nav_pages = {h for h in middle.hrefs if h.startswith("report")}
@@ -339,18 +342,17 @@ def test_page_navigation_links_are_bounded(store: Store) -> None:
 
 def test_empty_run(store: Store) -> None:
     s = _summary([])
-    files = _build(s, [], store)
+    files = _build(s, store)
     assert set(files) == {"report.html", "contact_sheet.png"}
     page = files["report.html"][0].decode()
     assert "no pairs" in page and "No failures." in page
     assert _open(files["contact_sheet.png"][0]).width < 400
 
 
-def test_rejects_bad_page_size_and_thumb(store: Store, outcomes: list[PairResult],
-                                         summary: dict) -> None:
+def test_rejects_bad_page_size_and_thumb(store: Store, summary: RunSummary) -> None:
     for kw in ({"page_size": 0}, {"page_size": 100_000}, {"thumb": 4}):
         with pytest.raises(ValueError):
-            report_files(summary, outcomes, store, **kw)  # at the call, not at next()
+            report_files(summary, store, **kw)  # at the call, not at next()
 
 
 # ---------------------------------------------------------------- thumbnails
@@ -362,7 +364,7 @@ def test_one_thumbnail_per_distinct_image_read_once(store: Store) -> None:
     store.data["s3://in/ref.png"] = _img((200, 300), (0, 0, 255))
     outcomes = [_pair(f"p{i}", i + 2, store, source="s3://in/src.png",
                       reference="s3://in/ref.png") for i in range(120)]
-    files = _build(_summary(outcomes), outcomes, store)  # two pages
+    files = _build(_summary(outcomes), store)  # two pages
     thumbs = _thumbs(files)
     assert len(thumbs) == 2 + 120
     assert set(store.calls.values()) == {1}, "each distinct URI is read exactly once"
@@ -382,7 +384,7 @@ def test_same_bytes_under_two_uris_is_one_file(store: Store) -> None:
     same = _img((40, 40), (1, 2, 3))
     store.data.update({"a.png": same, "copy-of-a.png": same})
     outcomes = [_pair("p1", 2, store, source="a.png"), _pair("p2", 3, store, source="copy-of-a.png")]
-    files = _build(_summary(outcomes), outcomes, store)
+    files = _build(_summary(outcomes), store)
     assert store.calls["a.png"] == 1 and store.calls["copy-of-a.png"] == 1
     srcs = _parse(_pages(files)["report.html"]).srcs
     assert srcs[0] == srcs[3]  # both rows show the one thumbnail file
@@ -406,7 +408,7 @@ def test_reads_stream_page_by_page_and_thumbnails_are_dropped(
     outcomes = [_pair(f"p{i}", i + 2, store, source="shared.png") for i in range(30)]
     # The shared source is on every page: read once, kept until the last page. Each output
     # and reference is on one page only: dropped once that page is done.
-    gen = report_files(_summary(outcomes), outcomes, store, page_size=10)
+    gen = report_files(_summary(outcomes), store, page_size=10)
     for name, _, _ in gen:
         if name == "report.html":
             break
@@ -465,7 +467,7 @@ def test_degenerate_images_never_fail(store: Store, monkeypatch: pytest.MonkeyPa
             raise OSError("storage hiccup")
         return store(uri)
 
-    files = _build(_summary(outcomes), outcomes, read)
+    files = _build(_summary(outcomes), read)
     thumbs = _thumbs(files)
     ext = ".jpg" if fallback else ".webp"
     assert thumbs and all(n.endswith(ext) for n in thumbs)
@@ -518,12 +520,11 @@ def test_transparency_and_cmyk_look_right() -> None:
 # ---------------------------------------------------------------- links
 
 
-def test_links_use_output_names_and_resolve(store: Store, outcomes: list[PairResult],
-                                            summary: dict) -> None:
+def test_links_use_output_names_and_resolve(store: Store, outcomes: list[PairResult]) -> None:
     missing = _pair("lost", 6, store, output_name="lost-output")
     del store.data[_out("lost-output.png")]
     outcomes = [*outcomes, missing]
-    files = _build(summary, outcomes, store)
+    files = _build(_summary(outcomes), store)
     page = _pages(files)["report.html"]
     hrefs = set(_parse(page).hrefs)
     # The output of p1 is house.png: read from there, linked there; nothing named p1.png.
@@ -544,7 +545,7 @@ def test_pages_come_after_the_files_they_show(store: Store) -> None:
     # Written in the order yielded, a page never lands before its thumbnails and sheets.
     outcomes = [_pair(f"p{i}", i + 2, store) for i in range(150)]
     done: set[str] = set()
-    for name, data, _ in report_files(_summary(outcomes), outcomes, store):
+    for name, data, _ in report_files(_summary(outcomes), store):
         if name.endswith(".html"):
             links = _parse(data.decode())
             shown = set(links.srcs) | {h for h in links.hrefs if h.startswith("contact_sheet")}
@@ -556,7 +557,7 @@ def test_unsafe_file_names_are_not_linked(store: Store) -> None:
     o = _pair("p", 2, store)
     o.png_name, o.sidecar_name = "../../etc/passwd", "/abs.json"
     store.data[_out(o.png_name)] = _img((4, 4))
-    page = _pages(_build(_summary([o]), [o], store))["report.html"]
+    page = _pages(_build(_summary([o]), store))["report.html"]
     assert "passwd" not in " ".join(_parse(page).hrefs)
     assert "abs.json" not in " ".join(_parse(page).hrefs)
 
@@ -568,8 +569,8 @@ def test_escapes_hostile_input(store: Store) -> None:
     js = _pair("js", 8, store, output_name="javascript:alert(1)")
     s = _summary([hostile, js], run_id="<b>run</b>",
                  row_errors=[{"line": 9, "pair_id": "z", "reason": HOSTILE}])
-    s["counts"][HOSTILE] = 1
-    files = _build(s, [hostile, js], store)
+    s.counts[HOSTILE] = 1
+    files = _build(s, store)
     for page in _pages(files).values():
         assert HOSTILE not in page
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
@@ -585,9 +586,9 @@ def test_long_text_is_clipped_in_pages(store: Store) -> None:
     o = _pair("p", 2, store, status="failed", reason="x" * 100_000)
     o.source_uri = "s3://b/" + "y" * 100_000
     s = _summary([o])
-    page = _pages(_build(s, [o], store))["report.html"]
+    page = _pages(_build(s, store))["report.html"]
     assert len(page) < 20_000
-    assert s["failures"][0]["reason"] == "x" * 100_000  # run.json keeps the whole text
+    assert s.to_json()["failures"][0]["reason"] == "x" * 100_000  # run.json keeps it whole
 
 
 # ---------------------------------------------------------------- contact sheets
@@ -596,7 +597,7 @@ def test_long_text_is_clipped_in_pages(store: Store) -> None:
 def test_contact_sheets_are_tiled_in_bounded_pages(store: Store) -> None:
     outcomes = [_pair(f"p{i}", i + 2, store) for i in range(250)]
     # Sheets are bounded even when a caller asks for long HTML pages.
-    files = _build(_summary(outcomes), outcomes, store, page_size=250)
+    files = _build(_summary(outcomes), store, page_size=250)
     sheets = _sheets(files)
     names = ["contact_sheet.png", "contact_sheet-2.png", "contact_sheet-3.png"]
     assert sorted(sheets) == sorted(names)
@@ -609,7 +610,7 @@ def test_contact_sheet_tile_is_letterboxed(store: Store) -> None:
     # A wide red source: the tile centre is red, the band above it the letterbox colour.
     store.data["wide.png"] = _img((200, 50), (255, 0, 0))
     o = _pair("wide", 1, store, source="wide.png")
-    img = _open(_sheets(_build(_summary([o]), [o], store))["contact_sheet.png"]).convert("RGB")
+    img = _open(_sheets(_build(_summary([o]), store))["contact_sheet.png"]).convert("RGB")
     y_mid = img.height - 6 - 48
     reds = [x for x in range(img.width)
             if img.getpixel((x, y_mid))[0] > 200 and img.getpixel((x, y_mid))[1] < 60]
@@ -625,7 +626,7 @@ def test_contact_sheet_unicode_ids(store: Store, monkeypatch: pytest.MonkeyPatch
     if bitmap_font:
         monkeypatch.setattr(contact_sheets, "_font", lambda: ImageFont.load_default_imagefont())
     o = _pair("猫-スタイル-€-" + "x" * 60, 1, store)
-    sheets = _sheets(_build(_summary([o], run_id="ラン"), [o], store))
+    sheets = _sheets(_build(_summary([o], run_id="ラン"), store))
     assert _open(sheets["contact_sheet.png"]).format == "PNG"
 
 
@@ -655,7 +656,7 @@ def big_run() -> dict:
                 timings={"concept_s": 1.5, "content_s": 2.0, "fusion_s": 3.25}))
             line += 1
     start = time.perf_counter()
-    files = _build(_summary(outcomes), outcomes, store)
+    files = _build(_summary(outcomes), store)
     return {"files": files, "outcomes": outcomes, "store": store,
             "seconds": time.perf_counter() - start}
 
@@ -688,7 +689,7 @@ def test_size_bounds_at_4000_pairs(big_run: dict) -> None:
 # ---------------------------------------------------------------- Prefect payloads
 
 
-def test_markdown_summary(summary: dict) -> None:
+def test_markdown_summary(summary: RunSummary) -> None:
     md = markdown_summary(summary)
     for key in REQUIRED_COUNTS:
         assert key.replace("_", r"\_") in md
@@ -698,11 +699,9 @@ def test_markdown_summary(summary: dict) -> None:
 
 
 def test_markdown_summary_is_bounded() -> None:
-    s = build_run_summary(run_id="r", flow_run_id=None, manifest_uri="m", output_uri="o",
-                          status="failed", counts={}, outcomes=[],
-                          row_errors=[{"line": i, "pair_id": f"p{i}", "reason": "r" * 5000}
-                                      for i in range(5000)],
-                          started_at="a", finished_at="b")
+    s = _summary([], status="failed",
+                 row_errors=[{"line": i, "pair_id": f"p{i}", "reason": "r" * 5000}
+                             for i in range(5000)])
     md = markdown_summary(s)
     assert md.count("\n- line ") == MAX_FAILURES_SHOWN
     assert "4800 more" in md
@@ -857,7 +856,7 @@ def _chromium() -> str:
 
 
 def _write_run(folder: Path, files: dict[str, tuple[bytes, str]], store: Store,
-               outcomes: list[PairResult], summary: dict, out: str) -> None:
+               outcomes: list[PairResult], summary: RunSummary, out: str) -> None:
     """A downloaded run folder: the report files, run.json, and the outputs at their names."""
     for name, (data, _) in files.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
@@ -889,7 +888,7 @@ def test_report_in_headless_chromium(tmp_path: Path) -> None:
         _pair('evil"><b>id', 303, store, output_name="evil-out", run=out),
     ]
     summary = _summary(outcomes, output_uri=out)
-    files = _build(summary, outcomes, store)
+    files = _build(summary, store)
     _write_run(run, files, store, outcomes, summary, out)
     pages, requests = _browse(chromium, run / "report.html", tmp_path)
 

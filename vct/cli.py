@@ -337,8 +337,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     embedded = not os.environ.get("PREFECT_API_URL")
     from vct import storage
     from vct.batch import engine
-    from vct.batch.preflight import check_model
-    from vct.manifest import load_manifest
 
     settings = settings_from(args)
     if not storage.is_s3(args.output):  # print paths a reader can open from anywhere
@@ -350,15 +348,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("vct: using the tiny random-weight test model: outputs are colourful noise, "
               "not restyled pictures (use --model with an SD 1.5 folder for real work)",
               file=sys.stderr)
-    manifest = load_manifest(args.manifest)
-    if settings.strict:
-        manifest.raise_if_errors()
-    if not request.model.startswith("s3://"):  # an s3:// model is checked once synced
-        from vct.models import local_model_folder
-
-        # a local single file is converted here, once, so its refusal is one line too
-        check_model(local_model_folder(request.model, config=settings.checkpoint_config),
-                    settings)
+    # the engine's one check of the manifest and model (the flow's planning starts with it
+    # too); an s3:// model or a single file is synced or converted here, once, into the
+    # model cache, where the flow finds it
+    engine.read_inputs(request)
     home = os.environ.get("PREFECT_HOME")
     if embedded and home:  # Prefect creates one missing folder, not its parents; sqlite then
         Path(home).expanduser().mkdir(parents=True, exist_ok=True)  # fails after minutes
@@ -387,18 +380,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         text = " ".join(str(outcome).split())
         print(f"vct: error: the run failed: {type(outcome).__name__}: {text}", file=sys.stderr)
         return EXIT_FAILED_PAIRS
-    run = summary["output_uri"]
+    run = summary.run_uri
     print()
-    print(f"status: {summary['status']}  (" + ", ".join(
-        f"{k}={v}" for k, v in summary["counts"].items()) + ")")
-    for failure in summary.get("failures", []):
-        print(f"  {failure.get('stage', 'pair')}: line {failure.get('line')}: "
-              f"{failure.get('reason')}")
+    print(f"status: {summary.status}  (" + ", ".join(
+        f"{k}={v}" for k, v in summary.all_counts().items()) + ")")
+    for failure in summary.failures:
+        print(f"  {failure.stage}: line {failure.line}: {failure.reason}")
     print(f"outputs:       {run}")
     print(f"report:        {storage.join(run, 'report.html')}")
     print(f"contact sheet: {storage.join(run, 'contact_sheet.png')}")
     print(f"run summary:   {storage.join(run, 'run.json')}")
-    return 0 if summary["status"] == "complete" else EXIT_FAILED_PAIRS
+    return 0 if summary.status == "complete" else EXIT_FAILED_PAIRS
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -105,11 +105,6 @@ def raise_if_bad_rows(manifest_uri: str, errors: list[RowError]) -> None:
 
 
 # ---------------------------------------------------------------- entry points
-def load_manifest(uri: str) -> Manifest:
-    """Read a manifest from local disk or S3 and parse it; a missing file is a ManifestError."""
-    return parse_manifest(read_manifest_bytes(uri), uri)
-
-
 def read_manifest_bytes(uri: str) -> bytes:
     """The manifest's bytes (they also name the run); a missing file is a ManifestError."""
     try:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -120,20 +120,39 @@ def prepare(manifest_uri: str, output_uri: str, model: str | None,
 
 
 # ---------------------------------------------------------------- planning
-def plan(request: RunRequest, manifest: Manifest | None = None,
-         run_uri: str | None = None) -> Plan:
-    """Read and check the manifest (unless given in memory), hash every input, key every job.
-    With `strict`, any bad row refuses the whole manifest before any model work."""
-    settings = request.settings
+@dataclass(frozen=True)
+class Inputs:
+    """A request's manifest, parsed and checked, and its model as a checked local folder."""
+
+    manifest: Manifest
+    manifest_bytes: bytes
+    model_folder: Path
+
+
+def read_inputs(request: RunRequest, manifest: Manifest | None = None) -> Inputs:
+    """The one check of a request's manifest and model: the manifest read and parsed (its
+    rows' errors refuse it with ``strict``) unless given in memory, the model synced or
+    converted to a local folder and checked. Planning starts with it; ``vct run`` calls it
+    before Prefect starts, so a wrong path is one line, not a flow run's traceback."""
     if manifest is None:
         manifest_bytes = read_manifest_bytes(request.manifest_uri)
         manifest = parse_manifest(manifest_bytes, request.manifest_uri)
     else:
         manifest_bytes = request.manifest_uri.encode()
-    if settings.strict:
+    if request.settings.strict:
         manifest.raise_if_errors()
-    folder = local_model_folder(request.model, config=settings.checkpoint_config)
-    preflight.check_model(folder, settings)  # one line for a wrong folder, before any hashing
+    folder = local_model_folder(request.model, config=request.settings.checkpoint_config)
+    preflight.check_model(folder, request.settings)
+    return Inputs(manifest, manifest_bytes, Path(folder))
+
+
+def plan(request: RunRequest, manifest: Manifest | None = None,
+         run_uri: str | None = None) -> Plan:
+    """Check the manifest and model (:func:`read_inputs`), hash every input, key every job.
+    With `strict`, any bad row refuses the whole manifest before any model work."""
+    settings = request.settings
+    inputs = read_inputs(request, manifest)
+    manifest, manifest_bytes, folder = inputs.manifest, inputs.manifest_bytes, inputs.model_folder
     # the keys' model: the files, and the UNet precision unless fp32 (unchanged fp32 keys)
     identity = precision_identity(model_identity(folder), settings.dtype)
     files = library.read_concept_files(
@@ -220,29 +239,18 @@ def _read_optional(uri: str) -> bytes | None:
         return None
 
 
-def report_outcomes(summary: RunSummary) -> list[report.PairResult]:
-    """Every planned pair, as the engine has it (bad rows are listed as row errors)."""
-    return [p for p in summary.pairs if p.status != "bad"]
-
-
 def finish(summary: RunSummary, started_at: str, flow_run_id: str = "",
-           write_report: bool = True) -> dict:
+           write_report: bool = True) -> RunSummary:
     """run.json, the report pages, thumbnails and contact sheets; `_SUCCESS` last and only for
-    a complete run. Returns the run.json content."""
+    a complete run. Returns the summary with its flow run and times, as run.json has it."""
+    summary = replace(summary, flow_run_id=flow_run_id, started_at=started_at,
+                      finished_at=datetime.now(UTC).isoformat())
     run = summary.run_uri
-    outcomes = report_outcomes(summary)
-    bad = [{"line": p.line, "pair_id": p.pair_id, "reason": p.reason}
-           for p in summary.pairs if p.status == "bad"]
-    data = report.build_run_summary(
-        run_id=summary.run_id, flow_run_id=flow_run_id, manifest_uri=summary.manifest_uri,
-        output_uri=run, status=summary.status, counts=summary.counts, outcomes=outcomes,
-        row_errors=bad, started_at=started_at, finished_at=datetime.now(UTC).isoformat(),
-        extra={**summary.details, "stages": {k: v.__dict__ for k, v in summary.stages.items()}})
     checkpoint("run.json")
-    storage.write_bytes(storage.join(run, outputs.RUN_JSON), report.run_json_bytes(data),
+    storage.write_bytes(storage.join(run, outputs.RUN_JSON), report.run_json_bytes(summary),
                         "application/json")
     if write_report:
-        for name, blob, content_type in report.report_files(data, outcomes, _read_optional):
+        for name, blob, content_type in report.report_files(summary, _read_optional):
             storage.write_bytes(storage.join(run, name), blob, content_type)
             if name.endswith(".html"):
                 checkpoint("report.page")
@@ -253,7 +261,7 @@ def finish(summary: RunSummary, started_at: str, flow_run_id: str = "",
                                       f'"status": "complete"}}\n').encode())
     else:
         storage.delete(success)
-    return data
+    return summary
 
 
 # ---------------------------------------------------------------- all of it
@@ -266,5 +274,4 @@ def run(request: RunRequest, *, manifest: Manifest | None = None, run_uri: str |
     outcome = run_pool(the_plan, request.executor(), run_info, progress=progress, runner=runner)
     summary = summarize(the_plan, outcome.pairs, outcome.stages,
                         details={"model": request.model, **outcome.details()})
-    finish(summary, started, write_report=write_report)
-    return summary
+    return finish(summary, started, write_report=write_report)

@@ -50,6 +50,7 @@ from typing import Any
 
 from vct import storage
 from vct.batch import lease
+from vct.batch.summary import RunSummary
 from vct.config import ConfigError
 
 log = logging.getLogger("vct.batch")
@@ -310,8 +311,9 @@ def held(key: str) -> list[Lease]:
         return list(_held.get(key, ()))
 
 
-def outcome_status(summary: dict | None) -> str:
-    """A finished marker's status from a run's summary: done, partial, or failed."""
-    if not isinstance(summary, dict):
+def outcome_status(summary: RunSummary | None) -> str:
+    """A finished marker's status from a run's summary (None: it ended before it had one):
+    done, partial, or failed."""
+    if not isinstance(summary, RunSummary):
         return "failed"
-    return {"complete": "done", "partial": "partial"}.get(str(summary.get("status")), "failed")
+    return {"complete": "done", "partial": "partial"}.get(summary.status, "failed")

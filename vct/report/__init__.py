@@ -4,7 +4,7 @@ contact-sheet pages, and the markdown / table payloads for Prefect artifacts.
 Files of a run's report, all relative to the run folder (next to the outputs ``<name>.png`` and
 their sidecars ``<name>.json``):
 
-- ``run.json``: the full summary, every pair and every failure (:func:`build_run_summary`,
+- ``run.json``: the full summary, every pair and every failure (:meth:`RunSummary.to_json`,
   :func:`run_json_bytes`); the engine writes it, then the files below, then ``_SUCCESS`` last.
 - ``report.html``: the index. Run status, counts, the first :data:`MAX_FAILURES_SHOWN`
   failures (with how many more there are; ``run.json`` has them all), a list of the pages and
@@ -55,8 +55,10 @@ from vct.report.prefect_artifacts import markdown_summary, table_rows
 from vct.report.run_record import (
     REFERENCES_SHOWN,
     REQUIRED_COUNTS,
+    Failure,
     PairResult,
-    build_run_summary,
+    RunSummary,
+    StageReport,
     run_json_bytes,
 )
 
@@ -66,8 +68,10 @@ __all__ = [
     "REFERENCES_SHOWN",
     "REQUIRED_COUNTS",
     "RESERVED_NAMES",
+    "Failure",
     "PairResult",
-    "build_run_summary",
+    "RunSummary",
+    "StageReport",
     "is_reserved",
     "markdown_summary",
     "report_files",

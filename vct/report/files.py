@@ -11,7 +11,7 @@ from vct.report.bounds import clip
 from vct.report.contact_sheets import MAX_SHEET_ROWS, contact_sheet
 from vct.report.names import join_uri, page_name, sheet_name
 from vct.report.pages import page_html
-from vct.report.run_record import PairResult, first_reference, manifest_order
+from vct.report.run_record import PairResult, RunSummary, first_reference
 
 MAX_PAGE_SIZE = 1000
 """Largest accepted ``page_size``: beyond this one page could exceed a few MB of HTML."""
@@ -33,8 +33,7 @@ def _page_sheets(rows: list[tuple[PairResult, list[thumbnails.Thumb]]], sheets: 
 
 
 def report_files(
-    summary: dict,
-    outcomes: list[PairResult],
+    summary: RunSummary,
     read: Callable[[str], bytes | None],
     *,
     page_size: int = 100,
@@ -47,23 +46,22 @@ def report_files(
     yet, then its contact sheet(s), then the page itself, so written in the order yielded, a
     page's images exist when it lands. Each distinct image URI is read once through ``read``
     (bytes, or None when missing), thumbnailed, and only its small encoded thumbnail is kept,
-    until the last page that shows it. A pair's output is read at
-    ``summary["output_uri"] + "/" + png_name``. Bad arguments raise ``ValueError`` here, at
-    the call, not at the first ``next()``.
+    until the last page that shows it. The pages list the run's planned pairs
+    (``summary.planned``); a pair's output is read at ``summary.run_uri + "/" + png_name``.
+    Bad arguments raise ``ValueError`` here, at the call, not at the first ``next()``.
     """
     if not 1 <= page_size <= MAX_PAGE_SIZE:
         raise ValueError(f"page_size must be in 1..{MAX_PAGE_SIZE}, got {page_size}")
     if not 16 <= thumb <= 1024:
         raise ValueError(f"thumb must be in 16..1024 pixels, got {thumb}")
-    return _report_files(summary, outcomes, read, page_size=page_size, thumb=thumb)
+    return _report_files(summary, read, page_size=page_size, thumb=thumb)
 
 
-def _report_files(summary: dict, outcomes: list[PairResult],
-                  read: Callable[[str], bytes | None], *, page_size: int,
+def _report_files(summary: RunSummary, read: Callable[[str], bytes | None], *, page_size: int,
                   thumb: int) -> Iterator[tuple[str, bytes, str]]:
     """The generator behind :func:`report_files` (arguments already checked)."""
-    output_uri = str(summary.get("output_uri") or "")
-    ordered = manifest_order(outcomes)
+    output_uri = summary.run_uri
+    ordered = summary.planned
     pages = [ordered[i:i + page_size] for i in range(0, len(ordered), page_size)] or [[]]
 
     def uris_of(o: PairResult) -> tuple[str, str, str]:
@@ -82,7 +80,7 @@ def _report_files(summary: dict, outcomes: list[PairResult],
     live: dict[str, thumbnails.Thumb] = {}
     written: set[str] = set()
     no_image = thumbnails.Thumb(name=None, word="", exists=False)
-    run_id = clip(summary.get("run_id", ""), 40)
+    run_id = clip(summary.run_id, 40)
     first = 1
     sheet_number = 1
 

@@ -12,7 +12,7 @@ from vct.report import thumbnails
 from vct.report.bounds import CLIP_ID, CLIP_META, CLIP_REASON, CLIP_URI, MAX_FAILURES_SHOWN, clip
 from vct.report.contact_sheets import COLUMNS, STATUS_COLOURS, placeholder_word
 from vct.report.names import page_name
-from vct.report.run_record import PairResult
+from vct.report.run_record import PairResult, RunSummary
 
 # Bounds of one page: timings shown per pair, page links listed on the index.
 _MAX_TIMINGS = 12
@@ -173,39 +173,39 @@ def _pairs_table(rows: list[tuple[PairResult, list[thumbnails.Thumb]]], thumb: i
     return out
 
 
-def _index_sections(summary: dict, pages: list[list[PairResult]]) -> list[str]:
+def _index_sections(summary: RunSummary, pages: list[list[PairResult]]) -> list[str]:
     """What only the index shows: run metadata, counts, bounded failures and the page list."""
     out = ['<div class="meta">']
-    for label, key in (
-        ("manifest", "manifest_uri"),
-        ("output", "output_uri"),
-        ("flow run", "flow_run_id"),
-        ("started", "started_at"),
-        ("finished", "finished_at"),
-        ("duration (s)", "duration_s"),
+    for label, value in (
+        ("manifest", summary.manifest_uri),
+        ("output", summary.run_uri),
+        ("flow run", summary.flow_run_id),
+        ("started", summary.started_at),
+        ("finished", summary.finished_at),
+        ("duration (s)", summary.duration_s),
     ):
-        if summary.get(key) is not None:
-            out.append(f"{label}: <code>{_et(summary[key], CLIP_META)}</code><br>")
+        if value is not None:
+            out.append(f"{label}: <code>{_et(value, CLIP_META)}</code><br>")
     out.append('full summary: <a href="run.json">run.json</a></div>')
 
     out.append("<h2>Counts</h2>")
     out.append('<table class="counts"><tbody>')
-    for key, value in (summary.get("counts") or {}).items():
-        out.append(f'<tr><th>{_et(key, 80)}</th><td class="n">{_et(value, 40)}</td></tr>')
+    for key, count in summary.all_counts().items():
+        out.append(f'<tr><th>{_et(key, 80)}</th><td class="n">{_et(count, 40)}</td></tr>')
     out.append("</tbody></table>")
 
-    failures = summary.get("failures") or []
+    failures = summary.failures
     out.append(f"<h2>Failures ({len(failures)})</h2>")
     if not failures:
         out.append('<p class="note">No failures.</p>')
     else:
         out.append('<ul class="failures">')
         for f in failures[:MAX_FAILURES_SHOWN]:
-            stage = f" ({_et(f.get('stage'), 40)})" if f.get("stage") else ""
+            stage = f" ({_et(f.stage, 40)})" if f.stage else ""
             out.append(
-                f"<li>line {_et(f.get('line'), 40)}{stage} "
-                f"<code>{_et(f.get('pair_id'), CLIP_ID)}</code>: "
-                f'<span class="reason">{_et(f.get("reason"), CLIP_REASON)}</span></li>'
+                f"<li>line {_et(f.line, 40)}{stage} "
+                f"<code>{_et(f.pair_id, CLIP_ID)}</code>: "
+                f'<span class="reason">{_et(f.reason, CLIP_REASON)}</span></li>'
             )
         out.append("</ul>")
         if len(failures) > MAX_FAILURES_SHOWN:
@@ -229,17 +229,17 @@ def _index_sections(summary: dict, pages: list[list[PairResult]]) -> list[str]:
     return out
 
 
-def page_html(summary: dict, *, number: int, pages: list[list[PairResult]], first: int,
+def page_html(summary: RunSummary, *, number: int, pages: list[list[PairResult]], first: int,
               total_pairs: int, rows: list[tuple[PairResult, list[thumbnails.Thumb]]],
               sheets: list[str], thumb: int) -> str:
     """One HTML page: the index (``number == 1``) or a further page of pairs."""
-    run_id = summary.get("run_id", "")
+    run_id = summary.run_id
     total = len(pages)
     title = f"VCT run {_et(run_id, CLIP_ID)}"
     if number > 1:
         title += f" &ndash; page {number} of {total}"
     out = _head(title)
-    out.append(f"<h1>{title} {_status_badge(summary.get('status'))}</h1>")
+    out.append(f"<h1>{title} {_status_badge(summary.status)}</h1>")
     if number == 1:
         out.extend(_index_sections(summary, pages))
     nav = _nav(number, total) if total > 1 else ""

@@ -7,7 +7,7 @@ import html
 from typing import Any
 
 from vct.report.bounds import CLIP_ID, CLIP_META, CLIP_REASON, MAX_FAILURES_SHOWN, clip
-from vct.report.run_record import PairResult, manifest_order
+from vct.report.run_record import PairResult, RunSummary, manifest_order
 
 _MD_SPECIAL = str.maketrans({ch: "\\" + ch for ch in "\\`*_[]|<>#!"})
 
@@ -18,26 +18,25 @@ def _md(value: Any, limit: int = CLIP_REASON) -> str:
     return html.escape(clip(text, limit), quote=False).translate(_MD_SPECIAL)
 
 
-def markdown_summary(summary: dict) -> str:
+def markdown_summary(summary: RunSummary) -> str:
     """Markdown for a Prefect artifact: status, the counts table and the failures list.
 
     Bounded for any run: at most :data:`MAX_FAILURES_SHOWN` failures, each reason clipped;
     the full list is in ``run.json``.
     """
-    counts = summary.get("counts") or {}
-    failures = summary.get("failures") or []
-    lines = [f"# VCT run {_md(summary.get('run_id', ''), CLIP_ID)}", ""]
-    lines += [f"Status: **{_md(summary.get('status'), 40)}**", ""]
-    if summary.get("output_uri"):
-        lines += [f"Output: {_md(summary['output_uri'], CLIP_META)}", ""]
+    counts = summary.all_counts()
+    failures = summary.failures
+    lines = [f"# VCT run {_md(summary.run_id, CLIP_ID)}", ""]
+    lines += [f"Status: **{_md(summary.status, 40)}**", ""]
+    if summary.run_uri:
+        lines += [f"Output: {_md(summary.run_uri, CLIP_META)}", ""]
     lines += ["| count | value |", "|---|---:|"]
     lines += [f"| {_md(k, 80)} | {_md(v, 40)} |" for k, v in counts.items()]
     lines += ["", f"## Failures ({len(failures)})", ""]
     if not failures:
         lines.append("No failures.")
     for f in failures[:MAX_FAILURES_SHOWN]:
-        lines.append(f"- line {_md(f.get('line'), 40)} {_md(f.get('pair_id'), CLIP_ID)}: "
-                     f"{_md(f.get('reason'))}")
+        lines.append(f"- line {_md(f.line, 40)} {_md(f.pair_id, CLIP_ID)}: {_md(f.reason)}")
     if len(failures) > MAX_FAILURES_SHOWN:
         lines.append(f"- … and {len(failures) - MAX_FAILURES_SHOWN} more (see run.json)")
     return "\n".join(lines) + "\n"

@@ -1,10 +1,12 @@
-"""``run.json``: what one pair's outcome is (:class:`PairResult`), the summary built from the
-outcomes (:func:`build_run_summary`) and its bytes (:func:`run_json_bytes`)."""
+"""What a run did, typed, from the engine to every reader: one pair's outcome
+(:class:`PairResult`), a stage's report (:class:`StageReport`) and the run's summary
+(:class:`RunSummary`), which ``run.json`` (:meth:`RunSummary.to_json`,
+:func:`run_json_bytes`), the report pages, the flow's artifacts and the CLI all read."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
@@ -91,76 +93,122 @@ def _pair_entry(outcome: PairResult, output_uri: str) -> dict[str, Any]:
     }
 
 
-def build_run_summary(
-    *,
-    run_id: str,
-    flow_run_id: str | None,
-    manifest_uri: str,
-    output_uri: str,
-    status: str,
-    counts: dict[str, int],
-    outcomes: list[PairResult],
-    row_errors: list[dict],
-    started_at: str,
-    finished_at: str,
-    extra: dict | None = None,
-) -> dict:
-    """Build the ``run.json`` content.
+@dataclass
+class StageReport:
+    """One stage's jobs: which keys came from the cache, which were computed, which failed
+    (key -> one-line reason), the ranks that ran them and the UNet evaluations they counted;
+    ``awaited``: keys another process held a claim on, whose results this one waited for;
+    ``took_over``: keys whose expired claim (a dead owner's) this one took over and computed;
+    ``bad``: failed keys whose input image could not be decoded (their rows are bad, not
+    failed: the input is wrong, not the computation)."""
 
-    ``status`` is the engine's verdict (``"complete"`` / ``"partial"`` / ``"failed"``), written
-    as is: the engine knows what a run is allowed to lose, this module does not. ``failures``
-    joins manifest row errors (dicts with ``line``, ``pair_id``, ``reason``) and failed pairs,
-    sorted by manifest line, because whoever fixes the CSV wants every bad line in one list.
-    ``output_uri`` is the run folder; ``extra`` lands under ``details`` so caller-specific keys
-    can never shadow the documented ones.
-    """
-    full_counts: dict[str, int] = {key: 0 for key in REQUIRED_COUNTS}
-    full_counts.update({str(k): v for k, v in (counts or {}).items()})
-
-    failures: list[dict[str, Any]] = []
-    for err in row_errors or []:
-        failures.append({
-            "line": err.get("line"),
-            "pair_id": err.get("pair_id"),
-            "reason": err.get("reason"),
-            "stage": "manifest",
-        })
-    for outcome in outcomes:
-        if outcome.status == "failed":
-            failures.append({
-                "line": outcome.line,
-                "pair_id": outcome.pair_id,
-                "reason": outcome.reason or "unknown error",
-                "stage": "pair",
-            })
-    failures.sort(key=_failure_sort_key)
-
-    return {
-        "schema_version": SUMMARY_SCHEMA_VERSION,
-        "run_id": run_id,
-        "flow_run_id": flow_run_id,
-        "manifest_uri": manifest_uri,
-        "output_uri": output_uri,
-        "status": status,
-        "started_at": started_at,
-        "finished_at": finished_at,
-        "duration_s": _duration_s(started_at, finished_at),
-        "counts": full_counts,
-        "pairs": [_pair_entry(o, output_uri) for o in manifest_order(outcomes)],
-        "failures": failures,
-        "details": dict(extra or {}),
-    }
+    kind: str
+    cached: list[str] = field(default_factory=list)
+    computed: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    ranks: list[int] = field(default_factory=list)
+    unet_evals: dict[str, int] = field(default_factory=dict)
+    awaited: list[str] = field(default_factory=list)
+    took_over: list[str] = field(default_factory=list)
+    bad: list[str] = field(default_factory=list)
 
 
-def _failure_sort_key(failure: dict[str, Any]) -> tuple[int, int, str]:
+@dataclass(frozen=True)
+class Failure:
+    """One line of the failures list: a bad row (``stage`` "manifest") or a failed pair."""
+
+    line: int | None
+    pair_id: str | None
+    reason: str
+    stage: str
+
+
+RunStatus = Literal["complete", "partial", "failed"]
+
+
+@dataclass
+class RunSummary:
+    """The result of one run, typed: what the engine returns, what ``run.json`` is written
+    from (:meth:`to_json`) and what the report, the flow's artifacts and the CLI read.
+
+    ``pairs`` holds every row: the planned pairs and the bad rows (status ``bad``); ``status``
+    is the engine's verdict. ``flow_run_id``, ``started_at`` and ``finished_at`` are filled
+    in when the run ends (:func:`vct.batch.engine.finish`)."""
+
+    run_id: str
+    run_uri: str
+    manifest_uri: str
+    status: RunStatus
+    counts: dict[str, int]
+    pairs: list[PairResult]
+    stages: dict[str, StageReport] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    flow_run_id: str | None = None
+    started_at: str = ""
+    finished_at: str = ""
+
+    @property
+    def message(self) -> str:
+        """One line for logs, the flow's final state and the CLI."""
+        c = self.counts
+        return (f"run {self.run_id} {self.status}: {c.get('pairs_ok', 0)} ok, "
+                f"{c.get('pairs_skipped', 0)} skipped, {c.get('pairs_failed', 0)} failed, "
+                f"{c.get('pairs_bad', 0)} bad rows")
+
+    @property
+    def planned(self) -> list[PairResult]:
+        """The pairs the run computed or kept (not the bad rows), in manifest order: the
+        report's and the table's rows."""
+        return manifest_order([p for p in self.pairs if p.status != "bad"])
+
+    @property
+    def failures(self) -> list[Failure]:
+        """Every bad row and failed pair, by manifest line: whoever fixes the CSV wants every
+        bad line in one list."""
+        out = [Failure(p.line, p.pair_id, p.reason or "unknown error",
+                       "manifest" if p.status == "bad" else "pair")
+               for p in self.pairs if p.status in ("bad", "failed")]
+        return sorted(out, key=_failure_sort_key)
+
+    @property
+    def duration_s(self) -> float | None:
+        return _duration_s(self.started_at, self.finished_at)
+
+    def all_counts(self) -> dict[str, int]:
+        """The counts with every :data:`REQUIRED_COUNTS` key present."""
+        return {**{key: 0 for key in REQUIRED_COUNTS}, **self.counts}
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``run.json`` content. ``details`` holds the engine's details and the stage
+        reports, so run-specific keys can never shadow the documented ones."""
+        return {
+            "schema_version": SUMMARY_SCHEMA_VERSION,
+            "run_id": self.run_id,
+            "flow_run_id": self.flow_run_id,
+            "manifest_uri": self.manifest_uri,
+            "output_uri": self.run_uri,
+            "status": self.status,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "duration_s": self.duration_s,
+            "counts": self.all_counts(),
+            "pairs": [_pair_entry(o, self.run_uri) for o in self.planned],
+            "failures": [asdict(f) for f in self.failures],
+            "details": {**self.details,
+                        "stages": {k: asdict(v) for k, v in self.stages.items()}},
+        }
+
+
+def _failure_sort_key(failure: Failure) -> tuple[int, int, str]:
     """Sort by line; failures without a usable line go last instead of crashing the sort."""
-    line = failure.get("line")
+    line = failure.line
     if isinstance(line, int) and not isinstance(line, bool):
-        return (0, line, str(failure.get("pair_id") or ""))
-    return (1, 0, str(failure.get("pair_id") or ""))
+        return (0, line, str(failure.pair_id or ""))
+    return (1, 0, str(failure.pair_id or ""))
 
 
-def run_json_bytes(summary: dict) -> bytes:
+def run_json_bytes(summary: RunSummary) -> bytes:
     """Serialise a summary for storage; ``default=str`` so an odd value cannot lose the whole
     report at the very end of a long run."""
-    return (json.dumps(summary, indent=2, sort_keys=False, default=str) + "\n").encode("utf-8")
+    return (json.dumps(summary.to_json(), indent=2, sort_keys=False, default=str)
+            + "\n").encode("utf-8")
