@@ -28,8 +28,8 @@ from flows.fleet import Fleet, cancel_dispatched, cancel_grandchildren
 from vct import report, storage
 from vct.batch import engine, incoming, shards
 from vct.batch.settings import RunSettings
-from vct.batch.summary import RunSummary
 from vct.report.names import page_name
+from vct.report.run_record import RunSummary
 
 
 class RunFailed(RuntimeError):
@@ -61,8 +61,9 @@ def _mover(progress_id):
     jobs finish, and logs each move."""
     logger = get_run_logger()
 
-    def moved(fraction: float) -> None:
-        if fraction > 0:
+    def moved(done: int, total: int) -> None:
+        fraction = done / max(1, total)
+        if done > 0:
             logger.info("jobs: %.0f%% done", 100 * fraction)
         update_progress_artifact(progress_id, progress=min(99.0, 99.0 * fraction))
 

@@ -21,10 +21,10 @@ from vct.batch.claims import Claims, Owner
 from vct.batch.jobs import Job, JobOutcome
 from vct.batch.plan import Plan
 from vct.batch.pool import run_pool
-from vct.batch.summary import StageReport
 from vct.batch.workers import ExecutorSettings
 from vct.batch.workers.local import LocalBackend
 from vct.cache import StageCache, cache_key
+from vct.report.run_record import StageReport
 
 
 class FakeClaims(Claims):

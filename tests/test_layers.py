@@ -16,7 +16,7 @@ RUNTIME_AND_UP = ("vct.storage", "vct.cache", "vct.manifest", "vct.batch", "vct.
 
 
 # vct/storage/: each module imports only those before it (no cycles), as its docstring says.
-STORAGE_ORDER = ("env", "errors", "retry", "uris", "s3", "local", "reads", "objects", "cas",
+STORAGE_ORDER = ("fanout", "env", "errors", "retry", "uris", "s3", "local", "reads", "objects", "cas",
                  "sweep", "sync", "links")
 
 

@@ -206,8 +206,8 @@ def test_a_complete_rerun_reads_no_stage_entry_and_a_lost_cache_recomputes_nothi
 def test_the_start_looks_stage_results_up_at_once_into_the_runs_memo(tmp_path, inputs,
                                                                      monkeypatch) -> None:
     from vct.batch import pool as pool_module
-    from vct.batch.memo import active_memo, result_memo
     from vct.batch.pool import JobPool
+    from vct.cache import active_memo, result_memo
 
     m = _manifest(tmp_path, [f"{inputs[s]},{inputs[r]},{s}{r}" for s in ("a", "b")
                              for r in ("ref1", "ref2")])

@@ -16,9 +16,9 @@ from vct.batch.claims import Owner
 from vct.batch.jobs import Job, JobOutcome
 from vct.batch.plan import PairPlan, Plan
 from vct.batch.settings import RunSettings
-from vct.batch.summary import StageReport
 from vct.batch.workers import ExecutorSettings
 from vct.cache import cache_key
+from vct.report.run_record import StageReport
 
 
 def in_process(executor: ExecutorSettings, runner=None) -> shards.Dispatch:

@@ -1,4 +1,5 @@
-"""Content-addressed store of stage results (inversions, concept embeddings, latents).
+"""Content-addressed store of stage results (inversions, concept embeddings, latents), and a
+run's memo of the verified ones it read or wrote (:func:`result_memo`).
 
 A stage result is stored under a key that hashes everything that determines it, so a hit can be
 reused without asking whether it is stale: a change of any input byte, model, setting, seed or
@@ -15,10 +16,16 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from vct import storage
+
+if TYPE_CHECKING:
+    from vct.artifacts import Stored
 
 T = TypeVar("T")
 
@@ -138,3 +145,55 @@ class StageCache:
     def contains(self, kind: str, key: str) -> bool:
         """Whether an entry exists (unvalidated; use get to trust it)."""
         return storage.exists(self.uri(kind, key))
+
+
+# ---------------------------------------------------------------- a run's memo
+class ResultMemo:
+    """Verified results of one run kept in memory, so a cache hit is read and verified once
+    and then used (a pool checks a content, then its fusion job uses it; a fusion result is
+    stored, then its pair files are written from it). Entries are content-addressed, so a
+    memoised result is the stored one. Bounded by the bytes of the entries it holds (least
+    recently used first out)."""
+
+    def __init__(self, max_bytes: int = 512 * 2**20):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple[str, str, str], tuple[Stored, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()  # the pool looks entries up from several threads
+
+    def get(self, ident: tuple[str, str, str]) -> Stored | None:
+        with self._lock:
+            item = self._items.get(ident)
+            if item is None:
+                return None
+            self._items.move_to_end(ident)
+            return item[0]
+
+    def put(self, ident: tuple[str, str, str], stored: Stored, size: int) -> None:
+        with self._lock:
+            if size > self.max_bytes or ident in self._items:
+                return
+            self._items[ident] = (stored, size)
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self._bytes -= dropped
+
+
+_memo: ContextVar[ResultMemo | None] = ContextVar("vct_result_memo", default=None)
+
+
+@contextmanager
+def result_memo(max_bytes: int = 512 * 2**20) -> Iterator[ResultMemo]:
+    """Within the block (one run, one thread), :func:`load` and :func:`store` share a memo."""
+    memo = ResultMemo(max_bytes)
+    token = _memo.set(memo)
+    try:
+        yield memo
+    finally:
+        _memo.reset(token)
+
+
+def active_memo() -> ResultMemo | None:
+    """The memo of the current :func:`result_memo` block, or None outside one."""
+    return _memo.get()

@@ -19,9 +19,9 @@ from vct.batch import engine
 from vct.batch.jobs import ProgressFactory
 from vct.batch.outputs import concept_file
 from vct.batch.settings import RunSettings
-from vct.batch.summary import RunSummary
 from vct.errors import UserError
 from vct.manifest import Manifest, ManifestError, PairRow
+from vct.report.run_record import RunSummary
 
 
 class InputError(UserError, ValueError):

@@ -32,10 +32,10 @@ from vct.batch import library, outputs, pool, preflight
 from vct.batch.jobs import ProgressFactory
 from vct.batch.plan import Plan, default_run_id, expand_references, hash_inputs, plan_run
 from vct.batch.settings import MINI_MODEL, TINY_MODEL, RunSettings, require_model
-from vct.batch.summary import PairResult, RunSummary, StageReport, counts, run_status
 from vct.batch.workers import ExecutorSettings, Runner
 from vct.config import ConfigError
 from vct.faults import checkpoint
+from vct.inversion import Progress
 from vct.manifest import (
     SAFE_NAME_RE,
     Manifest,
@@ -44,10 +44,10 @@ from vct.manifest import (
     read_manifest_bytes,
 )
 from vct.models import local_model_folder, model_geometry, model_identity, precision_identity
+from vct.report.run_record import PairResult, RunSummary, StageReport, counts, run_status
 
 log = logging.getLogger("vct.batch")
 
-Fraction = pool.Fraction
 
 
 @dataclass(frozen=True)
@@ -205,7 +205,7 @@ def _backend(the_plan: Plan, executor: ExecutorSettings, runner: Runner | None,
 
 
 def run_pool(the_plan: Plan, executor: ExecutorSettings, run_info: dict | None = None,
-             on_fraction: Fraction | None = None, progress: ProgressFactory | None = None,
+             on_progress: Progress | None = None, progress: ProgressFactory | None = None,
              runner: Runner | None = None) -> pool.PoolOutcome:
     """Step 3: the run's jobs in one pool on the executor's workers (in process, or one
     accelerate launch for the whole run); ``runner`` replaces the in-process worker (tests).
@@ -213,7 +213,7 @@ def run_pool(the_plan: Plan, executor: ExecutorSettings, run_info: dict | None =
     writing the run's concept library (:func:`write_library`)."""
     outcome = pool.run_pool(the_plan, _backend(the_plan, executor, runner, progress),
                             executor.cache_uri, content_batch=executor.content_batch,
-                            run_info=run_info, on_fraction=on_fraction)
+                            run_info=run_info, on_progress=on_progress)
     write_library(the_plan, outcome.pairs, executor.cache_uri)
     return outcome
 

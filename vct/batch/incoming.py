@@ -50,8 +50,8 @@ from typing import Any
 
 from vct import storage
 from vct.batch import lease
-from vct.batch.summary import RunSummary
 from vct.config import ConfigError
+from vct.report.run_record import RunSummary
 
 log = logging.getLogger("vct.batch")
 

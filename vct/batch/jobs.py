@@ -25,8 +25,7 @@ from typing import Any
 
 from vct import storage
 from vct.artifacts import FusedImages, Stored, load_result, result_bytes
-from vct.batch.memo import active_memo
-from vct.cache import StageCache
+from vct.cache import StageCache, active_memo
 from vct.config import ConceptConfig, ContentConfig, FusionConfig, from_dict
 from vct.errors import UserError
 from vct.faults import checkpoint
@@ -186,7 +185,7 @@ def check_finite(job: Job, result: Any, models: VCTModels) -> None:
 def load(cache: StageCache, kind: str, key: str) -> Stored | None:
     """The verified entry for (kind, key), or None when missing or failing verification (a
     bad entry is never trusted; its recomputation overwrites it atomically). Inside
-    :func:`vct.batch.memo.result_memo` an entry is read and verified once."""
+    :func:`vct.cache.result_memo` an entry is read and verified once."""
     memo, ident = active_memo(), (cache.root_uri, kind, key)
     if memo is not None and (stored := memo.get(ident)) is not None:
         return stored
@@ -203,7 +202,7 @@ def load(cache: StageCache, kind: str, key: str) -> Stored | None:
 
 
 def store(cache: StageCache, kind: str, key: str, stored: Stored) -> None:
-    """Write a result to the cache (atomically) and, inside :func:`vct.batch.memo.result_memo`, keep it as
+    """Write a result to the cache (atomically) and, inside :func:`vct.cache.result_memo`, keep it as
     read back from those bytes (not the object given: storing may change dtypes)."""
     data = result_bytes(kind, stored)
     cache.put(kind, key, data)

@@ -25,13 +25,13 @@ from dataclasses import dataclass
 from vct import storage
 from vct.artifacts import ArtifactError, Stored, read_textual_inversion, textual_inversion_bytes
 from vct.batch import keys, outputs
-from vct.batch.fanout import bounded_map
 from vct.batch.jobs import load, store
 from vct.cache import StageCache
 from vct.concept import ConceptResult, ConceptStats
 from vct.config import ConceptConfig, ConfigError, from_dict
 from vct.errors import UserError
 from vct.manifest import REFERENCE_SEPARATOR
+from vct.storage.fanout import bounded_map
 
 log = logging.getLogger("vct.batch")
 

@@ -14,13 +14,13 @@ from collections.abc import Callable, Iterator
 from vct import storage
 from vct.artifacts import Stored
 from vct.batch import outputs
-from vct.batch.fanout import bounded_map
 from vct.batch.library import is_concept_uri
 from vct.batch.plan import DEFAULT_PLAN_THREADS, PairPlan, branch_keys
-from vct.batch.summary import PairResult
 from vct.images import png_bytes
 from vct.report import REFERENCES_SHOWN
+from vct.report.run_record import PairResult
 from vct.sidecar import build_sidecar
+from vct.storage.fanout import bounded_map
 
 log = logging.getLogger("vct.batch")
 

@@ -17,7 +17,6 @@ from typing import Any
 
 from vct import storage
 from vct.batch import keys
-from vct.batch.fanout import bounded_map
 from vct.batch.jobs import Job
 from vct.batch.library import ConceptFile
 from vct.batch.outputs import concept_file, is_reserved, output_names
@@ -28,6 +27,7 @@ from vct.config import with_overrides as override
 from vct.errors import UserError
 from vct.images import ImageError, ImageTooLarge, probe_image
 from vct.manifest import Manifest, PairRow, RowError, reference_parts
+from vct.storage.fanout import bounded_map
 
 
 @dataclass(frozen=True)

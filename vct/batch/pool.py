@@ -33,25 +33,23 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from vct import storage
 from vct.batch import outputs, pairs
 from vct.batch.claims import Claim, Claims, ClaimStats
-from vct.batch.fanout import bounded_map
 from vct.batch.jobs import Job, JobOutcome, load
-from vct.batch.memo import result_memo
 from vct.batch.plan import PairPlan, Plan, fusion_groups, fusion_job
 from vct.batch.queue import JobQueue
-from vct.batch.summary import PairResult, StageReport
-from vct.cache import StageCache
+from vct.cache import StageCache, result_memo
 from vct.config import to_dict
+from vct.inversion import Progress
+from vct.report.run_record import PairResult, StageReport
+from vct.storage.fanout import bounded_map
 
 log = logging.getLogger("vct.batch")
 
-Fraction = Callable[[float], None]
 
 
 class Backend(Protocol):
@@ -127,13 +125,13 @@ class JobPool:
 
     def __init__(self, the_plan: Plan, backend: Backend, cache_uri: str, *,
                  content_batch: int = 1, run_info: dict | None = None,
-                 on_fraction: Fraction | None = None, claims: Claims | None = None):
+                 on_progress: Progress | None = None, claims: Claims | None = None):
         self.plan = the_plan
         self.backend = backend
         self.cache = StageCache(cache_uri)
         self.claims = claims or Claims(cache_uri)
         self.run_info = run_info or {}
-        self.on_fraction = on_fraction
+        self.on_progress = on_progress
         self.queue = JobQueue(content_batch)
         self.stages = {kind: StageReport(kind) for kind in ("concept", "content", "fusion")}
         self.results: dict[str, PairResult] = {}
@@ -160,9 +158,9 @@ class JobPool:
     # ------------------------------------------------------------ bookkeeping
     def _moved(self) -> None:
         self._resolved += 1
-        if self.on_fraction is not None:
+        if self.on_progress is not None:
             try:
-                self.on_fraction(min(1.0, self._resolved / self._total))
+                self.on_progress(min(self._resolved, self._total), self._total)
             except Exception:  # a progress display must never fail the run
                 log.exception("progress callback failed (ignored)")
 

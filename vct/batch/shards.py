@@ -42,14 +42,15 @@ from dataclasses import asdict, dataclass, field, replace
 from vct import storage
 from vct.batch import engine, pairs
 from vct.batch.claims import Claims, Owner
-from vct.batch.fanout import bounded_map
 from vct.batch.jobs import Job, from_fields
 from vct.batch.plan import PairPlan, Plan
-from vct.batch.pool import Fraction, families
+from vct.batch.pool import families
 from vct.batch.settings import RunSettings, require_model
-from vct.batch.summary import PairResult, StageReport
 from vct.batch.workers import ExecutorSettings, Runner
 from vct.cache import StageCache, cache_key
+from vct.inversion import Progress
+from vct.report.run_record import PairResult, StageReport
+from vct.storage.fanout import bounded_map
 
 PLAN_DIR = "_plan"
 PLAN_FILE = "plan.json"
@@ -439,7 +440,7 @@ def _pair_results(slices: list[Slice], results: list[ShardResult]) -> dict[str, 
 
 
 def run_sharded(the_plan: Plan, cache_uri: str, settings: RunSettings, run_info: dict,
-                dispatch: Dispatch, on_fraction: Fraction | None = None) -> ShardedRun:
+                dispatch: Dispatch, on_progress: Progress | None = None) -> ShardedRun:
     """The parent's part: the stage phase, then the fusion phase of what it left fusable,
     each shard dispatched with ``dispatch``; the run's pairs and stage reports from what the
     shards returned, as an unsharded run's pool gives them."""
@@ -449,10 +450,12 @@ def run_sharded(the_plan: Plan, cache_uri: str, settings: RunSettings, run_info:
             if stage else [])
     planned = {kind: [j.key for s in stage for j in s.jobs if j.kind == kind]
                for kind in ("concept", "content")}
-    if on_fraction is not None:  # by cost: the stage jobs against the fusions they unblock
-        stage_cost = sum(j.cost for s in stage for j in s.jobs)
-        fusion_cost = sum(f.fusion_cost for f in _unfinished_families(the_plan, finished))
-        on_fraction(stage_cost / max(1e-9, stage_cost + fusion_cost))
+    # progress by UNet cost: the stage jobs against the fusions they unblock
+    stage_cost = round(sum(j.cost for s in stage for j in s.jobs))
+    total = max(1, stage_cost + round(sum(f.fusion_cost
+                                          for f in _unfinished_families(the_plan, finished))))
+    if on_progress is not None:
+        on_progress(stage_cost, total)
     fusion, results = fusion_slices(the_plan, stage_reports(planned, done), finished, settings)
     fused = (dispatch("fusion", write_phase(the_plan, cache_uri, run_info, "fusion", fusion),
                       fusion) if fusion else [])
@@ -460,8 +463,8 @@ def run_sharded(the_plan: Plan, cache_uri: str, settings: RunSettings, run_info:
         k for r in fused for rep in [r.reports().get("fusion")] if rep is not None
         for k in (*rep.computed, *rep.awaited, *rep.cached, *rep.failed)))
     results.update(_pair_results(fusion, fused))
-    if on_fraction is not None:
-        on_fraction(1.0)
+    if on_progress is not None:
+        on_progress(total, total)
     reports = stage_reports(planned, done + fused)
     for kind, key in _looked_up(the_plan, cache_uri, planned):
         reports[kind].cached.append(key)

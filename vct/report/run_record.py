@@ -1,7 +1,15 @@
 """What a run did, typed, from the engine to every reader: one pair's outcome
 (:class:`PairResult`), a stage's report (:class:`StageReport`) and the run's summary
 (:class:`RunSummary`), which ``run.json`` (:meth:`RunSummary.to_json`,
-:func:`run_json_bytes`), the report pages, the flow's artifacts and the CLI all read."""
+:func:`run_json_bytes`), the report pages, the flow's artifacts and the CLI all read; and the
+engine's verdicts on it, :func:`run_status` and :func:`counts`.
+
+Statuses of a pair: ``ok`` (written now), ``skipped`` (already done: same output key, PNG
+verified), ``bad`` (a manifest row refused: at planning, or when a job found its image
+undecodable) and ``failed`` (a computation failed). The run is ``complete`` when every planned
+pair is ok or skipped (bad rows are reported but do not fail it), ``failed`` when none is, and
+``partial`` in between. Only a complete run gets ``_SUCCESS``; a run with a failed pair ends in
+a failed state."""
 
 from __future__ import annotations
 
@@ -197,6 +205,30 @@ class RunSummary:
             "details": {**self.details,
                         "stages": {k: asdict(v) for k, v in self.stages.items()}},
         }
+
+
+# ---------------------------------------------------------------- the engine's verdicts
+STAGE_KINDS = ("concept", "content", "fusion")
+
+
+def run_status(pairs: list[PairResult]) -> RunStatus:
+    planned = [p for p in pairs if p.status != "bad"]
+    good = sum(p.status in ("ok", "skipped") for p in planned)
+    if planned and good == len(planned):
+        return "complete"
+    return "partial" if good else "failed"
+
+
+def counts(pairs: list[PairResult], stages: dict[str, StageReport]) -> dict[str, int]:
+    """The one counts schema of run.json, the report, the flow's state message and the CLI."""
+    out = {f"pairs_{s}": sum(p.status == s for p in pairs)
+           for s in ("ok", "skipped", "failed", "bad")}
+    for kind in STAGE_KINDS:
+        report = stages.get(kind) or StageReport(kind)
+        out[f"{kind}s_computed"] = len(report.computed)
+        out[f"{kind}s_cached"] = len(report.cached)
+        out[f"{kind}s_failed"] = len(report.failed)
+    return out
 
 
 def _failure_sort_key(failure: Failure) -> tuple[int, int, str]:

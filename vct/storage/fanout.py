@@ -4,7 +4,7 @@ Why one helper: planning (every input), the resume check (every finished output)
 pool's start (every stage result) each wait on many small storage reads; on S3 they are
 latency-bound, so one thread costs minutes at 10 000 items where ``RunSettings.plan_threads``
 threads cost seconds. Each call runs in a copy of the caller's context, so the workers see its
-context variables (the run's result memo, :mod:`vct.batch.memo`).
+context variables (the run's result memo, :func:`vct.cache.result_memo`).
 """
 
 from __future__ import annotations
