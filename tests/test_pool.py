@@ -273,3 +273,28 @@ def test_a_sharded_run_gives_the_pools_bytes(crossed, tiny_model_dir, tmp_path) 
     assert sharded.stages["concept"].computed and sharded.stages["content"].computed
     got, want = _pngs(pooled.run_uri), _pngs(plan.run_uri)
     assert len(want) == 6 and got == want
+
+
+def test_one_sources_fusion_groups_spread_over_shards_with_the_same_bytes(
+        tiny_model_dir, tmp_path) -> None:
+    """One source, 6 references: two fusion groups (4 concepts and 2, sharing B*). The fusion
+    phase gives each group to its own shard; every PNG is the one pool's."""
+    root = tmp_path / "in"
+    root.mkdir()
+    make_image(0, (32, 32)).save(root / "s.png")
+    for r in range(6):
+        make_image(3 + r, (32, 32)).save(root / f"r{r}.png")
+    (root / "m.csv").write_text("source,reference,output_name\n" + "".join(
+        f"{root}/s.png,{root}/r{r}.png,r{r}\n" for r in range(6)))
+    pooled = engine.run(engine.prepare(str(root / "m.csv"), str(tmp_path / "pool"),
+                                       str(tiny_model_dir), _settings(tmp_path / "p")))
+    request = engine.prepare(str(root / "m.csv"), str(tmp_path / "shards"),
+                             str(tiny_model_dir), _settings(tmp_path / "s", shards=2))
+    plan = engine.plan(request)
+    sharded = shards.run_sharded(plan, request.cache_uri, request.settings, {},
+                                 in_process(request.executor()))
+    fusion = [r for r in sharded.shards if r.phase == "fusion"]
+    assert sorted(len(r.pairs) for r in fusion) == [2, 4]
+    assert {p.status for p in sharded.pairs.values()} == {"ok"}
+    got, want = _pngs(pooled.run_uri), _pngs(plan.run_uri)
+    assert len(want) == 6 and got == want

@@ -138,10 +138,10 @@ def test_stage_reports_say_who_computed_awaited_or_never_answered() -> None:
     assert report.failed == {c[3].key: "its shard did not finish"}
 
 
-def test_the_parent_splits_by_shard_jobs_and_fuses_whole_families(tmp_path: Path) -> None:
+def test_the_parent_splits_by_shard_jobs_and_fuses_whole_groups(tmp_path: Path) -> None:
     """The stage phase splits jobs (``shard_jobs`` a shard, at most ``shards``); the fusion
-    phase splits families (pairs sharing a source), never one family over two shards, and
-    the pairs whose input failed stay with the parent, failed."""
+    phase splits fusion groups (a source's concepts, 4 at most), never one group over two
+    shards, and the pairs whose input failed stay with the parent, failed."""
     from tests.conftest import make_image
     from tests.test_batch_engine import _plan as engine_plan
 
@@ -162,7 +162,7 @@ def test_the_parent_splits_by_shard_jobs_and_fuses_whole_families(tmp_path: Path
                                          RunSettings.build({"shards": 2}))
     assert sorted(known) == ["s0r5", "s1r5", "s2r5"]
     assert {r.status for r in known.values()} == {"failed"}
-    assert sorted(len(s.pairs) for s in fusion) == [2, 4]  # 3 families of 2 over 2 shards
+    assert sorted(len(s.pairs) for s in fusion) == [2, 4]  # 3 groups of 2 over 2 shards
     for part in fusion:
         sources = {p.content_key for p in part.pairs}
         assert {j.key for j in part.jobs} == sources | {p.concept_key for p in part.pairs}

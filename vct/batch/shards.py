@@ -37,13 +37,13 @@ import json
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 from vct import storage
 from vct.batch import engine, pairs
 from vct.batch.claims import Claims, Owner
 from vct.batch.jobs import Job, from_fields
-from vct.batch.plan import PairPlan, Plan
+from vct.batch.plan import PairPlan, Plan, fusion_groups, fusion_job
 from vct.batch.pool import families
 from vct.batch.settings import RunSettings, require_model
 from vct.batch.workers import ExecutorSettings, Runner
@@ -138,9 +138,15 @@ def stage_slices(the_plan: Plan, finished: dict[str, dict], settings: RunSetting
 
 def fusion_slices(the_plan: Plan, stages: dict[str, StageReport], finished: dict[str, dict],
                   settings: RunSettings) -> tuple[list[Slice], dict[str, PairResult]]:
-    """The fusion phase: the families with an unfinished pair, less the pairs whose concept or
-    content failed, split by fusion cost, each family whole; and the results the parent knows
-    already (those failed pairs, and the pairs of families with nothing to write: kept)."""
+    """The fusion phase: the fusion groups with an unfinished pair, formed as the pool forms
+    them over the pairs whose concept and content did not fail, split by cost, each group
+    whole; and the results the parent knows already (those failed pairs, and the pairs of
+    groups with nothing to write: kept).
+
+    Why groups stay whole and in order: a shard's pool forms its groups again from its pairs
+    (:func:`vct.batch.plan.fusion_groups`: a source's concepts in plan order, 4 a group).
+    Only a source's last group can hold fewer than 4, so any of its groups together, in plan
+    order, chunk exactly as they did here: the same batches, the same bytes."""
     results: dict[str, PairResult] = {}
     fusable = []
     for pair in the_plan.pairs:
@@ -150,9 +156,9 @@ def fusion_slices(the_plan: Plan, stages: dict[str, StageReport], finished: dict
             results[pair.row.pair_id] = unusable
         else:
             fusable.append(pair)
-    usable = replace(the_plan, pairs=fusable)
-    todo = _unfinished_families(usable, finished)
-    open_ids = {p.row.pair_id for fam in todo for p in fam.pairs}
+    todo = [g for g in fusion_groups(fusable)
+            if any(p.row.pair_id not in finished for p in g)]
+    open_ids = {p.row.pair_id for group in todo for p in group}
     kept, _ = pairs.resume_state([p for p in fusable if p.row.pair_id not in open_ids],
                                  finished)
     results.update(kept)
@@ -161,10 +167,11 @@ def fusion_slices(the_plan: Plan, stages: dict[str, StageReport], finished: dict
         return [], results
     jobs = {(j.kind, j.key): j for j in (*the_plan.concept_jobs, *the_plan.content_jobs)}
     slices = []
-    for part in balance([fam.fusion_cost for fam in todo], count):
-        members = {p.row.pair_id for i in part for p in todo[i].pairs}
+    for part in balance([fusion_job(group).cost for group in todo], count):
+        members = {p.row.pair_id for i in part for p in todo[i]}
         chosen = [p for p in fusable if p.row.pair_id in members]  # plan order
-        needed = dict.fromkeys(d for i in part for d in sorted(todo[i].waiting_on))
+        needed = dict.fromkeys(dep for p in chosen for dep in (("content", p.content_key),
+                                                              ("concept", p.concept_key)))
         slices.append(Slice(jobs=[jobs[d] for d in needed if d in jobs], pairs=chosen))
     return slices, results
 
