@@ -5,13 +5,13 @@ reports) and how the parent turns the shards' results into the run's result are 
 business; the flow only dispatches shard flow runs (Prefect's ``run_deployment``) and watches
 their states (``dispatch`` below). A shard needs nothing but the URI of the stored plan.
 
-A sharded run has two phases, because a fusion needs its concepts and contents and a family's
+A sharded run has two phases, because a fusion needs its concepts and contents and a source's
 concepts may come from any reference of the manifest:
 
 1. ``stage``: the concepts and contents the unfinished pairs need, split by cost;
-2. ``fusion``: the families (pairs sharing a source and fusion settings) whose inputs did not
-   fail, split by cost, each family whole (so its fusion groups, and bytes, are the
-   unsharded run's); a fusion shard writes its pairs' PNGs and sidecars.
+2. ``fusion``: the fusion groups (a source's pairs sharing its B* branch) whose inputs did not
+   fail, split by cost, each group whole (so the groups, and bytes, are the unsharded
+   run's: :func:`fusion_slices`); a fusion shard writes its pairs' PNGs and sidecars.
 
 Each shard runs :func:`vct.batch.engine.run_pool`, the very pool of an unsharded run, over its
 slice: the same claims (a key another shard or run is computing is awaited, not recomputed),
@@ -66,7 +66,7 @@ def plan_uri(run_uri: str) -> str:
 
 
 def shard_count(n_units: int, shards: int, shard_jobs: int | None = None) -> int:
-    """How many shards a phase of ``n_units`` (distinct jobs, or families) runs as: ``shards``,
+    """How many shards a phase of ``n_units`` (distinct jobs, or groups) runs as: ``shards``,
     or with a target of ``shard_jobs`` per shard ``ceil(n_units / shard_jobs)``, at most
     ``shards`` (never more shards than units, and at least one for a phase that has any)."""
     if shards < 1:
