@@ -97,9 +97,8 @@ def balance(costs: list[float], shards: int) -> list[list[int]]:
 def split(jobs: list[Job], shards: int) -> list[list[Job]]:
     """Distinct jobs in at most ``shards`` shards balanced by cost (:func:`balance`)."""
     unique = list({(j.kind, j.key): j for j in jobs}.values())
-    order = sorted(range(len(unique)), key=lambda i: -unique[i].cost)  # biggest first in a shard
-    parts = balance([j.cost for j in unique], shards)
-    return [[unique[i] for i in order if i in set(part)] for part in parts]
+    return [sorted((unique[i] for i in part), key=lambda j: -j.cost)  # biggest first
+            for part in balance([j.cost for j in unique], shards)]
 
 
 @dataclass
