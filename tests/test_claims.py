@@ -242,6 +242,31 @@ def test_a_waiter_uses_the_result_when_it_lands(root: str) -> None:
     assert run.computed == [] and run.failed == {}
 
 
+def test_a_key_stored_between_the_look_and_the_claim_is_awaited(root: str) -> None:
+    """The owner stores its result and lets go right after the waiter looked for it and just
+    before the waiter claims it: the waiter looks once more after claiming, and awaits."""
+    jobs = _jobs(1)
+    owner = FakeClaims(root, Owner(worker="owner"), lease_s=60, poll_s=0.01)
+    claim = owner.acquire("concept", jobs[0].key)
+
+    class Racing(FakeClaims):
+        looks = 0
+
+        def landed(self, kind: str, key: str) -> bool:
+            found = super().landed(kind, key)
+            self.looks += 1
+            if self.looks == 1:  # the waiter's first look: the owner finishes just after it
+                StageCache(root).put(kind, key, b"theirs")
+                owner.release(claim)
+            return found
+
+    runner = Recorder(root)
+    run = run_claimed(root, jobs, runner, Racing(root, Owner(worker="waiter"), lease_s=60,
+                                                 poll_s=0.01))
+    assert runner.computed == [] and run.awaited == [jobs[0].key] and run.computed == []
+    assert Claims(root).read("concept", jobs[0].key) is None  # the waiter let go of it too
+
+
 def test_a_failed_job_releases_its_claim_and_the_next_one_tries(root: str) -> None:
     jobs = _jobs(1)
     failing = Recorder(root, fail={jobs[0].key})

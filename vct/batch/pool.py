@@ -252,7 +252,9 @@ class JobPool:
         self._stored(job.kind, job.key)
 
     def _check_waiting(self) -> None:
-        """Jobs another process holds: landed -> awaited; claimable again -> back in line."""
+        """Jobs another process holds: landed -> awaited; claimable again -> back in line.
+        A key claimed here is looked for once more: its owner may have stored it and released
+        its claim between our look and our claim (then it is awaited, not computed again)."""
         waiting, self._waiting = self._waiting, []
         for job in waiting:
             if self.claims.landed(job.kind, job.key):
@@ -261,6 +263,9 @@ class JobPool:
             claim = self.claims.acquire(job.kind, job.key, self._claim_stats)
             if claim is None:
                 self._waiting.append(job)
+            elif self.claims.landed(job.kind, job.key):
+                self.claims.release(claim)
+                self._awaited(job)
             else:
                 self._hold(job.key, claim)
                 self.queue.push(job, self._unblocks(job))
