@@ -220,21 +220,22 @@ class JobPool:
     # ------------------------------------------------------------ claims
     def _claim(self, unit: list[Job]) -> list[Job]:
         """The jobs of ``unit`` this pool may compute now (claimed); the others are awaited."""
-        mine = []
-        for job in unit:
-            if job.key in self._held:
-                mine.append(job)
-                continue
-            claim = self.claims.acquire(job.kind, job.key, self._claim_stats)
-            if claim is None:
-                self._waiting.append(job)
-            elif self.claims.landed(job.kind, job.key):  # stored between our look and claim
-                self.claims.release(claim)
-                self._awaited(job)
-            else:
-                self._hold(job.key, claim)
-                mine.append(job)
-        return mine
+        return [job for job in unit if job.key in self._held or self._take(job)]
+
+    def _take(self, job: Job) -> bool:
+        """Claim ``job``: True when this pool holds it now. Held by another process, it waits
+        (:meth:`_check_waiting`); found stored once claimed, it is awaited: its owner may have
+        stored it and let go between our look and our claim."""
+        claim = self.claims.acquire(job.kind, job.key, self._claim_stats)
+        if claim is None:
+            self._waiting.append(job)
+            return False
+        if self.claims.landed(job.kind, job.key):
+            self.claims.release(claim)
+            self._awaited(job)
+            return False
+        self._hold(job.key, claim)
+        return True
 
     def _hold(self, key: str, claim: Claim) -> None:
         self._held[key] = claim
@@ -252,22 +253,12 @@ class JobPool:
         self._stored(job.kind, job.key)
 
     def _check_waiting(self) -> None:
-        """Jobs another process holds: landed -> awaited; claimable again -> back in line.
-        A key claimed here is looked for once more: its owner may have stored it and released
-        its claim between our look and our claim (then it is awaited, not computed again)."""
+        """Jobs another process holds: landed -> awaited; claimable again -> back in line."""
         waiting, self._waiting = self._waiting, []
         for job in waiting:
             if self.claims.landed(job.kind, job.key):
                 self._awaited(job)
-                continue
-            claim = self.claims.acquire(job.kind, job.key, self._claim_stats)
-            if claim is None:
-                self._waiting.append(job)
-            elif self.claims.landed(job.kind, job.key):
-                self.claims.release(claim)
-                self._awaited(job)
-            else:
-                self._hold(job.key, claim)
+            elif self._take(job):
                 self.queue.push(job, self._unblocks(job))
 
     # ------------------------------------------------------------ outcomes
