@@ -265,9 +265,14 @@ def test_a_sharded_run_gives_the_pools_bytes(crossed, tiny_model_dir, tmp_path) 
     request = engine.prepare(str(crossed / "m.csv"), str(tmp_path / "shards"),
                              str(tiny_model_dir), _settings(tmp_path / "s", shards=2))
     plan = engine.plan(request)
+    seen: list[tuple[int, int]] = []
     sharded = shards.run_sharded(plan, request.cache_uri, request.settings, {},
-                                 in_process(request.executor()))
+                                 in_process(request.executor()),
+                                 on_progress=lambda done, total: seen.append((done, total)))
     assert {p.status for p in sharded.pairs.values()} == {"ok"}
+    # progress by UNet cost: the stage phase's share once it ends, then all of it
+    (stage, total), end = seen
+    assert 0 < stage < total and end == (total, total)
     assert [(r.phase, r.shard) for r in sharded.shards] == [
         ("stage", 0), ("stage", 1), ("fusion", 0), ("fusion", 1)]
     assert sharded.stages["concept"].computed and sharded.stages["content"].computed

@@ -108,31 +108,32 @@ class Slice:
 
     jobs: list[Job] = field(default_factory=list)
     pairs: list[PairPlan] = field(default_factory=list)
+    cost: float = 0.0
+    """The UNet work it does: its jobs' costs (stage), its fusion groups' costs (fusion)."""
 
     def to_dict(self) -> dict:
         return {"jobs": [j.to_dict() for j in self.jobs],
-                "pairs": [p.to_dict() for p in self.pairs]}
+                "pairs": [p.to_dict() for p in self.pairs], "cost": self.cost}
 
     @classmethod
     def from_dict(cls, d: dict) -> Slice:
         return cls(jobs=[Job.from_dict(j) for j in d.get("jobs", [])],
-                   pairs=[PairPlan.from_dict(p) for p in d.get("pairs", [])])
-
-
-def _unfinished_families(the_plan: Plan, finished: dict[str, dict]):
-    return [fam for fam in families(the_plan)
-            if any(p.row.pair_id not in finished for p in fam.pairs)]
+                   pairs=[PairPlan.from_dict(p) for p in d.get("pairs", [])],
+                   cost=float(d.get("cost", 0.0)))
 
 
 def stage_slices(the_plan: Plan, finished: dict[str, dict], settings: RunSettings
                  ) -> list[Slice]:
     """The stage phase: every concept and content a family with an unfinished pair needs
     (``finished``: :func:`vct.batch.pairs.finished_outputs`), split by cost."""
-    wanted = {dep for fam in _unfinished_families(the_plan, finished) for dep in fam.waiting_on}
+    wanted = {dep for fam in families(the_plan)
+              if any(p.row.pair_id not in finished for p in fam.pairs)
+              for dep in fam.waiting_on}
     jobs = [j for j in (*the_plan.concept_jobs, *the_plan.content_jobs)
             if (j.kind, j.key) in wanted]
     count = shard_count(len(jobs), settings.shards, settings.shard_jobs)
-    return [Slice(jobs=part) for part in split(jobs, count)] if count else []
+    return [Slice(jobs=part, cost=sum(j.cost for j in part))
+            for part in split(jobs, count)] if count else []
 
 
 def fusion_slices(the_plan: Plan, stages: dict[str, StageReport], finished: dict[str, dict],
@@ -165,13 +166,15 @@ def fusion_slices(the_plan: Plan, stages: dict[str, StageReport], finished: dict
     if not count:
         return [], results
     jobs = {(j.kind, j.key): j for j in (*the_plan.concept_jobs, *the_plan.content_jobs)}
+    costs = [fusion_job(group).cost for group in todo]
     slices = []
-    for part in balance([fusion_job(group).cost for group in todo], count):
+    for part in balance(costs, count):
         members = {p.row.pair_id for i in part for p in todo[i]}
         chosen = [p for p in fusable if p.row.pair_id in members]  # plan order
         needed = dict.fromkeys(dep for p in chosen for dep in (("content", p.content_key),
                                                               ("concept", p.concept_key)))
-        slices.append(Slice(jobs=[jobs[d] for d in needed if d in jobs], pairs=chosen))
+        slices.append(Slice(jobs=[jobs[d] for d in needed if d in jobs], pairs=chosen,
+                            cost=sum(costs[i] for i in part)))
     return slices, results
 
 
@@ -456,18 +459,18 @@ def run_sharded(the_plan: Plan, cache_uri: str, settings: RunSettings, run_info:
             if stage else [])
     planned = {kind: [j.key for s in stage for j in s.jobs if j.kind == kind]
                for kind in ("concept", "content")}
-    # progress by UNet cost: the stage jobs against the fusions they unblock
-    stage_cost = round(sum(j.cost for s in stage for j in s.jobs))
-    total = max(1, stage_cost + round(sum(f.fusion_cost
-                                          for f in _unfinished_families(the_plan, finished))))
+    fusion, results = fusion_slices(the_plan, stage_reports(planned, done), finished, settings)
+    # progress by UNet cost: the stage phase's work against the fusions it left to do
+    stage_cost = round(sum(s.cost for s in stage))
+    total = max(1, stage_cost + round(sum(s.cost for s in fusion)))
     if on_progress is not None:
         on_progress(stage_cost, total)
-    fusion, results = fusion_slices(the_plan, stage_reports(planned, done), finished, settings)
     fused = (dispatch("fusion", write_phase(the_plan, cache_uri, run_info, "fusion", fusion),
                       fusion) if fusion else [])
+    answered = ("computed", "awaited", "cached", "failed")  # every fusion key a shard formed
     planned["fusion"] = list(dict.fromkeys(
-        k for r in fused for rep in [r.reports().get("fusion")] if rep is not None
-        for k in (*rep.computed, *rep.awaited, *rep.cached, *rep.failed)))
+        k for r in fused if (rep := r.reports().get("fusion")) is not None
+        for status in answered for k in getattr(rep, status)))
     results.update(_pair_results(fusion, fused))
     if on_progress is not None:
         on_progress(total, total)
