@@ -214,6 +214,14 @@ def caption_samples(models: VCTModels, net, count: int, content_cfg: ContentConf
             "images": images_arr, "captions": [D.caption(p) for p in params]}
 
 
+def concept_fidelity(net, samples: np.ndarray, refs, pairs) -> dict[str, float]:
+    """The classifier on text-to-image samples of each pair's learned concept, against the
+    *reference's* attributes: how much of the reference the concept carries. Set beside the
+    caption samples' accuracy, it tells whether a transfer is lost in concept learning or is
+    already beyond what the model's text conditioning can draw."""
+    return C.accuracy(C.predict(net, samples), [refs[j] for _, j in pairs])
+
+
 # ---------------------------------------------------------------- outputs
 def contact_sheet(columns: dict[str, np.ndarray], path: Path, rows: int | None = None,
                   scale: int = 2) -> None:
@@ -258,6 +266,11 @@ def markdown_table(results: dict) -> str:
               f"(all four heads right). On {cap['count']} text-to-image samples of held-out "
               f"captions: " + ", ".join(f"{k} {v:.3f}" for k, v in cap["accuracy"].items())
               + "."]
+    carried = results.get("concept_fidelity")
+    if carried:
+        lines += ["", "Text-to-image from each pair's learned concept, classified against the "
+                  "reference's attributes (what the concept carries): "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in carried.items()) + "."]
     lines += ["", "Targets: " + "; ".join(
         f"{name}: {'met' if t['met'] else 'NOT met'} ({t['detail']})"
         for name, t in results["targets"].items()) + "."]
@@ -381,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
                                                     for i, j in pairs])
     cap = caption_samples(models, net, args.caption_samples, content_cfg)
     log(f"caption samples: {cap['accuracy']} ({cap['seconds']:.0f} s)")
+    carried = concept_fidelity(net, outputs["t2i-concept"], refs, pairs)
+    log(f"learned concepts, against their references: {carried}")
 
     methods = {}
     for name, imgs in outputs.items():
@@ -403,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
                   for i, j in pairs],
         "classifier": clean,
         "caption_samples": {k: cap[k] for k in ("count", "accuracy", "seconds")},
+        "concept_fidelity": carried,
         "methods": methods,
         "targets": targets(methods),
         "wall_s": time.perf_counter() - t_start,

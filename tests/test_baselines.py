@@ -10,6 +10,7 @@ from tests.conftest import make_image
 from vct import baselines as B
 from vct.fusion import decode
 from vct.inversion import encode_source
+from vct.mini import classifier as C
 from vct.mini import data as D
 from vct.text import encode_prompt
 
@@ -86,3 +87,15 @@ def test_doc_table_is_replaced_and_the_prose_kept(tmp_path) -> None:
     text = doc.read_text()
     assert "intro" in text and "after" in text and "| newer |" in text
     assert "old" not in text and "| new |" not in text
+
+
+def test_concept_fidelity_scores_against_the_reference() -> None:
+    """Samples that are the references score 1 on every head; samples that are the sources
+    (which differ from their references in shape, colour and fill) score 0 on those heads."""
+    srcs, refs, pairs = Q.pair_set(2, 3, 4)
+    net = C.load()
+    as_refs = np.stack([np.asarray(D.render(refs[j])) for _, j in pairs])
+    as_srcs = np.stack([np.asarray(D.render(srcs[i])) for i, _ in pairs])
+    assert Q.concept_fidelity(net, as_refs, refs, pairs)["all"] == 1.0
+    wrong = Q.concept_fidelity(net, as_srcs, refs, pairs)
+    assert wrong["shape"] == wrong["color"] == wrong["fill"] == 0.0
