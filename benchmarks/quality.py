@@ -45,6 +45,7 @@ from vct import baselines as B  # noqa: E402
 from vct.concept import ConceptResult, learn_concept  # noqa: E402
 from vct.config import ConceptConfig, ContentConfig, FusionConfig  # noqa: E402
 from vct.content import ContentResult, invert_contents  # noqa: E402
+from vct.ddim import guided_step, make_scheduler  # noqa: E402
 from vct.fusion import decode, fuse  # noqa: E402
 from vct.inversion import encode_source  # noqa: E402
 from vct.mini import classifier as C  # noqa: E402
@@ -149,11 +150,34 @@ def contents_for(models: VCTModels, srcs, cfg: ContentConfig, batch: int, log
     return out, time.perf_counter() - start
 
 
-def caption_content(models: VCTModels, content: ContentResult, src: D.Params) -> ContentResult:
-    """The ablation: every fitted c_s replaced by the source caption's text states."""
+@torch.no_grad()
+def trajectory_under(models: VCTModels, content: ContentResult, embeddings: torch.Tensor,
+                     cfg: ContentConfig) -> torch.Tensor:
+    """B*'s latents (T+1, 4, h, w) from the source's x_T with `embeddings` as its per-step
+    c_s: the content fit's advance, guided from c_s towards the inversion prompt. With the
+    fit's own embeddings it is the fit's stored reconstruction."""
+    sched = make_scheduler(models.scheduler_config, cfg.num_inference_steps, cfg.steps_offset)
+    e_null = encode_prompt(models, cfg.inversion_prompt)
+    z = content.x_T.to(models.device)
+    path = [z]
+    for s, t in enumerate(int(t) for t in sched.timesteps):
+        c_s = embeddings[s:s + 1].to(models.device)
+        z = guided_step(sched, z, models.eps(z, t, c_s, stage="content"),
+                        models.eps(z, t, e_null, stage="content"), cfg.guidance_scale, t)
+        path.append(z)
+    return torch.cat(path).cpu()
+
+
+def caption_content(models: VCTModels, content: ContentResult, src: D.Params,
+                    cfg: ContentConfig) -> ContentResult:
+    """The ablation: every fitted c_s replaced by the source caption's text states, wherever
+    fusion uses them. B_k's negative slot reads the embeddings; B* replays the stored
+    reconstruction, so that is rerun under the caption too (else B* would still lend the
+    fitted source's attention)."""
     states = encode_prompt(models, D.caption(src)).cpu()
-    return replace(content, embeddings=states.expand(content.embeddings.shape[0], -1, -1)
-                   .clone())
+    embeddings = states.expand(content.embeddings.shape[0], -1, -1).clone()
+    return replace(content, embeddings=embeddings,
+                   reconstruction=trajectory_under(models, content, embeddings, cfg))
 
 
 def fuse_pairs(models, contents, concepts, pairs, cfg: FusionConfig, *, control: bool = True,
@@ -374,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         seconds["vct-no-injection"] = t_concept + t_content + t
         outputs["vct-caption-content"], t = fuse_pairs(
             models, contents, concepts, pairs, fusion_cfg,
-            content_fn=lambda i: caption_content(models, contents[i], srcs[i]))
+            content_fn=lambda i: caption_content(models, contents[i], srcs[i],
+                                                 content_cfg))
         seconds["vct-caption-content"] = t_concept + t_content + t
         # The original's reweight quirk (BOS and the first n-1 concept columns at 0.5): does
         # reweighting the concept columns themselves, or not at all, change the transfer?

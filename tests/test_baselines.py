@@ -8,6 +8,8 @@ import torch
 from benchmarks import quality as Q
 from tests.conftest import make_image
 from vct import baselines as B
+from vct.config import ContentConfig
+from vct.content import invert_content
 from vct.fusion import decode
 from vct.inversion import encode_source
 from vct.mini import classifier as C
@@ -99,3 +101,20 @@ def test_concept_fidelity_scores_against_the_reference() -> None:
     assert Q.concept_fidelity(net, as_refs, refs, pairs)["all"] == 1.0
     wrong = Q.concept_fidelity(net, as_srcs, refs, pairs)
     assert wrong["shape"] == wrong["color"] == wrong["fill"] == 0.0
+
+
+def test_caption_content_ablation_reruns_b_star(models) -> None:
+    """B* replays the fit's stored reconstruction, so the ablation must rerun it: with the
+    fit's own embeddings the rerun is that reconstruction, and with the caption's states it
+    is another path from the same x_T, while every c_s is the caption's."""
+    cfg = ContentConfig(num_inference_steps=STEPS, num_inner_steps=2)
+    content = invert_content(models, make_image(0), cfg)
+    again = Q.trajectory_under(models, content, content.embeddings, cfg)
+    scale = content.reconstruction.abs().max()
+    assert (again - content.reconstruction).abs().max() <= 1e-5 * scale
+    src = D.params_for(0)
+    ablated = Q.caption_content(models, content, src, cfg)
+    caption = encode_prompt(models, D.caption(src)).cpu()
+    assert torch.equal(ablated.embeddings, caption.expand(STEPS, -1, -1))
+    assert torch.equal(ablated.reconstruction[0], content.x_T[0].cpu())
+    assert (ablated.reconstruction[-1] - content.reconstruction[-1]).abs().max() > 1e-3 * scale
