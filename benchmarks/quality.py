@@ -285,16 +285,16 @@ def markdown_table(results: dict) -> str:
                  "-" if entry.get("seconds_per_pair") is None
                  else f"{entry['seconds_per_pair']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    def heads(accuracy: dict[str, float]) -> str:
+        return ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items())
+
     cap = results["caption_samples"]
     lines += ["", f"Classifier on clean held-out renders: {results['classifier']['all']:.3f} "
               f"(all four heads right). On {cap['count']} text-to-image samples of held-out "
-              f"captions: " + ", ".join(f"{k} {v:.3f}" for k, v in cap["accuracy"].items())
-              + "."]
-    carried = results.get("concept_fidelity")
-    if carried:
-        lines += ["", "Text-to-image from each pair's learned concept, classified against the "
-                  "reference's attributes (what the concept carries): "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in carried.items()) + "."]
+              f"captions: {heads(cap['accuracy'])}."]
+    lines += ["", "Text-to-image from each pair's learned concept, classified against the "
+              "reference's attributes (what the concept carries): "
+              f"{heads(results['concept_fidelity'])}."]
     lines += ["", "Targets: " + "; ".join(
         f"{name}: {'met' if t['met'] else 'NOT met'} ({t['detail']})"
         for name, t in results["targets"].items()) + "."]
